@@ -1,0 +1,704 @@
+"""The `.plada` payload: which reference-pool images to keep, and a label for each.
+
+The file is meant to be as easy to read and as hard to abuse as safetensors: a small length-prefixed
+JSON header, raw sections, and a checksum, with every size checked before anything is allocated.
+
+Layout (all integers little-endian)::
+
+    offset  size  field
+    0       8     magic  b"PLADA\\x00\\r\\n"  (the NUL and CR/LF catch text-mode and 7-bit mangling)
+    8       2     u16 format version (1)
+    10      4     u32 header length H (at most 1 MiB)
+    14      H     header: UTF-8 JSON object (sorted keys, no whitespace)
+    14+H    ...   sections, back to back, in the order the header lists them
+    end-32  32    SHA-256 of every byte before it
+
+Header keys (exactly these, no others):
+
+- ``pool_fingerprint``: 64 lowercase hex chars, the SHA-256 of the pool manifest.
+- ``pool_size``: N, images in the pool, 0 < N <= 2**40.
+- ``class_names``: list of 1..65535 unique non-empty strings; label i names ``class_names[i]``.
+- ``count``: k, images kept, 0 <= k <= min(N, 50_000_000).
+- ``meta``: JSON object of selection parameters (may be empty).
+- ``sections``: ``[{"name": "index", "codec": ..., "length": L0}, {"name": "labels", "codec": ...,
+  "length": L1}]`` in file order. Offsets are implied by order, and 14 + H + L0 + L1 + 32 must equal
+  the file size exactly.
+
+Every section is one zstd frame that states its decompressed size, and the decoder knows from the
+header which sizes are legal, so it never inflates more than that:
+
+- index ``gap-zstd``: the first index, then each gap minus one, as unsigned LEB128 varints (canonical,
+  at most 6 bytes each since indices are below 2**40); k..6k bytes before compression.
+- index ``bitmap-zstd``: an N-bit bitmap, bit i set iff index i is kept, packed LSB-first
+  (``numpy.packbits(bitorder="little")``), ceil(N/8) bytes; the padding bits must be zero. Only used
+  when N <= 2**31 and ceil(N/8) <= 64 * 6k + 64 KiB, so its memory is bounded by the count too.
+- labels ``u8-zstd`` (at most 256 classes) or ``u16-zstd`` (more): the k labels as uint8/uint16,
+  exactly k or 2k bytes before compression.
+
+The encoder builds both index codecs (skipping the bitmap when it is hopelessly larger than the gap
+list before compression) and keeps the smaller; a tie goes to ``gap-zstd``. Output is deterministic:
+same payload and level, same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import os
+import re
+import secrets
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zstandard as zstd
+
+from plada.errors import PayloadError, PladaError
+
+MAGIC = b"PLADA\x00\r\n"
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20
+MAX_POOL_SIZE = 1 << 40
+MAX_COUNT = 50_000_000
+MAX_CLASSES = 65535
+MAX_PAYLOAD_BYTES = 256 << 20
+MAX_VARINT_BYTES = 6  # 6 * 7 = 42 bits covers every index and gap below 2**40
+BITMAP_MAX_BITS = 1 << 31  # a 256 MiB bitmap; bigger pools always use the gap list
+BITMAP_RATIO = 64
+BITMAP_SLACK = 64 << 10
+
+_PREFIX = struct.Struct("<8sHI")
+_DIGEST_BYTES = 32
+_MIN_BYTES = _PREFIX.size + _DIGEST_BYTES
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
+_HEADER_KEYS = frozenset({"pool_fingerprint", "pool_size", "class_names", "count", "meta", "sections"})
+_SECTION_KEYS = frozenset({"name", "codec", "length"})
+_INDEX_CODECS = ("gap-zstd", "bitmap-zstd")
+_LABEL_CODECS = {"u8-zstd": np.dtype("<u1"), "u16-zstd": np.dtype("<u2")}
+_VARINT_CHUNK = 1 << 20
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _label_dtype(n_classes: int) -> np.dtype:
+    return _LABEL_CODECS["u8-zstd"] if n_classes <= 256 else _LABEL_CODECS["u16-zstd"]
+
+
+def _label_codec(n_classes: int) -> str:
+    return "u8-zstd" if n_classes <= 256 else "u16-zstd"
+
+
+def _int_array(values: Any, what: str) -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise PayloadError(f"{what} must be a 1-D array, got shape {arr.shape}")
+    if arr.size and (arr.dtype.kind not in "iu"):
+        raise PayloadError(f"{what} must be integers, got dtype {arr.dtype}")
+    return arr
+
+
+def _check_indices(values: Any, pool_size: int) -> np.ndarray:
+    """Return the indices as read-only int64 after range and order checks, without wrapping uint64."""
+    arr = _int_array(values, "indices")
+    if arr.size:
+        if int(arr.min()) < 0 or int(arr.max()) >= pool_size:
+            raise PayloadError(f"index out of range: indices must lie in [0, {pool_size})")
+        arr = arr.astype(np.int64)
+        if arr.size > 1 and not bool(np.all(arr[1:] > arr[:-1])):
+            raise PayloadError("indices not strictly increasing (must be sorted and unique)")
+    else:
+        arr = np.zeros(0, dtype=np.int64)
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class Payload:
+    """A kept subset of the shared pool with labels; constructing one validates it completely.
+
+    Arrays are stored as read-only copies (indices int64, labels uint8 or uint16 by class count) so a
+    validated payload cannot drift into an unencodable state; ``meta`` is a detached JSON copy.
+    """
+
+    pool_fingerprint: str
+    pool_size: int
+    class_names: tuple[str, ...]
+    indices: np.ndarray
+    labels: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.pool_size):
+            raise PayloadError(f"pool_size must be an integer, got {type(self.pool_size).__name__}")
+        object.__setattr__(self, "pool_size", int(self.pool_size))
+        if isinstance(self.class_names, (str, bytes)) or not hasattr(self.class_names, "__iter__"):
+            raise PayloadError("class_names must be a sequence of strings")
+        object.__setattr__(self, "class_names", tuple(self.class_names))
+        self._check_scalars()
+        indices = _check_indices(self.indices, self.pool_size).copy()
+        if indices.size > MAX_COUNT:
+            raise PayloadError(f"payload keeps {indices.size} images; more than {MAX_COUNT} is unreasonable")
+        labels = _int_array(self.labels, "labels")
+        if labels.shape != indices.shape:
+            raise PayloadError(f"labels length {labels.size} != indices length {indices.size}")
+        n_classes = len(self.class_names)
+        if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+            raise PayloadError(f"label out of range: labels must lie in [0, {n_classes})")
+        labels = labels.astype(_label_dtype(n_classes))  # astype copies
+        indices.setflags(write=False)
+        labels.setflags(write=False)
+        object.__setattr__(self, "indices", indices)
+        object.__setattr__(self, "labels", labels)
+        object.__setattr__(self, "meta", self._checked_meta())
+
+    def _check_scalars(self) -> None:
+        fp = self.pool_fingerprint
+        if not isinstance(fp, str) or not _FINGERPRINT_RE.fullmatch(fp):
+            raise PayloadError("pool_fingerprint must be 64 lowercase hex characters (sha256)")
+        if not 0 < self.pool_size <= MAX_POOL_SIZE:
+            raise PayloadError(f"pool_size {self.pool_size} out of range (must be 1..2**40)")
+        n = len(self.class_names)
+        if not 1 <= n <= MAX_CLASSES:
+            raise PayloadError(f"need 1..{MAX_CLASSES} class names, got {n}")
+        for name in self.class_names:
+            if not isinstance(name, str) or not name:
+                raise PayloadError(f"class names must be non-empty strings, got {name!r}")
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                raise PayloadError(f"class name {name!r} is not valid Unicode text") from None
+        if len(set(self.class_names)) != n:
+            raise PayloadError("class names must be unique")
+
+    def _checked_meta(self) -> dict:
+        if not isinstance(self.meta, dict):
+            raise PayloadError(f"meta must be a dict, got {type(self.meta).__name__}")
+        try:
+            text = _dumps(self.meta)
+            text.encode("utf-8")
+            copy = json.loads(text)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise PayloadError(f"meta is not JSON-serialisable: {_one_line(e)}") from None
+        if copy != self.meta:
+            # Tuples, non-string keys and the like would come back different after a round trip.
+            raise PayloadError("meta does not survive a JSON round trip (use str keys, lists, finite floats)")
+        return copy
+
+    @property
+    def count(self) -> int:
+        return int(self.indices.size)
+
+    def validate(self) -> None:
+        """Re-check the parts a caller could still have mutated since construction (``meta``)."""
+        self._check_scalars()
+        if self.count > MAX_COUNT:
+            raise PayloadError(f"payload keeps {self.count} images; more than {MAX_COUNT} is unreasonable")
+        self._checked_meta()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Payload):
+            return NotImplemented
+        return (
+            self.pool_fingerprint == other.pool_fingerprint
+            and self.pool_size == other.pool_size
+            and self.class_names == other.class_names
+            and np.array_equal(self.indices, other.indices)
+            and self.labels.dtype == other.labels.dtype
+            and np.array_equal(self.labels, other.labels)
+            and self.meta == other.meta
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------------------------------------- codecs
+
+
+def _compress(raw: bytes, level: int) -> bytes:
+    return zstd.ZstdCompressor(level=level, write_content_size=True, threads=0).compress(raw)
+
+
+def _decompress(blob: bytes, lo: int, hi: int, what: str) -> bytes:
+    """Inflate one frame only if it declares a size in [lo, hi], so a bomb costs nothing."""
+    if len(blob) < 4 or blob[:4] != _ZSTD_MAGIC:
+        raise PayloadError(f"{what} section is not a zstd frame")
+    try:
+        declared = zstd.get_frame_parameters(blob).content_size
+    except zstd.ZstdError as e:
+        raise PayloadError(f"{what} section has a bad zstd frame header: {_one_line(e)}") from None
+    if declared == zstd.CONTENTSIZE_UNKNOWN:
+        raise PayloadError(f"{what} section's zstd frame does not declare its decompressed size")
+    if not lo <= declared <= hi:
+        want = f"{lo}" if lo == hi else f"{lo}..{hi}"
+        raise PayloadError(f"{what} section declares {declared} decompressed bytes, expected {want}")
+    try:
+        raw = zstd.ZstdDecompressor(max_window_size=1 << 27).decompress(
+            blob, max_output_size=hi, allow_extra_data=False
+        )
+    except zstd.ZstdError as e:
+        raise PayloadError(f"{what} section is corrupt: {_one_line(e)}") from None
+    if len(raw) != declared:
+        raise PayloadError(f"{what} section decompressed to {len(raw)} bytes, frame declared {declared}")
+    return raw
+
+
+def _varint_encode(values: np.ndarray) -> bytes:
+    """LEB128 for uint64 values < 2**42, vectorised in chunks so memory stays ~10x the chunk."""
+    parts = []
+    shifts = np.arange(MAX_VARINT_BYTES, dtype=np.uint64) * np.uint64(7)
+    for start in range(0, values.size, _VARINT_CHUNK):
+        v = values[start : start + _VARINT_CHUNK].astype(np.uint64)
+        nbytes = np.ones(v.size, dtype=np.int64)
+        for j in range(1, MAX_VARINT_BYTES):
+            nbytes += v >= np.uint64(1 << (7 * j))
+        groups = ((v[:, None] >> shifts[None, :]) & np.uint64(0x7F)).astype(np.uint8)
+        pos = np.arange(MAX_VARINT_BYTES)[None, :]
+        groups[pos < (nbytes[:, None] - 1)] |= 0x80
+        parts.append(groups[pos < nbytes[:, None]].tobytes())
+    return b"".join(parts)
+
+
+def _varint_decode(raw: bytes, count: int) -> np.ndarray:
+    """Inverse of `_varint_encode`; rejects anything but exactly `count` canonical varints."""
+    b = np.frombuffer(raw, dtype=np.uint8)
+    if count == 0:
+        if b.size:
+            raise PayloadError("index section holds data but count is 0")
+        return np.zeros(0, dtype=np.uint64)
+    ends = np.flatnonzero(b < 0x80)
+    if ends.size != count or ends[-1] != b.size - 1:
+        raise PayloadError(
+            f"index section holds {ends.size} varints (or a cut one), header says count={count}"
+        )
+    starts = np.empty_like(ends)
+    starts[0] = 0
+    starts[1:] = ends[:-1] + 1
+    lengths = ends - starts + 1
+    if lengths.max() > MAX_VARINT_BYTES:
+        raise PayloadError(f"index section has a varint longer than {MAX_VARINT_BYTES} bytes")
+    if bool(np.any((lengths > 1) & (b[ends] == 0))):
+        raise PayloadError("index section has a non-canonical (zero-padded) varint")
+    values = np.zeros(count, dtype=np.uint64)
+    for j in range(MAX_VARINT_BYTES):
+        m = lengths > j
+        if not m.any():
+            break
+        values[m] |= (b[starts[m] + j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
+    return values
+
+
+def _gap_raw(indices: np.ndarray) -> bytes:
+    if indices.size == 0:
+        return b""
+    gaps = np.empty(indices.size, dtype=np.int64)
+    gaps[0] = indices[0]
+    np.subtract(indices[1:], indices[:-1] + 1, out=gaps[1:])
+    return _varint_encode(gaps.astype(np.uint64))
+
+
+def _gap_indices(raw: bytes, count: int, pool_size: int) -> np.ndarray:
+    gaps = _varint_decode(raw, count)
+    if count == 0:
+        return np.zeros(0, dtype=np.int64)
+    # Every real gap is < N, and the exact int sum must stay < N; the float pre-check keeps a hostile
+    # list of 2**42-sized gaps from overflowing the int64 cumsum.
+    if gaps.max() >= pool_size or float(gaps.sum(dtype=np.float64)) + count > 2.0**62:
+        raise PayloadError(f"index out of range: decoded indices exceed pool_size {pool_size}")
+    indices = np.cumsum(gaps.astype(np.int64)) + np.arange(count, dtype=np.int64)
+    if indices[-1] >= pool_size:
+        raise PayloadError(f"index out of range: decoded indices exceed pool_size {pool_size}")
+    return indices
+
+
+def _bitmap_raw(indices: np.ndarray, pool_size: int) -> bytes:
+    bitmap = np.zeros((pool_size + 7) // 8, dtype=np.uint8)
+    if indices.size:
+        byte = indices >> 3
+        bits = np.left_shift(1, indices & 7).astype(np.uint8)
+        starts = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+        # Indices are sorted and unique, so bits within one byte are distinct and add == or.
+        bitmap[byte[starts]] = np.add.reduceat(bits, starts)
+    return bitmap.tobytes()
+
+
+def _bitmap_indices(raw: bytes, count: int, pool_size: int) -> np.ndarray:
+    b = np.frombuffer(raw, dtype=np.uint8)
+    tail = pool_size % 8
+    if tail and b[-1] >> tail:
+        raise PayloadError(f"index out of range: bitmap sets padding bits beyond pool_size {pool_size}")
+    nz = np.flatnonzero(b)
+    ones = int(_POPCOUNT[b[nz]].sum())
+    if ones != count:
+        raise PayloadError(f"index bitmap has {ones} bits set, header says count={count}")
+    bits = np.unpackbits(b[nz][:, None], axis=1, bitorder="little").astype(bool)
+    positions = nz[:, None].astype(np.int64) * 8 + np.arange(8, dtype=np.int64)[None, :]
+    return positions[bits]
+
+
+def _bitmap_allowed(pool_size: int, gap_limit: int) -> bool:
+    return pool_size <= BITMAP_MAX_BITS and (pool_size + 7) // 8 <= BITMAP_RATIO * gap_limit + BITMAP_SLACK
+
+
+def _check_level(level: int) -> int:
+    if not _is_int(level) or not 1 <= level <= zstd.MAX_COMPRESSION_LEVEL:
+        raise PladaError(f"zstd level must be an integer 1..{zstd.MAX_COMPRESSION_LEVEL}, got {level!r}")
+    return int(level)
+
+
+def _encode_index(indices: np.ndarray, pool_size: int, level: int) -> tuple[str, bytes]:
+    gap_raw = _gap_raw(indices)
+    best = ("gap-zstd", _compress(gap_raw, level))
+    if _bitmap_allowed(pool_size, len(gap_raw)):
+        bitmap = _compress(_bitmap_raw(indices, pool_size), level)
+        if len(bitmap) < len(best[1]):
+            best = ("bitmap-zstd", bitmap)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------- encode
+
+
+def encode(p: Payload, level: int = 19) -> bytes:
+    """Serialise deterministically; refuses anything `decode` would refuse, so files always load."""
+    if not isinstance(p, Payload):
+        raise PladaError(f"encode() needs a Payload, got {type(p).__name__}")
+    level = _check_level(level)
+    p.validate()
+    index_codec, index_blob = _encode_index(p.indices, p.pool_size, level)
+    labels_codec = _label_codec(len(p.class_names))
+    labels_blob = _compress(p.labels.astype(_LABEL_CODECS[labels_codec]).tobytes(), level)
+    header = {
+        "pool_fingerprint": p.pool_fingerprint,
+        "pool_size": p.pool_size,
+        "class_names": list(p.class_names),
+        "count": p.count,
+        "meta": p.meta,
+        "sections": [
+            {"name": "index", "codec": index_codec, "length": len(index_blob)},
+            {"name": "labels", "codec": labels_codec, "length": len(labels_blob)},
+        ],
+    }
+    header_bytes = _dumps(header).encode("utf-8")
+    if len(header_bytes) > MAX_HEADER_BYTES:
+        raise PayloadError(
+            f"payload header too large: {len(header_bytes)} bytes (limit {MAX_HEADER_BYTES}); "
+            "shorten class names or meta"
+        )
+    body = b"".join(
+        [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)), header_bytes, index_blob, labels_blob]
+    )
+    if len(body) + _DIGEST_BYTES > MAX_PAYLOAD_BYTES:
+        raise PayloadError(
+            f"payload too large: {len(body) + _DIGEST_BYTES} bytes (limit {MAX_PAYLOAD_BYTES})"
+        )
+    return body + hashlib.sha256(body).digest()
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+
+def _reject_constant(name: str) -> None:
+    raise PayloadError(f"payload header contains {name}, which is not valid JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise PayloadError("payload header has a duplicated JSON key")
+    return out
+
+
+def _header_int(header: dict, key: str) -> int:
+    value = header[key]
+    if not _is_int(value):
+        raise PayloadError(f"payload header field {key!r} must be an integer, got {type(value).__name__}")
+    return value
+
+
+def _parse_header(raw: bytes) -> dict:
+    try:
+        header = json.loads(
+            raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
+        )
+    except UnicodeDecodeError:
+        raise PayloadError("payload header is not valid UTF-8") from None
+    except RecursionError:
+        raise PayloadError("payload header JSON is nested too deeply") from None
+    except ValueError as e:
+        raise PayloadError(f"payload header is not valid JSON: {_one_line(e)}") from None
+    if not isinstance(header, dict):
+        raise PayloadError("payload header must be a JSON object")
+    if set(header) != _HEADER_KEYS:
+        missing = sorted(_HEADER_KEYS - set(header))
+        extra = sorted(set(header) - _HEADER_KEYS)
+        raise PayloadError(f"payload header keys wrong: missing {missing}, unexpected {extra}")
+    pool_size = _header_int(header, "pool_size")
+    count = _header_int(header, "count")
+    if not 0 < pool_size <= MAX_POOL_SIZE:
+        raise PayloadError(f"pool_size {pool_size} out of range (must be 1..2**40)")
+    if count < 0 or count > pool_size:
+        raise PayloadError(f"count {count} out of range for pool_size {pool_size}")
+    if count > MAX_COUNT:
+        raise PayloadError(f"payload claims {count} kept images; more than {MAX_COUNT} is unreasonable")
+    names = header["class_names"]
+    if not isinstance(names, list) or not 1 <= len(names) <= MAX_CLASSES:
+        raise PayloadError(f"payload header field 'class_names' must be a list of 1..{MAX_CLASSES} strings")
+    if not isinstance(header["meta"], dict):
+        raise PayloadError("payload header field 'meta' must be a JSON object")
+    sections = header["sections"]
+    if not isinstance(sections, list) or len(sections) != 2:
+        raise PayloadError("payload header field 'sections' must list exactly the index and labels sections")
+    for want, sec in zip(("index", "labels"), sections, strict=True):
+        if not isinstance(sec, dict) or set(sec) != _SECTION_KEYS:
+            raise PayloadError(f"payload section entry must have exactly the keys {sorted(_SECTION_KEYS)}")
+        if sec["name"] != want:
+            raise PayloadError(f"payload sections out of order: expected {want!r}, got {sec['name']!r}")
+        length = sec["length"]
+        if not _is_int(length) or length < 0:
+            raise PayloadError(f"{want} section length must be a non-negative integer, got {length!r}")
+    index_codec, labels_codec = sections[0]["codec"], sections[1]["codec"]
+    if index_codec not in _INDEX_CODECS:
+        raise PayloadError(f"unknown index codec {index_codec!r} (known: {', '.join(_INDEX_CODECS)})")
+    if labels_codec != _label_codec(len(names)):
+        want = _label_codec(len(names))
+        raise PayloadError(
+            f"labels codec {labels_codec!r} does not fit {len(names)} classes (expected {want!r})"
+        )
+    return header
+
+
+def _decode(data: bytes) -> tuple[Payload, dict]:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
+    data = bytes(data)
+    total = len(data)
+    if total < len(MAGIC):
+        if MAGIC.startswith(data):
+            raise PayloadError(f"payload truncated: {total} bytes, a payload is at least {_MIN_BYTES}")
+        raise PayloadError("not a .plada payload (bad magic)")
+    if data[: len(MAGIC)] != MAGIC:
+        raise PayloadError("not a .plada payload (bad magic)")
+    if total < _PREFIX.size:
+        raise PayloadError(f"payload truncated: {total} bytes, a payload is at least {_MIN_BYTES}")
+    _, version, header_len = _PREFIX.unpack_from(data)
+    if version != FORMAT_VERSION:
+        raise PayloadError(
+            f"unsupported payload format version {version} (this plada reads version {FORMAT_VERSION})"
+        )
+    if total < _MIN_BYTES:
+        raise PayloadError(f"payload truncated: {total} bytes, a payload is at least {_MIN_BYTES}")
+    if total > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"payload too large: {total} bytes (limit {MAX_PAYLOAD_BYTES})")
+    body, digest = data[:-_DIGEST_BYTES], data[-_DIGEST_BYTES:]
+    if hashlib.sha256(body).digest() != digest:
+        raise PayloadError("payload checksum mismatch (corrupted or truncated)")
+    # The checksum only proves the sender meant these bytes; everything below distrusts them.
+    if header_len > MAX_HEADER_BYTES:
+        raise PayloadError(f"payload header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if _PREFIX.size + header_len > len(body):
+        raise PayloadError(f"payload truncated: header length {header_len} runs past the end of the file")
+    header = _parse_header(body[_PREFIX.size : _PREFIX.size + header_len])
+    pool_size, count, names = header["pool_size"], header["count"], header["class_names"]
+    sec_index, sec_labels = header["sections"]
+    available = len(body) - _PREFIX.size - header_len
+    declared = sec_index["length"] + sec_labels["length"]
+    if declared != available:
+        kind = "truncated" if declared > available else "has trailing bytes"
+        raise PayloadError(f"payload {kind}: header declares {declared} section bytes, file has {available}")
+    start = _PREFIX.size + header_len
+    index_blob = body[start : start + sec_index["length"]]
+    labels_blob = body[start + sec_index["length"] :]
+
+    if sec_index["codec"] == "gap-zstd":
+        index_raw = _decompress(index_blob, count, MAX_VARINT_BYTES * count, "index")
+        indices = _gap_indices(index_raw, count, pool_size)
+    else:
+        if not _bitmap_allowed(pool_size, MAX_VARINT_BYTES * count):
+            raise PayloadError(f"bitmap index codec not allowed for pool_size {pool_size} with count {count}")
+        nbytes = (pool_size + 7) // 8
+        index_raw = _decompress(index_blob, nbytes, nbytes, "index")
+        indices = _bitmap_indices(index_raw, count, pool_size)
+    dtype = _LABEL_CODECS[sec_labels["codec"]]
+    labels_raw = _decompress(labels_blob, count * dtype.itemsize, count * dtype.itemsize, "labels")
+    labels = np.frombuffer(labels_raw, dtype=dtype)
+
+    payload = Payload(
+        pool_fingerprint=header["pool_fingerprint"],
+        pool_size=pool_size,
+        class_names=tuple(names),
+        indices=indices,
+        labels=labels,
+        meta=header["meta"],
+    )
+    info = {
+        "format_version": version,
+        "total_bytes": total,
+        "header_bytes": header_len,
+        "checksum_sha256": digest.hex(),
+        "pool_fingerprint": payload.pool_fingerprint,
+        "pool_size": pool_size,
+        "count": count,
+        "class_count": len(names),
+        "class_names": list(names),
+        "meta": payload.meta,
+        "sections": [
+            {
+                "name": "index",
+                "codec": sec_index["codec"],
+                "entries": count,
+                "raw_bytes": len(index_raw),
+                "stored_bytes": sec_index["length"],
+            },
+            {
+                "name": "labels",
+                "codec": sec_labels["codec"],
+                "entries": count,
+                "raw_bytes": len(labels_raw),
+                "stored_bytes": sec_labels["length"],
+            },
+        ],
+    }
+    return payload, info
+
+
+def decode(data: bytes) -> Payload:
+    """Parse untrusted bytes; any defect, accidental or hostile, becomes a one-line PayloadError."""
+    try:
+        return _decode(data)[0]
+    except PayloadError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, zstd.ZstdError) as e:
+        # Backstop only: every known defect has its own message above.
+        raise PayloadError(f"malformed payload: {_one_line(e)}") from None
+
+
+def describe(data: bytes) -> dict:
+    """What `plada inspect` shows; decodes fully so it never describes a payload that would not load."""
+    try:
+        return _decode(data)[1]
+    except PayloadError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, zstd.ZstdError) as e:
+        raise PayloadError(f"malformed payload: {_one_line(e)}") from None
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def write(path: str | os.PathLike, p: Payload, level: int = 19) -> int:
+    """Write atomically (temp file in the same directory, fsync, rename) so readers never see half a file."""
+    data = encode(p, level)
+    path = Path(path)
+    directory = path.parent
+    if not directory.is_dir():
+        raise PladaError(f"cannot write payload {path}: directory {directory} does not exist")
+    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    try:
+        # 0o666 lets the umask decide permissions, as a plain open() would.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError as e:
+        raise PladaError(f"cannot write payload {path}: {e.strerror or _one_line(e)}") from None
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return len(data)  # platforms without directory fds (Windows): the rename is still atomic
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+    return len(data)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """A payload file's bytes, refusing oversized files before reading them."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_PAYLOAD_BYTES:
+                raise PayloadError(f"payload too large: {path} is {size} bytes (limit {MAX_PAYLOAD_BYTES})")
+            return f.read(MAX_PAYLOAD_BYTES + 1)
+    except FileNotFoundError:
+        raise PladaError(f"payload not found: {path}") from None
+    except IsADirectoryError:
+        raise PladaError(f"payload path is a directory, not a file: {path}") from None
+    except OSError as e:
+        raise PladaError(f"cannot read payload {path}: {e.strerror or _one_line(e)}") from None
+
+
+def read(path: str | os.PathLike) -> Payload:
+    """Load and fully validate a payload file."""
+    data = read_bytes(path)
+    try:
+        return decode(data)
+    except PayloadError as e:
+        raise PayloadError(f"{e} (file {path})") from None
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+
+
+def index_costs(
+    indices: Any,
+    pool_size: int,
+    level: int = 19,
+    *,
+    labels: Any = None,
+    n_classes: int | None = None,
+) -> dict[str, int]:
+    """Stored bytes of each way to send a selection, for benchmarks.
+
+    ``raw`` is the uncompressed baseline of one bit per pool image, plus ceil(log2 C) bits per kept
+    image when labels or ``n_classes`` are given: ceil((N + k * ceil(log2 C)) / 8). ``gap_zstd`` and
+    ``bitmap_zstd`` are the index section alone (the labels section is the same for both); the bitmap
+    is always built here, even where `encode` would skip it, as long as N <= 2**31.
+    """
+    if not _is_int(pool_size) or not 0 < pool_size <= MAX_POOL_SIZE:
+        raise PladaError(f"pool_size {pool_size!r} out of range (must be 1..2**40)")
+    pool_size = int(pool_size)
+    if pool_size > BITMAP_MAX_BITS:
+        raise PladaError(f"pool_size {pool_size} too large for a bitmap (limit {BITMAP_MAX_BITS})")
+    level = _check_level(level)
+    idx = _check_indices(indices, pool_size)
+    label_bits = 0
+    if labels is not None or n_classes is not None:
+        if n_classes is None:
+            lab = _int_array(labels, "labels")
+            n_classes = int(lab.max()) + 1 if lab.size else 1
+        if not _is_int(n_classes) or n_classes < 1:
+            raise PladaError(f"n_classes must be a positive integer, got {n_classes!r}")
+        label_bits = (int(n_classes) - 1).bit_length()  # == ceil(log2 C), 0 for one class
+    return {
+        "raw": math.ceil((pool_size + idx.size * label_bits) / 8),
+        "gap_zstd": len(_compress(_gap_raw(idx), level)),
+        "bitmap_zstd": len(_compress(_bitmap_raw(idx, pool_size), level)),
+    }

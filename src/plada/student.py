@@ -1,0 +1,50 @@
+"""The receiver's student: trained only on pool images and the labels the payload carries.
+
+Three modes for three kinds of receiver: `finetune` (pretrained backbone, AdamW lr 1e-3, cosine:
+the paper's recipe), `linear` (frozen pretrained features, trained head: fast enough for large
+benchmark grids), and `scratch` (no pretrained weights at all, e.g. `small-cnn`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import backbones
+from .errors import PladaError
+from .train import fit, fit_linear
+
+MODES = ("finetune", "linear", "scratch")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    model: str = "efficientnet-lite0"
+    res: int = 64
+    mode: str = "finetune"
+    epochs: float = 15.0
+    lr: float = 1e-3
+    batch_size: int = 128
+    flip: bool = True
+    seed: int = 0
+
+
+def train_student(
+    images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: StudentConfig, progress: bool = True,
+    feats: np.ndarray | None = None,
+) -> backbones.Classifier:
+    """A student trained on (pool images, payload labels); `feats` lets linear mode reuse cached features."""
+    if cfg.mode not in MODES:
+        raise PladaError(f"unknown student mode '{cfg.mode}' (have: {', '.join(MODES)})")
+    if len(labels) == 0:
+        raise PladaError("the payload keeps no images: nothing to train a student on")
+    torch.manual_seed(cfg.seed)  # the fresh head's init must be seeded too
+    model = backbones.create(cfg.model, n_classes, cfg.res, pretrained=cfg.mode != "scratch")
+    if cfg.mode == "linear":
+        fit_linear(model, images, labels, seed=cfg.seed, progress=progress, feats=feats)
+    else:
+        fit(model, images, labels, cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, flip=cfg.flip,
+            desc="student", progress=progress)
+    return model

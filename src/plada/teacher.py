@@ -1,0 +1,73 @@
+"""The sender's teacher: a pretrained backbone fine-tuned on the labelled target.
+
+Its quality bounds everything downstream (pseudo-labels and energies come from it), so the
+default is a full fine-tune; the linear-probe mode (frozen features, trained head) exists for
+fast sweeps. A trained teacher is cached by (target data, configuration), so a grid of selection
+policies reuses one teacher and one pool scoring.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from . import backbones
+from .data import Split, write_json_atomic
+from .errors import PladaError
+from .train import accuracy, fit, fit_linear, predict
+
+MODES = ("finetune", "linear")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: str = "efficientnet-lite0"
+    res: int = 64
+    mode: str = "finetune"
+    epochs: float = 2.0
+    lr: float = 1e-3
+    batch_size: int = 128
+    limit: int | None = None  # train on a random subset of this many target images
+    flip: bool = True
+    seed: int = 0
+
+
+def train_teacher(
+    train: Split, test: Split | None, cfg: TeacherConfig, cache: Path, progress: bool = True
+) -> tuple[backbones.Classifier, dict]:
+    """Fine-tune (or linear-probe) a teacher, or load the cached one; info has its test accuracy."""
+    if cfg.mode not in MODES:
+        raise PladaError(f"unknown teacher mode '{cfg.mode}' (have: {', '.join(MODES)})")
+    key = hashlib.sha256(
+        json.dumps([asdict(cfg), train.dataset, train.split, len(train), train.class_names, int(train.labels.sum()),
+                    int(train.images[: min(len(train), 64)].sum())], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    d = Path(cache) / f"{train.dataset}-{key}"
+    wpath, ipath = d / "teacher.safetensors", d / "teacher.json"
+    if wpath.is_file() and ipath.is_file():
+        model, _, _ = backbones.load(wpath)
+        return model, json.loads(ipath.read_text())
+    d.mkdir(parents=True, exist_ok=True)
+    sub = train.subset(cfg.limit, cfg.seed)
+    torch.manual_seed(cfg.seed)  # the fresh head's init must be seeded too
+    model = backbones.create(cfg.model, len(train.class_names), cfg.res)
+    t0 = time.time()
+    if cfg.mode == "finetune":
+        fit(model, sub.images, sub.labels, cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
+            flip=cfg.flip, desc="teacher fine-tune", progress=progress)
+    else:
+        fit_linear(model, sub.images, sub.labels, seed=cfg.seed, progress=progress)
+    info = {"config": asdict(cfg), "train_images": len(sub), "train_seconds": round(time.time() - t0, 1)}
+    if test is not None:
+        if test.class_names != train.class_names:
+            raise PladaError("target train and test splits have different class folders")
+        info["test_accuracy"] = accuracy(predict(model, test.images, desc="teacher eval", progress=progress),
+                                         test.labels)
+    backbones.save(model, wpath, train.class_names, info)
+    write_json_atomic(ipath, info)
+    return model, info

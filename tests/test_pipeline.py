@@ -1,0 +1,145 @@
+"""End to end on tiny synthetic data through the real CLI: send, inspect, receive, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plada import payload
+from plada.cli import main
+from plada.score import energy
+
+FAST = ["--teacher-res", "32", "--teacher-epochs", "4", "--keep", "10%"]
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, dict | None, str]:
+    code = main(["--json", *argv])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def test_send_inspect_receive(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "t.plada"
+    code, sent, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
+                          "-o", str(out), *FAST)
+    assert code == 0, err
+    assert sent["kept"] == 32 and sent["pool_size"] == 320
+    assert sent["payload_bytes"] == out.stat().st_size < 1000
+    assert 0.0 <= sent["teacher_accuracy"] <= 1.0
+
+    code, info, err = run(capsys, "inspect", str(out))
+    assert code == 0, err
+    assert info["count"] == 32
+    assert info["meta"]["policy"] == "lowest-energy"
+
+    model = tmp_path / "student.safetensors"
+    code, rec, err = run(capsys, "receive", str(out), "--pool", "tinypool", "--data", str(tiny_data),
+                         "--test", "tinytarget", "--student-res", "32", "--student-epochs", "2",
+                         "--model-out", str(model))
+    assert code == 0, err
+    assert 0.0 <= rec["student_accuracy"] <= 1.0
+    assert model.is_file()
+
+
+def test_teacher_is_real(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Three well-separated colours: a fine-tuned teacher must beat chance by far."""
+    code, sent, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
+                          "-o", str(tmp_path / "a.plada"), "--teacher-res", "32", "--teacher-epochs", "15")
+    assert code == 0, err
+    assert sent["teacher_accuracy"] > 0.8
+
+
+def test_same_seed_same_bytes(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              capsys: pytest.CaptureFixture) -> None:
+    """Fresh caches each time, so the teacher is retrained: the payload must still be byte-identical."""
+    outs = []
+    for i in range(2):
+        monkeypatch.setenv("PLADA_CACHE", str(tmp_path / f"cache{i}"))
+        outs.append(tmp_path / f"p{i}.plada")
+        code, _, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
+                           "-o", str(outs[-1]), *FAST)
+        assert code == 0, err
+    assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_policies_differ(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    got = {}
+    for policy in ("lowest-energy", "highest-energy", "random"):
+        out = tmp_path / f"{policy}.plada"
+        code, _, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
+                           "-o", str(out), "--policy", policy, *FAST)
+        assert code == 0, err
+        got[policy] = set(payload.read(out).indices.tolist())
+    assert not got["lowest-energy"] & got["highest-energy"]  # 10% from each end of the ranking
+    assert got["random"] != got["lowest-energy"]
+
+
+def test_wrong_pool_refused(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "t.plada"
+    assert run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "-o", str(out),
+               *FAST)[0] == 0
+    # a pool of the same size but other images: only the fingerprint can tell
+    code, _, err = run(capsys, "pool", "build", "tinytarget:train,test", "--name", "other", "--data", str(tiny_data))
+    assert code == 0, err
+    model = tmp_path / "m.safetensors"
+    code, _, err = run(capsys, "receive", str(out), "--pool", "other", "--data", str(tiny_data),
+                       "--model-out", str(model))
+    assert code == 2
+    assert "payload was made for pool" in err and len(err.strip().splitlines()) == 1
+    assert not model.exists()
+
+
+def test_energy_sign() -> None:
+    logits = np.array([[10.0, 0.0, 0.0], [0.1, 0.0, 0.0]])
+    e = energy(logits, T=1.0)
+    assert e[0] < e[1]  # confident sample has the lower energy
+    assert np.allclose(energy(logits, T=2.0), -2.0 * np.log(np.exp(logits / 2.0).sum(1)))
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["send", "tinytarget", "--pool", "tinypool", "--data", "/nonexistent/dir", "-o", "x.plada"],
+         "data folder not found"),
+        (["receive", "missing.plada", "--pool", "tinypool"], "payload not found"),
+        (["inspect", "missing.plada"], "payload not found"),
+    ],
+)
+def test_bad_input_one_line(argv: list[str], message: str, cache: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "plada.cli", *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.plada").exists()
+
+
+def test_wrong_layout(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture) -> None:
+    from conftest import write_archive
+
+    write_archive(tmp_path / "flat.tar", "flat", {"a.png": b"x", "b.png": b"y"})
+    code, _, err = run(capsys, "send", str(tmp_path / "flat.tar"), "--pool", "tinypool", "--data", str(tmp_path),
+                       "-o", str(tmp_path / "x.plada"))
+    assert code == 2 and "ImageFolder layout" in err
+    assert not (tmp_path / "x.plada").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_payload(damage: str, tiny_data: Path, cache: Path, tmp_path: Path,
+                         capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "t.plada"
+    assert run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "-o", str(out),
+               *FAST)[0] == 0
+    raw = bytearray(out.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[len(raw) // 2] ^= 0x10
+    out.write_bytes(bytes(raw))
+    code, _, err = run(capsys, "receive", str(out), "--pool", "tinypool", "--data", str(tiny_data))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
