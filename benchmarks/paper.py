@@ -56,7 +56,7 @@ PER_CLASS = (1, 2, 4, 8, 16)  # real-image baselines: images per class
 class Config:
     pool: str = "tinyimagenet32"
     targets: tuple[str, ...] = TARGETS
-    teacher: str = "efficientnet-lite2"
+    teacher: str = "efficientnet-lite0"
     teacher_res: int = 64
     teacher_samples: int = 50_000  # images seen while fine-tuning (epochs = samples / train size, max 30)
     teacher_limit: int | None = 25_000
@@ -392,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="dataset folder (default: $PLADA_DATA)")
     ap.add_argument("--pool", default=None, help="pool spec, NAME or NAME:split,split")
     ap.add_argument("--targets", nargs="+", default=None)
+    ap.add_argument("--teacher", default=None, help="teacher backbone (default efficientnet-lite0)")
     ap.add_argument("--out-dir", default=".", help="writes results/, docs/ and docs/plots/ below it")
     a = ap.parse_args(argv)
     cfg = Config()
@@ -399,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.pool = a.pool
     if a.targets:
         cfg.targets = tuple(a.targets)
+    if a.teacher:
+        cfg.teacher = a.teacher
     if a.quick:
         cfg = quick_config(cfg)
     out = Path(a.out_dir)
@@ -414,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     res["wall_seconds"] = round(time.time() - t0, 1)
     res["command"] = "python -m benchmarks.paper" + (" --quick" if a.quick else "") + (
-        f" --pool {a.pool}" if a.pool else "") + (f" --targets {' '.join(a.targets)}" if a.targets else "")
+        f" --pool {a.pool}" if a.pool else "") + (f" --targets {' '.join(a.targets)}" if a.targets else "") + (
+        f" --teacher {a.teacher}" if a.teacher else "")
     res["machine"] = f"{platform.machine()} CPU, 2 cores" if not a.quick else platform.machine()
     (out / "results").mkdir(parents=True, exist_ok=True)
     (out / "results" / f"{stem}.json").write_text(json.dumps(res, indent=1, sort_keys=True, default=float))

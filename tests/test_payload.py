@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import time
 import tracemalloc
@@ -20,6 +21,7 @@ from plada import payload as P
 from plada.errors import PayloadError, PladaError
 
 FP = hashlib.sha256(b"test pool manifest").hexdigest()
+ZSTD = ("gap-zstd", "bitmap-zstd")  # the format-version-1 codecs, for tests that take v1 files apart
 PREFIX = struct.Struct("<8sHI")
 
 json_scalars = (
@@ -103,7 +105,7 @@ def reject(data: bytes, match: str | None = None) -> str:
 @pytest.fixture(scope="module")
 def small() -> tuple[P.Payload, bytes]:
     p = make(300, 40, n_classes=5, seed=7, meta={"keep": 0.13, "seed": 7})
-    return p, P.encode(p)
+    return p, P.encode(p, codecs=ZSTD)
 
 
 # ---------------------------------------------------------------------------------------------- round trips
@@ -136,9 +138,10 @@ def payloads(draw: st.DrawFn) -> P.Payload:
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(p=payloads())
-def test_round_trip_property(p: P.Payload) -> None:
-    data = P.encode(p, level=19 if p.pool_size <= 100_000 else 3)  # level 19 on a 5M-pool bitmap is slow
+@given(p=payloads(), zstd_only=st.booleans())
+def test_round_trip_property(p: P.Payload, zstd_only: bool) -> None:
+    level = 19 if p.pool_size <= 100_000 else 3  # level 19 on a 5M-pool bitmap is slow
+    data = P.encode(p, level=level, codecs=ZSTD if zstd_only else None)
     q = P.decode(data)
     assert q == p
     assert np.array_equal(q.indices, p.indices) and q.indices.dtype == np.int64
@@ -147,13 +150,17 @@ def test_round_trip_property(p: P.Payload) -> None:
     assert q.class_names == p.class_names and q.meta == p.meta and q.pool_size == p.pool_size
     info = P.describe(data)
     assert info["total_bytes"] == len(data) and info["count"] == p.count
-    assert info["sections"][1]["codec"] == ("u8-zstd" if len(p.class_names) <= 256 else "u16-zstd")
+    if info["format_version"] == 1:
+        assert info["sections"][1]["codec"] == ("u8-zstd" if len(p.class_names) <= 256 else "u16-zstd")
+    else:
+        assert not zstd_only and [s["codec"] for s in info["sections"]] == ["ctx-range"]
+        assert len(data) < len(P.encode(p, level=level, codecs=ZSTD))
 
 
 def test_round_trip_large_pool_one_percent() -> None:
     n, k = 14_197_122, 141_971
     p = make(n, k, n_classes=1000, seed=3)
-    data = P.encode(p)
+    data = P.encode(p, codecs=ZSTD)
     q = P.decode(data)
     assert q == p and q.count == k and q.labels.dtype == np.uint16
     assert len(data) < n // 8  # beats sending a raw bitmap
@@ -197,12 +204,12 @@ def test_huge_pool_uses_gap_and_round_trips() -> None:
 
 def test_codec_choice_dense_bitmap_sparse_gap() -> None:
     dense, sparse = make(10_000, 6_000, seed=1), make(10_000, 10, seed=1)
-    d_info, s_info = P.describe(P.encode(dense)), P.describe(P.encode(sparse))
+    d_info, s_info = P.describe(P.encode(dense, codecs=ZSTD)), P.describe(P.encode(sparse, codecs=ZSTD))
     assert d_info["sections"][0]["codec"] == "bitmap-zstd"
     assert d_info["sections"][0]["raw_bytes"] == 1250 and d_info["sections"][0]["entries"] == 6000
     assert s_info["sections"][0]["codec"] == "gap-zstd"
     assert s_info["sections"][0]["entries"] == 10
-    for info, data in ((d_info, P.encode(dense)), (s_info, P.encode(sparse))):
+    for info, data in ((d_info, P.encode(dense, codecs=ZSTD)), (s_info, P.encode(sparse, codecs=ZSTD))):
         assert info["format_version"] == 1 and info["total_bytes"] == len(data)
         assert 14 + info["header_bytes"] + sum(s["stored_bytes"] for s in info["sections"]) + 32 == len(data)
         assert info["pool_fingerprint"] == FP and info["class_count"] == 10
@@ -210,7 +217,7 @@ def test_codec_choice_dense_bitmap_sparse_gap() -> None:
 
 def test_codec_choice_matches_index_costs() -> None:
     for p in (make(10_000, 6_000, seed=2), make(10_000, 10, seed=2), make(50_000, 2_000, seed=2)):
-        info = P.describe(P.encode(p))
+        info = P.describe(P.encode(p, codecs=ZSTD))
         costs = P.index_costs(p.indices, p.pool_size)
         stored = info["sections"][0]["stored_bytes"]
         assert stored == min(costs["gap_zstd"], costs["bitmap_zstd"])
@@ -223,7 +230,7 @@ def test_codec_tie_goes_to_gap(n: int, idx: list[int]) -> None:
     costs = P.index_costs(idx, n)
     assert costs["gap_zstd"] == costs["bitmap_zstd"]  # the case really is a tie
     p = P.Payload(FP, n, ("a",), idx, [0] * len(idx), {})
-    assert P.describe(P.encode(p))["sections"][0]["codec"] == "gap-zstd"
+    assert P.describe(P.encode(p, codecs=ZSTD))["sections"][0]["codec"] == "gap-zstd"
 
 
 def test_varint_codec_edges() -> None:
@@ -383,9 +390,9 @@ def test_error_messages(small: tuple[P.Payload, bytes]) -> None:
     assert reject(b"GIF89a" + bytes(100)) == "not a .plada payload (bad magic)"
     assert reject(data[:5]).startswith("payload truncated")
     version7 = data[:8] + struct.pack("<H", 7) + data[10:]
-    assert reject(version7) == "unsupported payload format version 7 (this plada reads version 1)"
+    assert reject(version7) == "unsupported payload format version 7 (this plada reads versions 1, 2)"
     header, blobs = unpack(data)
-    assert reject(pack(header, blobs, version=2)).startswith("unsupported payload format version 2")
+    assert "missing ['groups']" in reject(pack(header, blobs, version=2))  # a v1 header is not a v2 one
     with pytest.raises(PayloadError, match="must be bytes"):
         P.decode("not bytes")  # type: ignore[arg-type]
 
@@ -508,7 +515,7 @@ def test_fuzzed_sections(small: tuple[P.Payload, bytes], section: int, raw: byte
 
 
 def _gap_payload(values: list[int], *, pool_size: int = 300, count: int | None = None) -> bytes:
-    header, blobs = unpack(P.encode(make(300, 40, n_classes=5, seed=7)))
+    header, blobs = unpack(P.encode(make(300, 40, n_classes=5, seed=7), codecs=ZSTD))
     count = len(values) if count is None else count
     header.update(pool_size=pool_size, count=count)
     header["sections"][0]["codec"] = "gap-zstd"
@@ -532,7 +539,7 @@ def test_hostile_index_sections() -> None:
 
 
 def _bitmap_payload(bitmap: bytes, *, pool_size: int, count: int) -> bytes:
-    header, _ = unpack(P.encode(make(300, 40, n_classes=5, seed=7)))
+    header, _ = unpack(P.encode(make(300, 40, n_classes=5, seed=7), codecs=ZSTD))
     header.update(pool_size=pool_size, count=count)
     header["sections"][0]["codec"] = "bitmap-zstd"
     return pack(header, [z(bitmap), z(bytes(count))])
@@ -568,7 +575,7 @@ def _patch_content_size(frame: bytes, new_size: int) -> bytes:
 def test_decompression_bomb(small: tuple[P.Payload, bytes]) -> None:
     bomb = z(bytes(100_000_000), level=1)
     assert len(bomb) < 10_000
-    header, blobs = unpack(P.encode(make(300, 10, n_classes=5, seed=1)))
+    header, blobs = unpack(P.encode(make(300, 10, n_classes=5, seed=1), codecs=ZSTD))
     liar = _patch_content_size(bomb, 10)
     assert zstd.get_frame_parameters(liar).content_size == 10
     cases = [
@@ -642,3 +649,190 @@ def test_write_missing_dir_and_read_errors(tmp_path) -> None:
     with pytest.raises(PayloadError, match="too large"):
         P.read(huge)
     assert time.perf_counter() - start < 1.0
+
+
+# ---------------------------------------------------------------------------------------------- joint codec (v2)
+
+# Written by plada before format version 2 existed: they must keep decoding.
+GOLDEN_V1 = {
+    "gap-zstd": (
+        "504c414441000d0a0100320100007b22636c6173735f6e616d6573223a5b22636174222c22646f67222c22c3bc6ec3af225d2c"
+        "22636f756e74223a352c226d657461223a7b226b656570223a302e3030352c22706f6c696379223a226c6f776573742d656e65"
+        "726779227d2c22706f6f6c5f66696e6765727072696e74223a22656262666336383762363363363962326334396335656236"
+        "6432353132373162386162326436623438656663643362623538363337396431616135336434653822"
+        "2c22706f6f6c5f73697a65223a313030302c2273656374696f6e73223a5b7b22636f646563223a226761702d7a737464222c22"
+        "6c656e677468223a31362c226e616d65223a22696e646578227d2c7b22636f646563223a2275382d7a737464222c226c656e"
+        "677468223a31342c226e616d65223a226c6162656c73227d5d7d28b52ffd2007390000030d00e103f20328b52ffd20052900"
+        "0000020101002c3c780900b5517a2301080b899de8043c858b43a20f83593af4edeba5670914"
+    ),
+    "bitmap-zstd": (
+        "504c414441000d0a0100030100007b22636c6173735f6e616d6573223a5b2261222c2262225d2c22636f756e74223a33322c22"
+        "6d657461223a7b7d2c22706f6f6c5f66696e6765727072696e74223a2265626266633638376236336336396232633439633565"
+        "623664323531323731623861623264366234386566636433626235383633373964316161353364346538222c22706f6f6c5f"
+        "73697a65223a36342c2273656374696f6e73223a5b7b22636f646563223a226269746d61702d7a737464222c226c656e6774"
+        "68223a31322c226e616d65223a22696e646578227d2c7b22636f646563223a2275382d7a737464222c226c656e677468223a"
+        "31382c226e616d65223a226c6162656c73227d5d7d28b52ffd20081d000041550028b52ffd20204d00001800010001"
+        "00dd6e08ace8f69444dc0daff4c6b40979221db976f4ad9d0215675ef69f838d28e1db51"
+    ),
+}
+
+
+def test_version_1_files_still_decode() -> None:
+    gap = P.decode(bytes.fromhex(GOLDEN_V1["gap-zstd"]))
+    assert gap.indices.tolist() == [3, 17, 18, 500, 999] and gap.labels.tolist() == [0, 2, 1, 1, 0]
+    assert gap.class_names == ("cat", "dog", "ünï") and gap.meta == {"policy": "lowest-energy", "keep": 0.005}
+    bitmap = P.decode(bytes.fromhex(GOLDEN_V1["bitmap-zstd"]), groups=np.arange(64) // 8)  # groups: ignored
+    assert bitmap.indices.tolist() == list(range(0, 64, 2)) and bitmap.labels.tolist() == [0, 1] * 16
+    for codec_name, text in GOLDEN_V1.items():
+        info = P.describe(bytes.fromhex(text))
+        assert info["format_version"] == 1 and info["sections"][0]["codec"] == codec_name
+        assert info["groups"] is None
+
+
+def grouped_payload(seed: int = 0) -> tuple[P.Payload, np.ndarray]:
+    """A 120k pool in 400 folders of 300, 1% kept in clusters of folders, labels mostly the folder's own."""
+    rng = np.random.default_rng(seed)
+    gid = np.repeat(np.arange(400), 300)
+    energy = rng.normal(0, 2, 400)[gid] + rng.normal(0, 1, gid.size)
+    idx = np.sort(np.argpartition(energy, 1199)[:1200])
+    labels = np.where(rng.random(idx.size) < 0.8, rng.integers(0, 10, 400)[gid[idx]], rng.integers(0, 10, idx.size))
+    return P.Payload(FP, gid.size, tuple(f"class-{i}" for i in range(10)), idx, labels, {"policy": "t"}), gid
+
+
+def test_smallest_codec_wins() -> None:
+    p_grouped, gid = grouped_payload()
+    cases = [
+        (make(10_000, 6_000, seed=1), None),
+        (make(10_000, 10, seed=1), None),
+        (make(300, 40, n_classes=5, seed=7), None),
+        (make(1000, 0), None),
+        (p_grouped, gid),
+        (p_grouped, None),
+        (P.Payload(FP, 5000, ("a", "b"), np.arange(1000, 3000), [0] * 2000, {}), None),
+    ]
+    for p, groups in cases:
+        sizes = {}
+        for name in P.CODECS:
+            try:
+                sizes[name] = len(P.encode(p, groups=groups, codecs=(name,)))
+            except PladaError:
+                assert name == "bitmap-zstd"  # the only codec that can be inapplicable here
+        data = P.encode(p, groups=groups)
+        assert len(data) == min(sizes.values())
+        info = P.describe(data, groups=groups)
+        winner = "ctx-range" if info["format_version"] == 2 else info["sections"][0]["codec"]
+        assert sizes[winner] == len(data)
+        if min(sizes["gap-zstd"], sizes.get("bitmap-zstd", 1 << 60)) <= sizes["ctx-range"]:
+            assert info["format_version"] == 1  # ties go to the older format
+        assert P.decode(data, groups=groups) == p
+    with pytest.raises(PladaError, match="codecs"):
+        P.encode(make(100, 5), codecs=("rle",))
+    with pytest.raises(PladaError, match="codecs"):
+        P.encode(make(100, 5), codecs="gap-zstd")
+
+
+def test_grouped_payload_needs_the_same_grouping(tmp_path) -> None:
+    p, gid = grouped_payload()
+    data = P.encode(p, groups=gid)
+    info = P.describe(data, groups=gid)
+    assert info["format_version"] == 2 and info["groups"]["count"] == 400
+    assert [(s["name"], s["codec"], s["entries"]) for s in info["sections"]] == [("joint", "ctx-range", 1200)]
+    assert 14 + info["header_bytes"] + info["sections"][0]["stored_bytes"] + 32 == len(data)
+    assert P.decode(data, groups=gid) == p
+    assert P.decode(data, groups=gid * 7 + 3) == p  # only the partition matters, not the ids
+    assert len(data) < len(P.encode(p)) <= len(P.encode(p, codecs=ZSTD))  # the folders help
+    assert "needs the pool's groups" in reject(data)
+    with pytest.raises(PayloadError, match="different grouping"):
+        P.decode(data, groups=np.repeat(np.arange(200), 600))
+    with pytest.raises(PayloadError, match="groups"):
+        P.decode(data, groups=gid[:-1])
+    target = tmp_path / "grouped.plada"
+    assert P.write(target, p, groups=gid) == len(data) == target.stat().st_size
+    assert P.read(target, groups=gid) == p
+    with pytest.raises(PayloadError, match="needs the pool's groups.*grouped.plada"):
+        P.read(target)
+    with pytest.raises(PayloadError, match="groups"):
+        P.encode(p, groups=gid[:-1])  # checked even though it would be used only by the joint codec
+
+
+def test_joint_payload_without_groups() -> None:
+    p = make(10_000, 100, seed=3)
+    data = P.encode(p)
+    info = P.describe(data)
+    assert info["format_version"] == 2 and info["groups"] is None
+    assert P.decode(data) == p == P.decode(data, groups=np.arange(10_000) // 7)  # groups are not needed
+    assert P.encode(p, groups=np.full(10_000, 4)) == data  # one folder codes like no folders
+    assert P.encode(P.decode(data)) == data
+
+
+@pytest.fixture(scope="module")
+def joint() -> tuple[P.Payload, np.ndarray, bytes]:
+    p, gid = grouped_payload(1)
+    return p, gid, P.encode(p, groups=gid)
+
+
+def reject_grouped(data: bytes, gid: np.ndarray, match: str | None = None) -> str:
+    with pytest.raises(PayloadError, match=match) as info:
+        P.decode(data, groups=gid)
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"groups": {"count": 400}}, "'groups' must be null or have exactly"),
+        ({"groups": [400]}, "'groups' must be null"),
+        ({"groups": {"count": 1, "sha256": "0" * 64}}, "out of range"),
+        ({"groups": {"count": 10**6, "sha256": "0" * 64}}, "out of range"),
+        ({"groups": {"count": True, "sha256": "0" * 64}}, "out of range"),
+        ({"groups": {"count": 400, "sha256": "A" * 64}}, "sha256"),
+        ({"groups": {"count": 400, "sha256": "0" * 64}}, "different grouping"),
+        ({"groups": {"count": 401, "sha256": None}}, "sha256"),
+        ({"count": P.codec.MAX_COUNT + 1, "pool_size": 2**30}, "joint codec not allowed"),
+        ({"pool_size": 2**31 + 1}, "joint codec not allowed"),
+        ({"count": 1201}, "count"),
+        ({"sections": []}, "exactly the joint section"),
+        ({"sections": [{"name": "index", "codec": "ctx-range", "length": 0}]}, "must be 'joint'"),
+        ({"sections": [{"name": "joint", "codec": "ctx-ans", "length": 0}]}, "unknown joint codec"),
+        ({"sections": [{"name": "joint", "codec": "ctx-range", "length": 0, "x": 1}]}, "keys"),
+        ({"class_names": ["a", "b"]}, None),  # a different class count reads the stream differently
+    ],
+)
+def test_hostile_joint_headers(joint: tuple, changes: dict, match: str | None) -> None:
+    _, gid, data = joint
+    header, blobs = unpack(data)
+    header.update(changes)
+    fix = not any(isinstance(s, dict) and s.get("length") == 0 for s in changes.get("sections", [{}]))
+    try:
+        P.decode(pack(header, blobs, version=2, fix_lengths=fix), groups=gid)
+    except PayloadError as e:
+        assert "\n" not in str(e) and (match is None or re.search(match, str(e)))
+    else:
+        assert match is None
+
+
+def test_hostile_joint_structure(joint: tuple) -> None:
+    p, gid, data = joint
+    header, blobs = unpack(data)
+    reject_grouped(pack({k: v for k, v in header.items() if k != "groups"}, blobs, version=2), gid, "missing")
+    reject_grouped(pack(header, blobs, version=1), gid, "unexpected \\['groups'\\]")
+    reject_grouped(pack(header, [blobs[0][:-1]], version=2), gid, "32-bit words")
+    reject_grouped(pack(header, [blobs[0] + b"\x00" * 8], version=2), gid, "trailing data")
+    reject_grouped(pack(header, [blobs[0]], version=2, fix_lengths=False)[:-40] + data[-32:], gid, "checksum")
+    assert P.decode(pack(header, blobs, version=2), groups=gid) == p
+
+
+@settings(max_examples=200, deadline=2000)
+@given(raw=st.binary(max_size=800), words=st.booleans())
+def test_fuzzed_joint_sections(joint: tuple, raw: bytes, words: bool) -> None:
+    """Arbitrary joint bytes under a valid checksum decode to a valid Payload or a PayloadError."""
+    _, gid, data = joint
+    header, _ = unpack(data)
+    blob = raw[: len(raw) // 4 * 4] if words else raw
+    try:
+        result = P.decode(pack(header, [blob], version=2), groups=gid)
+    except PayloadError as e:
+        assert "\n" not in str(e)
+    else:
+        assert result.count == 1200 and P.decode(P.encode(result, groups=gid), groups=gid) == result

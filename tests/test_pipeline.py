@@ -143,3 +143,20 @@ def test_damaged_payload(damage: str, tiny_data: Path, cache: Path, tmp_path: Pa
     out.write_bytes(bytes(raw))
     code, _, err = run(capsys, "receive", str(out), "--pool", "tinypool", "--data", str(tiny_data))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_send_with_byte_budget(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--budget` picks policy and size by proxy students: the payload fits and records its forecast."""
+    out = tmp_path / "b.plada"
+    code, sent, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
+                          "-o", str(out), "--teacher-res", "32", "--teacher-epochs", "4", "--budget", "1KB")
+    assert code == 0, err
+    assert sent["payload_bytes"] == out.stat().st_size <= 1000
+    assert 0.0 <= sent["forecast_accuracy"] <= 1.0
+    meta = payload.read(out).meta
+    assert meta["auto"]["budget_bytes"] == 1000 and meta["policy"] != "auto"
+    code, info, err = run(capsys, "inspect", str(out))
+    assert code == 0 and info["meta"]["auto"]["forecast_accuracy"] == round(sent["forecast_accuracy"], 4)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["send", "tinytarget", "--pool", "tinypool", "-o", str(tmp_path / "c.plada"), "--budget", "ten"])
+    assert exit_info.value.code == 2 and "not a size" in capsys.readouterr().err

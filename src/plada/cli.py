@@ -12,12 +12,33 @@ from .errors import PladaError
 SIZE_SUFFIX = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2}
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes end like every other user mistake: one `plada: error:` line, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"plada: error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def _keep(text: str) -> float:
     """`1%`, `0.01` -> 0.01."""
     try:
         return float(text[:-1]) / 100 if text.endswith("%") else float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a keep ratio: {text!r} (use e.g. 1% or 0.01)") from None
+
+
+def _size(text: str) -> int:
+    """`20KB`, `1.5MiB`, `4000` -> bytes."""
+    t = text.strip().lower().replace(" ", "")
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num):] or "b"
+    try:
+        value = float(num) * SIZE_SUFFIX[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 20KB, 1MiB or 4000)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"budget must be at least 1 byte, got {text!r}")
+    return int(value)
 
 
 def _teacher_args(p: argparse.ArgumentParser) -> None:
@@ -35,7 +56,10 @@ def _select_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep", type=_keep, default=0.01, help="share of the pool to keep (1%% or 0.01)")
     g.add_argument("--count", type=int, default=None, help="keep exactly this many images (overrides --keep)")
     g.add_argument("--policy", default="lowest-energy",
-                   choices=["lowest-energy", "highest-energy", "lowest-entropy", "random"])
+                   choices=["lowest-energy", "highest-energy", "lowest-entropy", "random", "auto"],
+                   help="auto: proxy students on held-out target images pick policy and size")
+    g.add_argument("--budget", type=_size, default=None,
+                   help="byte budget, e.g. 20KB: implies --policy auto, picks the keep size too")
     g.add_argument("--temperature", "-T", type=float, default=1.0, help="energy temperature T")
     g.add_argument("--safety-share", type=float, default=0.0, help="Safety-Net share s of the budget (0 = off)")
     g.add_argument("--alpha", type=float, default=0.5, help="Safety-Net exponent: quota ∝ N_c^alpha")
@@ -67,8 +91,18 @@ def _student_cfg(a: argparse.Namespace):
 def cmd_pool_build(a: argparse.Namespace) -> dict:
     from .pool import build_pool
 
-    pool = build_pool(a.sources, a.data, name=a.name, out=Path(a.out) if a.out else None)
-    return {"name": pool.name, "size": len(pool), "fingerprint": pool.fingerprint, "path": str(pool.root)}
+    pool = build_pool(a.sources, a.data, name=a.name, out=Path(a.out) if a.out else None, manifest=a.manifest,
+                      progress=not a.json)
+    return {"name": pool.name, "size": len(pool), "fingerprint": pool.fingerprint, "path": str(pool.root),
+            "missing": int(pool.missing.sum()), "skipped": pool.skipped}
+
+
+def cmd_pool_export(a: argparse.Namespace) -> dict:
+    from .pool import export_manifest, open_pool
+
+    pool = open_pool(a.pool, build=False)
+    out = export_manifest(pool, a.out)
+    return {"name": pool.name, "size": len(pool), "fingerprint": pool.fingerprint, "manifest": str(out)}
 
 
 def cmd_send(a: argparse.Namespace) -> dict:
@@ -76,20 +110,25 @@ def cmd_send(a: argparse.Namespace) -> dict:
 
     return send(a.target, a.pool, a.out, data=a.data, teacher=_teacher_cfg(a), keep=a.keep, count=a.count,
                 policy=a.policy, temperature=a.temperature, safety_share=a.safety_share, alpha=a.alpha, seed=a.seed,
-                progress=not a.json)
+                progress=not a.json, budget_bytes=a.budget)
 
 
 def cmd_receive(a: argparse.Namespace) -> dict:
     from .pipeline import receive
 
     return receive(a.payload, a.pool, data=a.data, student=_student_cfg(a), test=a.test, model_out=a.model_out,
-                   progress=not a.json)
+                   progress=not a.json, allow_missing=a.allow_missing)
 
 
 def cmd_inspect(a: argparse.Namespace) -> dict:
     from . import payload
 
-    return payload.describe(payload.read_bytes(a.payload))
+    groups = None
+    if a.pool is not None:
+        from .pool import open_pool
+
+        groups = open_pool(a.pool, a.data, progress=False).groups()[0]
+    return payload.describe(payload.read_bytes(a.payload), groups=groups)
 
 
 def cmd_demo(a: argparse.Namespace) -> dict:
@@ -100,7 +139,7 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     pay = out / f"{a.target}.plada"
     s = send(a.target, a.pool, pay, data=a.data, teacher=_teacher_cfg(a), keep=a.keep, count=a.count,
              policy=a.policy, temperature=a.temperature, safety_share=a.safety_share, alpha=a.alpha, seed=a.seed,
-             progress=not a.json)
+             progress=not a.json, budget_bytes=a.budget)
     r = receive(pay, a.pool, data=a.data, student=_student_cfg(a), test=a.target,
                 model_out=out / f"{a.target}-student.safetensors", progress=not a.json)
     return {"target": a.target, "pool_size": s["pool_size"], "kept": s["kept"],
@@ -110,7 +149,7 @@ def cmd_demo(a: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="plada", description="Send a classification dataset as a tiny payload.")
+    p = _Parser(prog="plada", description="Send a classification dataset as a tiny payload.")
     p.add_argument("--json", action="store_true", help="print one JSON object, no progress bars")
     sub = p.add_subparsers(dest="cmd", required=True)
     data_help = "folder of dataset archives (default: $PLADA_DATA)"
@@ -121,7 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--name", default=None)
     b.add_argument("--out", default=None, help="pool folder (default: the cache)")
     b.add_argument("--data", default=None, help=data_help)
+    b.add_argument("--manifest", default=None,
+                   help="build in this published manifest's order and fingerprint; absent or differing images "
+                        "are marked missing")
     b.set_defaults(func=cmd_pool_build)
+    e = pool.add_parser("export", help="write a pool's manifest (path<TAB>hash per image) for receivers")
+    e.add_argument("pool", help="pool name or folder")
+    e.add_argument("--out", "-o", required=True, help="manifest file to write")
+    e.set_defaults(func=cmd_pool_export)
 
     s = sub.add_parser("send", help="target + pool -> .plada payload")
     s.add_argument("target", help="target dataset (name in the data folder, or a path)")
@@ -138,12 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", default=None, help=data_help)
     r.add_argument("--test", default=None, help="dataset whose test split evaluates the student")
     r.add_argument("--model-out", default=None, help="save the student here (safetensors)")
+    r.add_argument("--allow-missing", action="store_true",
+                   help="drop kept images this pool lacks (see `pool build --manifest`) instead of refusing")
     r.add_argument("--seed", type=int, default=0)
     _student_args(r)
     r.set_defaults(func=cmd_receive)
 
     i = sub.add_parser("inspect", help="print a payload's header and section sizes")
     i.add_argument("payload")
+    i.add_argument("--pool", default=None, help="the pool (needed for payloads coded by its folders)")
+    i.add_argument("--data", default=None, help=data_help)
     i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("demo", help="CIFAR-10 target, Tiny-ImageNet pool: send, then receive")

@@ -20,13 +20,16 @@ import hashlib
 import io
 import json
 import os
+import secrets
+import sys
 import tarfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from .errors import PladaError
@@ -123,9 +126,12 @@ def source_hash(src: Path) -> str:
 
 
 def _decode(raw: bytes) -> Image.Image:
-    img = Image.open(io.BytesIO(raw))
-    img.load()
-    return img.convert("RGB")
+    with warnings.catch_warnings():
+        # PIL only warns below twice its pixel limit; a pool image that large is hostile or broken.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = Image.open(io.BytesIO(raw))
+        img.load()
+        return img.convert("RGB")
 
 
 def _to_square(img: Image.Image, res: int) -> np.ndarray:
@@ -184,28 +190,49 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset_indices(self, n: int | None, seed: int = 0) -> np.ndarray:
+        """The sorted rows `subset(n, seed)` takes: their complement is data the subset never saw."""
+        if n is None or n >= len(self):
+            return np.arange(len(self))
+        return np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
+
     def subset(self, n: int | None, seed: int = 0) -> Split:
-        """A class-stratified-by-chance random subset of n images (all when n is None or too large)."""
+        """A random subset of n images (all when n is None or too large)."""
         if n is None or n >= len(self):
             return self
-        idx = np.sort(np.random.default_rng(seed).permutation(len(self))[:n])
+        return self.take(self.subset_indices(n, seed))
+
+    def take(self, idx: np.ndarray) -> Split:
+        """The rows `idx`, loaded into memory."""
         return Split(self.dataset, self.split, np.asarray(self.images[idx]), self.labels[idx], self.class_names)
 
 
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[io.BufferedWriter], object]) -> None:
+    """Write via a unique temporary file, fsync and rename: a crash leaves the old file or none, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
+def atomic_save_npy(path: str | os.PathLike, arr: np.ndarray) -> None:
+    """`np.save`, atomically."""
+    atomic_write(path, lambda f: np.save(f, arr))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: object) -> None:
     """JSON written via a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 def load_source(name_or_path: str, data: str | os.PathLike | None = None, progress: bool = True) -> Source:
@@ -240,11 +267,14 @@ def load_source(name_or_path: str, data: str | os.PathLike | None = None, progre
     for rel, raw in tqdm(entries, desc=f"decoding {name}", unit="img", disable=not progress):
         try:
             decoded.append((rel, hashlib.blake2b(raw, digest_size=8).hexdigest(), _decode(raw)))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        except Exception:  # PIL raises anything (SyntaxError, struct.error...) on hostile files
             skipped.append(rel)
     del entries
     if not decoded:
         raise PladaError(f"no image in {src} could be decoded ({len(skipped)} unreadable)")
+    if skipped:  # said once, when the cache is built; the count stays in the cache's meta
+        print(f"plada: warning: skipped {len(skipped)} unreadable image(s) in {src.name}, e.g. {skipped[0]}",
+              file=sys.stderr)
     sizes = {img.size for _, _, img in decoded}
     if len(sizes) == 1 and next(iter(sizes))[0] == next(iter(sizes))[1] and next(iter(sizes))[0] <= MAX_NATIVE:
         res = next(iter(sizes))[0]
@@ -255,7 +285,7 @@ def load_source(name_or_path: str, data: str | os.PathLike | None = None, progre
         images[i] = _to_square(img, res)
 
     root.mkdir(parents=True, exist_ok=True)
-    _atomic_save_npy(root / "images.npy", images)
+    atomic_save_npy(root / "images.npy", images)
     meta = {
         "version": CACHE_VERSION,
         "source": str(src),

@@ -7,7 +7,7 @@ Layout (all integers little-endian)::
 
     offset  size  field
     0       8     magic  b"PLADA\\x00\\r\\n"  (the NUL and CR/LF catch text-mode and 7-bit mangling)
-    8       2     u16 format version (1)
+    8       2     u16 format version (1 or 2, see below)
     10      4     u32 header length H (at most 1 MiB)
     14      H     header: UTF-8 JSON object (sorted keys, no whitespace)
     14+H    ...   sections, back to back, in the order the header lists them
@@ -20,12 +20,17 @@ Header keys (exactly these, no others):
 - ``class_names``: list of 1..65535 unique non-empty strings; label i names ``class_names[i]``.
 - ``count``: k, images kept, 0 <= k <= min(N, 50_000_000).
 - ``meta``: JSON object of selection parameters (may be empty).
-- ``sections``: ``[{"name": "index", "codec": ..., "length": L0}, {"name": "labels", "codec": ...,
-  "length": L1}]`` in file order. Offsets are implied by order, and 14 + H + L0 + L1 + 32 must equal
-  the file size exactly.
+- ``sections``: version 1: ``[{"name": "index", "codec": ..., "length": L0}, {"name": "labels",
+  "codec": ..., "length": L1}]``; version 2: ``[{"name": "joint", "codec": "ctx-range", "length": L}]``.
+  Offsets are implied by order, and 14 + H + (sum of lengths) + 32 must equal the file size exactly.
+- ``groups`` (version 2 only): null, or ``{"count": G, "sha256": ...}`` when the joint section was coded
+  per group of the pool (its folders, ``Pool.groups()[0]``). The hash covers the partition of the pool
+  into groups (`plada.codec.grouping`), not the ids, so it is the same on any receiver holding the same
+  pool and folder layout; a receiver must pass its groups to `decode`, and a payload coded with another
+  grouping is refused rather than misdecoded.
 
-Every section is one zstd frame that states its decompressed size, and the decoder knows from the
-header which sizes are legal, so it never inflates more than that:
+Version 1 sections are each one zstd frame that states its decompressed size, and the decoder knows
+from the header which sizes are legal, so it never inflates more than that:
 
 - index ``gap-zstd``: the first index, then each gap minus one, as unsigned LEB128 varints (canonical,
   at most 6 bytes each since indices are below 2**40); k..6k bytes before compression.
@@ -35,9 +40,16 @@ header which sizes are legal, so it never inflates more than that:
 - labels ``u8-zstd`` (at most 256 classes) or ``u16-zstd`` (more): the k labels as uint8/uint16,
   exactly k or 2k bytes before compression.
 
-The encoder builds both index codecs (skipping the bitmap when it is hopelessly larger than the gap
-list before compression) and keeps the smaller; a tie goes to ``gap-zstd``. Output is deterministic:
-same payload and level, same bytes.
+Version 2 has one section, ``joint`` / ``ctx-range``: the indices and labels together, range-coded
+with per-group context models (`plada.codec` documents the model). Its length is a multiple of 4 (32-bit
+words); it is allowed only for N <= `codec.MAX_POOL` (2**31) and k <= `codec.MAX_COUNT` (2**22), which
+bound the decoder's work.
+
+The encoder builds every candidate (both index codecs, skipping the bitmap when it is hopelessly larger
+than the gap list before compression, and the joint codec when allowed) and keeps the smallest whole
+file; a tie goes to ``gap-zstd``, then to version 1. A file is written as version 1 whenever a zstd codec
+wins, byte for byte as before version 2 existed, so older readers still read it; only files that need
+the joint codec are version 2. Output is deterministic: same payload, level and groups, same bytes.
 """
 
 from __future__ import annotations
@@ -57,10 +69,13 @@ from typing import Any
 import numpy as np
 import zstandard as zstd
 
+from plada import codec
 from plada.errors import PayloadError, PladaError
 
 MAGIC = b"PLADA\x00\r\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # index + labels sections; still written whenever a zstd codec is smallest
+JOINT_FORMAT_VERSION = 2  # one context-coded joint section; written only when it is smallest
+READABLE_VERSIONS = (FORMAT_VERSION, JOINT_FORMAT_VERSION)
 MAX_HEADER_BYTES = 1 << 20
 MAX_POOL_SIZE = 1 << 40
 MAX_COUNT = 50_000_000
@@ -79,6 +94,9 @@ _FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
 _HEADER_KEYS = frozenset({"pool_fingerprint", "pool_size", "class_names", "count", "meta", "sections"})
 _SECTION_KEYS = frozenset({"name", "codec", "length"})
 _INDEX_CODECS = ("gap-zstd", "bitmap-zstd")
+JOINT_CODEC = "ctx-range"
+CODECS = (*_INDEX_CODECS, JOINT_CODEC)
+_GROUPS_KEYS = frozenset({"count", "sha256"})
 _LABEL_CODECS = {"u8-zstd": np.dtype("<u1"), "u16-zstd": np.dtype("<u2")}
 _VARINT_CHUNK = 1 << 20
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.int64)
@@ -360,12 +378,12 @@ def _check_level(level: int) -> int:
     return int(level)
 
 
-def _encode_index(indices: np.ndarray, pool_size: int, level: int) -> tuple[str, bytes]:
+def _encode_index(indices: np.ndarray, pool_size: int, level: int, allowed: frozenset[str]) -> tuple[str, bytes] | None:
     gap_raw = _gap_raw(indices)
-    best = ("gap-zstd", _compress(gap_raw, level))
-    if _bitmap_allowed(pool_size, len(gap_raw)):
+    best = ("gap-zstd", _compress(gap_raw, level)) if "gap-zstd" in allowed else None
+    if "bitmap-zstd" in allowed and _bitmap_allowed(pool_size, len(gap_raw)):
         bitmap = _compress(_bitmap_raw(indices, pool_size), level)
-        if len(bitmap) < len(best[1]):
+        if best is None or len(bitmap) < len(best[1]):
             best = ("bitmap-zstd", bitmap)
     return best
 
@@ -373,40 +391,94 @@ def _encode_index(indices: np.ndarray, pool_size: int, level: int) -> tuple[str,
 # ---------------------------------------------------------------------------------------------- encode
 
 
-def encode(p: Payload, level: int = 19) -> bytes:
-    """Serialise deterministically; refuses anything `decode` would refuse, so files always load."""
-    if not isinstance(p, Payload):
-        raise PladaError(f"encode() needs a Payload, got {type(p).__name__}")
-    level = _check_level(level)
-    p.validate()
-    index_codec, index_blob = _encode_index(p.indices, p.pool_size, level)
-    labels_codec = _label_codec(len(p.class_names))
-    labels_blob = _compress(p.labels.astype(_LABEL_CODECS[labels_codec]).tobytes(), level)
-    header = {
-        "pool_fingerprint": p.pool_fingerprint,
-        "pool_size": p.pool_size,
-        "class_names": list(p.class_names),
-        "count": p.count,
-        "meta": p.meta,
-        "sections": [
-            {"name": "index", "codec": index_codec, "length": len(index_blob)},
-            {"name": "labels", "codec": labels_codec, "length": len(labels_blob)},
-        ],
-    }
+def _check_codecs(codecs: Any) -> frozenset[str]:
+    if codecs is None:
+        return frozenset(CODECS)
+    if isinstance(codecs, str) or not hasattr(codecs, "__iter__"):
+        raise PladaError(f"codecs must be a collection of codec names ({', '.join(CODECS)}), got {codecs!r}")
+    allowed = frozenset(codecs)
+    unknown = sorted(allowed - set(CODECS))
+    if unknown or not allowed:
+        raise PladaError(f"codecs must name some of {', '.join(CODECS)}; got {sorted(allowed)!r}")
+    return allowed
+
+
+def _assemble(version: int, header: dict, blobs: list[bytes]) -> bytes:
     header_bytes = _dumps(header).encode("utf-8")
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise PayloadError(
             f"payload header too large: {len(header_bytes)} bytes (limit {MAX_HEADER_BYTES}); "
             "shorten class names or meta"
         )
-    body = b"".join(
-        [_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)), header_bytes, index_blob, labels_blob]
-    )
+    body = b"".join([_PREFIX.pack(MAGIC, version, len(header_bytes)), header_bytes, *blobs])
     if len(body) + _DIGEST_BYTES > MAX_PAYLOAD_BYTES:
         raise PayloadError(
             f"payload too large: {len(body) + _DIGEST_BYTES} bytes (limit {MAX_PAYLOAD_BYTES})"
         )
     return body + hashlib.sha256(body).digest()
+
+
+def _base_header(p: Payload) -> dict:
+    return {
+        "pool_fingerprint": p.pool_fingerprint,
+        "pool_size": p.pool_size,
+        "class_names": list(p.class_names),
+        "count": p.count,
+        "meta": p.meta,
+    }
+
+
+def _encode_zstd(p: Payload, level: int, allowed: frozenset[str]) -> bytes | None:
+    index = _encode_index(p.indices, p.pool_size, level, allowed)
+    if index is None:
+        return None
+    index_codec, index_blob = index
+    labels_codec = _label_codec(len(p.class_names))
+    labels_blob = _compress(p.labels.astype(_LABEL_CODECS[labels_codec]).tobytes(), level)
+    header = _base_header(p)
+    header["sections"] = [
+        {"name": "index", "codec": index_codec, "length": len(index_blob)},
+        {"name": "labels", "codec": labels_codec, "length": len(labels_blob)},
+    ]
+    return _assemble(FORMAT_VERSION, header, [index_blob, labels_blob])
+
+
+def _joint_possible(p: Payload) -> bool:
+    return p.pool_size <= codec.MAX_POOL and p.count <= codec.MAX_COUNT
+
+
+def _encode_joint(p: Payload, groups: Any) -> bytes:
+    gr = codec.grouping(groups, p.pool_size)
+    blob = codec.encode(p.indices, p.labels, p.pool_size, len(p.class_names), gr)
+    header = _base_header(p)
+    # A one-group partition codes exactly like no groups, so only a real grouping binds the payload to it.
+    header["groups"] = None if gr.count == 1 else {"count": gr.count, "sha256": gr.digest}
+    header["sections"] = [{"name": "joint", "codec": JOINT_CODEC, "length": len(blob)}]
+    return _assemble(JOINT_FORMAT_VERSION, header, [blob])
+
+
+def encode(p: Payload, level: int = 19, *, groups: Any = None, codecs: Any = None) -> bytes:
+    """Serialise deterministically with the smallest codec; refuses anything `decode` would refuse.
+
+    ``groups`` is the pool's group id per image (``Pool.groups()[0]``, its folders); the joint codec
+    then codes per group, and a payload that uses them can only be decoded with the same grouping.
+    ``codecs`` restricts the candidates (default: all of `CODECS`); a tie goes to format version 1.
+    """
+    if not isinstance(p, Payload):
+        raise PladaError(f"encode() needs a Payload, got {type(p).__name__}")
+    level = _check_level(level)
+    allowed = _check_codecs(codecs)
+    p.validate()
+    if groups is not None and p.pool_size <= codec.MAX_POOL:
+        groups = codec.grouping(groups, p.pool_size)  # check it even when a zstd codec wins
+    best = _encode_zstd(p, level, allowed)
+    if JOINT_CODEC in allowed and _joint_possible(p):
+        joint = _encode_joint(p, groups)
+        if best is None or len(joint) < len(best):
+            best = joint
+    if best is None:
+        raise PladaError(f"none of the codecs {sorted(allowed)} can encode this payload")
+    return best
 
 
 # ---------------------------------------------------------------------------------------------- decode
@@ -430,7 +502,41 @@ def _header_int(header: dict, key: str) -> int:
     return value
 
 
-def _parse_header(raw: bytes) -> dict:
+def _check_joint_header(header: dict) -> None:
+    """Version 2: one joint section, and the grouping (if any) that the decoder must reproduce."""
+    pool_size, count = header["pool_size"], header["count"]
+    if pool_size > codec.MAX_POOL or count > codec.MAX_COUNT:
+        raise PayloadError(
+            f"joint codec not allowed for pool_size {pool_size} with count {count} "
+            f"(limits {codec.MAX_POOL} and {codec.MAX_COUNT})"
+        )
+    groups = header["groups"]
+    if groups is not None:
+        if not isinstance(groups, dict) or set(groups) != _GROUPS_KEYS:
+            raise PayloadError(
+                f"payload header field 'groups' must be null or have exactly the keys {sorted(_GROUPS_KEYS)}"
+            )
+        g = groups["count"]
+        if not _is_int(g) or not 2 <= g <= pool_size:
+            raise PayloadError(f"payload header 'groups' count {g!r} out of range (2..pool_size)")
+        if not isinstance(groups["sha256"], str) or not _FINGERPRINT_RE.fullmatch(groups["sha256"]):
+            raise PayloadError("payload header 'groups' sha256 must be 64 lowercase hex characters")
+    sections = header["sections"]
+    if not isinstance(sections, list) or len(sections) != 1:
+        raise PayloadError("payload header field 'sections' must list exactly the joint section (format version 2)")
+    sec = sections[0]
+    if not isinstance(sec, dict) or set(sec) != _SECTION_KEYS:
+        raise PayloadError(f"payload section entry must have exactly the keys {sorted(_SECTION_KEYS)}")
+    if sec["name"] != "joint":
+        raise PayloadError(f"payload section must be 'joint' in format version 2, got {sec['name']!r}")
+    if sec["codec"] != JOINT_CODEC:
+        raise PayloadError(f"unknown joint codec {sec['codec']!r} (known: {JOINT_CODEC})")
+    length = sec["length"]
+    if not _is_int(length) or length < 0:
+        raise PayloadError(f"joint section length must be a non-negative integer, got {length!r}")
+
+
+def _parse_header(raw: bytes, version: int) -> dict:
     try:
         header = json.loads(
             raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
@@ -443,9 +549,10 @@ def _parse_header(raw: bytes) -> dict:
         raise PayloadError(f"payload header is not valid JSON: {_one_line(e)}") from None
     if not isinstance(header, dict):
         raise PayloadError("payload header must be a JSON object")
-    if set(header) != _HEADER_KEYS:
-        missing = sorted(_HEADER_KEYS - set(header))
-        extra = sorted(set(header) - _HEADER_KEYS)
+    want_keys = _HEADER_KEYS if version == FORMAT_VERSION else _HEADER_KEYS | {"groups"}
+    if set(header) != want_keys:
+        missing = sorted(want_keys - set(header))
+        extra = sorted(set(header) - want_keys)
         raise PayloadError(f"payload header keys wrong: missing {missing}, unexpected {extra}")
     pool_size = _header_int(header, "pool_size")
     count = _header_int(header, "count")
@@ -460,6 +567,9 @@ def _parse_header(raw: bytes) -> dict:
         raise PayloadError(f"payload header field 'class_names' must be a list of 1..{MAX_CLASSES} strings")
     if not isinstance(header["meta"], dict):
         raise PayloadError("payload header field 'meta' must be a JSON object")
+    if version == JOINT_FORMAT_VERSION:
+        _check_joint_header(header)
+        return header
     sections = header["sections"]
     if not isinstance(sections, list) or len(sections) != 2:
         raise PayloadError("payload header field 'sections' must list exactly the index and labels sections")
@@ -482,7 +592,7 @@ def _parse_header(raw: bytes) -> dict:
     return header
 
 
-def _decode(data: bytes) -> tuple[Payload, dict]:
+def _decode(data: bytes, groups: Any = None) -> tuple[Payload, dict]:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -496,9 +606,10 @@ def _decode(data: bytes) -> tuple[Payload, dict]:
     if total < _PREFIX.size:
         raise PayloadError(f"payload truncated: {total} bytes, a payload is at least {_MIN_BYTES}")
     _, version, header_len = _PREFIX.unpack_from(data)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise PayloadError(
-            f"unsupported payload format version {version} (this plada reads version {FORMAT_VERSION})"
+            f"unsupported payload format version {version} (this plada reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
     if total < _MIN_BYTES:
         raise PayloadError(f"payload truncated: {total} bytes, a payload is at least {_MIN_BYTES}")
@@ -512,15 +623,27 @@ def _decode(data: bytes) -> tuple[Payload, dict]:
         raise PayloadError(f"payload header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
     if _PREFIX.size + header_len > len(body):
         raise PayloadError(f"payload truncated: header length {header_len} runs past the end of the file")
-    header = _parse_header(body[_PREFIX.size : _PREFIX.size + header_len])
-    pool_size, count, names = header["pool_size"], header["count"], header["class_names"]
-    sec_index, sec_labels = header["sections"]
+    header = _parse_header(body[_PREFIX.size : _PREFIX.size + header_len], version)
+    pool_size, count = header["pool_size"], header["count"]
     available = len(body) - _PREFIX.size - header_len
-    declared = sec_index["length"] + sec_labels["length"]
+    declared = sum(sec["length"] for sec in header["sections"])
     if declared != available:
         kind = "truncated" if declared > available else "has trailing bytes"
         raise PayloadError(f"payload {kind}: header declares {declared} section bytes, file has {available}")
     start = _PREFIX.size + header_len
+    if version == JOINT_FORMAT_VERSION:
+        indices, labels = _decode_joint(header, body[start:], groups)
+        sections = [
+            {
+                "name": "joint",
+                "codec": JOINT_CODEC,
+                "entries": count,
+                "raw_bytes": available,
+                "stored_bytes": available,
+            }
+        ]
+        return _finish(header, indices, labels, sections, version, total, header_len, digest)
+    sec_index, sec_labels = header["sections"]
     index_blob = body[start : start + sec_index["length"]]
     labels_blob = body[start + sec_index["length"] :]
 
@@ -536,7 +659,49 @@ def _decode(data: bytes) -> tuple[Payload, dict]:
     dtype = _LABEL_CODECS[sec_labels["codec"]]
     labels_raw = _decompress(labels_blob, count * dtype.itemsize, count * dtype.itemsize, "labels")
     labels = np.frombuffer(labels_raw, dtype=dtype)
+    sections = [
+        {
+            "name": "index",
+            "codec": sec_index["codec"],
+            "entries": count,
+            "raw_bytes": len(index_raw),
+            "stored_bytes": sec_index["length"],
+        },
+        {
+            "name": "labels",
+            "codec": sec_labels["codec"],
+            "entries": count,
+            "raw_bytes": len(labels_raw),
+            "stored_bytes": sec_labels["length"],
+        },
+    ]
+    return _finish(header, indices, labels, sections, version, total, header_len, digest)
 
+
+def _decode_joint(header: dict, blob: bytes, groups: Any) -> tuple[np.ndarray, np.ndarray]:
+    pool_size, count = header["pool_size"], header["count"]
+    want = header["groups"]
+    if want is None:
+        grouping = codec.grouping(None, pool_size)
+    else:
+        if groups is None:
+            raise PayloadError(
+                f"this payload needs the pool's groups: it was coded per group ({want['count']} groups, "
+                "the pool's folders); pass groups=Pool.groups()[0] of the pool it was made for"
+            )
+        grouping = codec.grouping(groups, pool_size)
+        if grouping.count != want["count"] or grouping.digest != want["sha256"]:
+            raise PayloadError(
+                f"this payload was coded with a different grouping of the pool ({want['count']} groups, "
+                f"sha256 {want['sha256'][:16]}…) than the one given ({grouping.count} groups, "
+                f"sha256 {grouping.digest[:16]}…): sender and receiver must group the pool alike"
+            )
+    return codec.decode(blob, count, pool_size, len(header["class_names"]), grouping)
+
+
+def _finish(header: dict, indices: np.ndarray, labels: np.ndarray, sections: list[dict], version: int,
+            total: int, header_len: int, digest: bytes) -> tuple[Payload, dict]:
+    pool_size, count, names = header["pool_size"], header["count"], header["class_names"]
     payload = Payload(
         pool_fingerprint=header["pool_fingerprint"],
         pool_size=pool_size,
@@ -556,30 +721,20 @@ def _decode(data: bytes) -> tuple[Payload, dict]:
         "class_count": len(names),
         "class_names": list(names),
         "meta": payload.meta,
-        "sections": [
-            {
-                "name": "index",
-                "codec": sec_index["codec"],
-                "entries": count,
-                "raw_bytes": len(index_raw),
-                "stored_bytes": sec_index["length"],
-            },
-            {
-                "name": "labels",
-                "codec": sec_labels["codec"],
-                "entries": count,
-                "raw_bytes": len(labels_raw),
-                "stored_bytes": sec_labels["length"],
-            },
-        ],
+        "groups": header.get("groups"),
+        "sections": sections,
     }
     return payload, info
 
 
-def decode(data: bytes) -> Payload:
-    """Parse untrusted bytes; any defect, accidental or hostile, becomes a one-line PayloadError."""
+def decode(data: bytes, groups: Any = None) -> Payload:
+    """Parse untrusted bytes; any defect, accidental or hostile, becomes a one-line PayloadError.
+
+    ``groups`` is the receiving pool's group id per image (``Pool.groups()[0]``); only payloads
+    coded per group need it, and they refuse to decode without it or with a different grouping.
+    """
     try:
-        return _decode(data)[0]
+        return _decode(data, groups)[0]
     except PayloadError:
         raise
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, zstd.ZstdError) as e:
@@ -587,10 +742,10 @@ def decode(data: bytes) -> Payload:
         raise PayloadError(f"malformed payload: {_one_line(e)}") from None
 
 
-def describe(data: bytes) -> dict:
+def describe(data: bytes, groups: Any = None) -> dict:
     """What `plada inspect` shows; decodes fully so it never describes a payload that would not load."""
     try:
-        return _decode(data)[1]
+        return _decode(data, groups)[1]
     except PayloadError:
         raise
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, zstd.ZstdError) as e:
@@ -600,9 +755,9 @@ def describe(data: bytes) -> dict:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def write(path: str | os.PathLike, p: Payload, level: int = 19) -> int:
+def write(path: str | os.PathLike, p: Payload, level: int = 19, *, groups: Any = None) -> int:
     """Write atomically (temp file in the same directory, fsync, rename) so readers never see half a file."""
-    data = encode(p, level)
+    data = encode(p, level, groups=groups)
     path = Path(path)
     directory = path.parent
     if not directory.is_dir():
@@ -655,11 +810,11 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         raise PladaError(f"cannot read payload {path}: {e.strerror or _one_line(e)}") from None
 
 
-def read(path: str | os.PathLike) -> Payload:
-    """Load and fully validate a payload file."""
+def read(path: str | os.PathLike, groups: Any = None) -> Payload:
+    """Load and fully validate a payload file (``groups`` as for `decode`)."""
     data = read_bytes(path)
     try:
-        return decode(data)
+        return decode(data, groups)
     except PayloadError as e:
         raise PayloadError(f"{e} (file {path})") from None
 

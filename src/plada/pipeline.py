@@ -6,9 +6,12 @@ receive: payload + pool -> fingerprint check -> labelled pool subset -> student 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import struct
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ from . import backbones, payload, select
 from .data import cache_root, load_source
 from .errors import PladaError
 from .pool import Pool, open_pool
-from .score import score_pool
+from .score import chunk_size, score_pool
 from .student import StudentConfig, train_student
 from .teacher import TeacherConfig, train_teacher
 from .train import accuracy, predict
@@ -26,6 +29,29 @@ from .train import accuracy, predict
 def _test_split(target: str, data: str | os.PathLike | None, split: str = "test"):
     src = load_source(target, data)
     return src.split(split) if split in src.splits() else None
+
+
+def _claimed_pool(data: bytes) -> tuple[object, object] | None:
+    """(pool_fingerprint, pool_size) as the header states them, without inflating any section.
+
+    The decoder bounds its memory by the counts the header claims (up to 50M images, a 256 MiB
+    bitmap), so a few-KB hostile file can cost gigabytes. Checking the claims against our own pool
+    first bounds a receiver by its pool size instead. None when unreadable or damaged (a flipped bit
+    must read as corruption, not as another pool): `decode` then says why.
+    """
+    if data[: len(payload.MAGIC)] != payload.MAGIC or len(data) < 46:
+        return None
+    if hashlib.sha256(data[:-32]).digest() != data[-32:]:
+        return None
+    _, version, hlen = struct.unpack_from("<8sHI", data)
+    readable = getattr(payload, "READABLE_VERSIONS", (payload.FORMAT_VERSION,))
+    if version not in readable or hlen > payload.MAX_HEADER_BYTES:
+        return None
+    try:
+        header = json.loads(data[14 : 14 + hlen])
+    except (ValueError, RecursionError):
+        return None
+    return (header.get("pool_fingerprint"), header.get("pool_size")) if isinstance(header, dict) else None
 
 
 def send(
@@ -44,11 +70,19 @@ def send(
     train_split: str = "train",
     test_split: str = "test",
     progress: bool = True,
+    budget_bytes: int | None = None,
+    proxy: str = "efficientnet-lite0",
+    proxy_res: int = 64,
 ) -> dict:
-    """Make a payload for `target` over `pool`; returns a report (teacher accuracy, bytes, class counts)."""
+    """Make a payload for `target` over `pool`; returns a report (teacher accuracy, bytes, class counts).
+
+    `policy="auto"` (implied by `budget_bytes`) searches policies and keep sizes with proxy students
+    on held-out target images and sends the best forecast; see `plada.auto`.
+    """
     teacher = teacher or TeacherConfig()
     if temperature <= 0:
         raise PladaError(f"temperature must be positive, got {temperature}")
+    chunk_size()  # a bad PLADA_SCORE_CHUNK fails now, not after the teacher
     out = Path(out)
     if not out.parent.is_dir():
         raise PladaError(f"output folder does not exist: {out.parent}")
@@ -56,12 +90,34 @@ def send(
     src = load_source(target, data, progress=progress)
     train = src.split(train_split)
     test = src.split(test_split) if test_split in src.splits() else None
-    pool = pool if isinstance(pool, Pool) else open_pool(pool, data)
+    pool = pool if isinstance(pool, Pool) else open_pool(pool, data, progress=progress)
+    if pool.missing.any():  # its zero rows would be scored, kept and labelled like real images
+        raise PladaError(f"pool '{pool.name}' lacks {int(pool.missing.sum())} of its manifest's images; "
+                         "a sender needs the complete pool")
+    if budget_bytes is not None:
+        policy = "auto"
     k = select.budget(len(pool), keep=keep if count is None else None, count=count)
-    select.rank_key(policy, np.zeros(1), np.zeros(1))  # reject an unknown policy before hours of work
+    if policy != "auto":
+        select.rank_key(policy, np.zeros(1), np.zeros(1))  # reject an unknown policy before hours of work
     model, tinfo = train_teacher(train, test, teacher, cache_root() / "teachers", progress=progress)
     scores = score_pool(model, pool, cache_root() / "scores", progress=progress)
     labels = scores.labels
+    auto_report = None
+    if policy == "auto":
+        teacher_meta = {"model": teacher.model, "res": teacher.res, "mode": teacher.mode,
+                        "test_accuracy": tinfo.get("test_accuracy")}
+        base = {"target": src.name, "keep": None, "temperature": temperature, "teacher": teacher_meta}
+        choice = _auto_choice(train, test, pool, teacher, scores, base, budget_bytes, None if budget_bytes else k,
+                              temperature, seed, proxy, proxy_res, progress)
+        idx, sel_labels, meta = choice.indices, choice.labels, {**base, **choice.meta()}
+        auto_report = choice.summary()
+        p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, sel_labels, meta)
+        nbytes = payload.write(out, p, groups=pool.groups()[0])
+        return {"payload": str(out), "payload_bytes": nbytes, "kept": int(len(idx)), "pool_size": len(pool),
+                "teacher_accuracy": tinfo.get("test_accuracy"), "policy": choice.name,
+                "forecast_accuracy": choice.forecast,
+                "kept_per_class": select.class_histogram(labels, idx, len(train.class_names)).tolist(),
+                "auto": auto_report, "seconds": round(time.time() - t0, 1)}
     key = select.rank_key(policy, scores.energy(temperature), scores.entropy(), seed=seed)
     idx = select.select(labels, key, k, len(train.class_names), safety_share=safety_share, alpha=alpha)
     meta = {
@@ -77,7 +133,7 @@ def send(
                     "test_accuracy": tinfo.get("test_accuracy")},
     }
     p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, labels[idx], meta)
-    nbytes = payload.write(out, p)
+    nbytes = payload.write(out, p, groups=pool.groups()[0])
     return {
         "payload": str(out),
         "payload_bytes": nbytes,
@@ -89,6 +145,50 @@ def send(
     }
 
 
+def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k, temperature, seed, proxy, proxy_res,
+                 progress):
+    """Pick the policy with proxy students scored on target images the deciding teacher never saw.
+
+    A teacher trained on a subset (`--teacher-limit`) leaves the rest of train unseen: those are
+    the held-out images, and nothing is wasted. A teacher that used all of train is re-trained on
+    90% to decide; the policy is then re-applied to the full teacher's scores (`auto.reselect`).
+    """
+    from . import auto
+    from .features import cached_features, feature_model
+
+    fm = feature_model(proxy, proxy_res)
+    pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress)
+    seen = train.subset_indices(teacher.limit, teacher.seed)
+    unseen = np.setdiff1d(np.arange(len(train)), seen)
+    decide_scores, refit = scores, False
+    if len(unseen) >= 200:
+        held_idx = np.sort(np.random.default_rng(seed).permutation(unseen)[:5000])
+        ref_idx = seen
+    else:
+        ref_idx, held_idx = auto.holdout_split(len(train), 0.1, seed)
+        fit = train.take(ref_idx)
+        cfg = replace(teacher, limit=None)
+        t90, _ = train_teacher(fit, None, cfg, cache_root() / "teachers", progress=progress)
+        decide_scores, refit = score_pool(t90, pool, cache_root() / "scores", progress=progress), True
+    held = train.take(held_idx)
+    ref = train.take(np.sort(np.random.default_rng(seed).permutation(ref_idx)[:5000]))
+    key = "/".join((train.dataset, train.split, str(len(train))))
+    held_f = cached_features(fm, held.images, f"{key}/held/{seed}/{len(held)}", progress=progress)
+    ref_f = cached_features(fm, ref.images, f"{key}/ref/{seed}/{len(ref)}", progress=progress)
+    sizer = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, base_meta,
+                               groups=pool.groups()[0])
+    n_cls = len(train.class_names)
+    nearest = auto.nearest_target_key(np.asarray(pool_f), ref_f)
+    choice = auto.search(labels=decide_scores.labels, energy=decide_scores.energy(temperature),
+                         entropy=decide_scores.entropy(), pool_feats=pool_f, heldout_feats=held_f,
+                         heldout_labels=held.labels, n_classes=n_cls, size_of=sizer, budget_bytes=budget_bytes, k=k,
+                         nearest_key=nearest, seed=seed)
+    if refit:
+        choice = auto.reselect(choice, labels=scores.labels, energy=scores.energy(temperature),
+                               entropy=scores.entropy(), n_classes=n_cls, size_of=sizer, nearest_key=nearest)
+    return choice
+
+
 def receive(
     payload_path: str | os.PathLike,
     pool: str | Pool,
@@ -98,17 +198,39 @@ def receive(
     test_split: str = "test",
     model_out: str | os.PathLike | None = None,
     progress: bool = True,
+    allow_missing: bool = False,
 ) -> dict:
-    """Rebuild the labelled subset from a payload and our pool, train a student, evaluate it."""
+    """Rebuild the labelled subset from a payload and our pool, train a student, evaluate it.
+
+    Kept images our pool lacks (or holds with other bytes) would be trained on as black squares
+    under the sender's label, so they refuse the payload unless `allow_missing` drops them.
+    """
     student = student or StudentConfig()
     t0 = time.time()
-    p = payload.read(payload_path)
+    raw = payload.read_bytes(payload_path)
+    claims = _claimed_pool(raw)
+    if claims is None:
+        payload.read(payload_path)  # raises the decoder's own message
     if model_out is not None and not Path(model_out).parent.is_dir():
         raise PladaError(f"output folder does not exist: {Path(model_out).parent}")
-    pool = pool if isinstance(pool, Pool) else open_pool(pool, data)
+    pool = pool if isinstance(pool, Pool) else open_pool(pool, data, progress=progress)
+    fp, size = claims or (None, None)
+    if isinstance(fp, str):
+        pool.check(fp)
+    if isinstance(size, int) and size != len(pool):
+        raise PladaError(f"payload is for a pool of {size} images, this pool has {len(pool)}")
+    p = payload.read(payload_path, groups=pool.groups()[0])
     pool.check(p.pool_fingerprint)
     if p.pool_size != len(pool):
         raise PladaError(f"payload is for a pool of {p.pool_size} images, this pool has {len(pool)}")
+    keep = ~pool.missing[p.indices]
+    dropped = int(len(keep) - keep.sum())
+    if dropped and not allow_missing:
+        raise PladaError(f"{dropped} of the payload's {len(keep)} kept images are missing or differ in pool "
+                         f"'{pool.name}'; pass --allow-missing to train on the other {len(keep) - dropped}")
+    if dropped and dropped == len(keep):
+        raise PladaError(f"all {len(keep)} kept images are missing from pool '{pool.name}': nothing to train on")
+    indices, labels = p.indices[keep], p.labels[keep]
     testset = None
     if test is not None:
         testset = load_source(test, data, progress=progress).split(test_split)
@@ -116,9 +238,9 @@ def receive(
             raise PladaError(
                 f"test split classes {testset.class_names[:5]}… differ from the payload's {list(p.class_names)[:5]}…"
             )
-    images = np.asarray(pool.images[p.indices])
-    model = train_student(images, p.labels, len(p.class_names), student, progress=progress)
-    report = {"kept": int(len(p.indices)), "student": asdict(student), "seconds": 0.0}
+    images = np.asarray(pool.images[indices])
+    model = train_student(images, labels, len(p.class_names), student, progress=progress)
+    report = {"kept": int(len(indices)), "dropped_missing": dropped, "student": asdict(student), "seconds": 0.0}
     if testset is not None:
         report["student_accuracy"] = accuracy(
             predict(model, testset.images, desc="student eval", progress=progress), testset.labels

@@ -7,23 +7,31 @@ sources, records a content hash of every image file, and the pool fingerprint is
 the manifest text. Every payload carries that fingerprint and the receiver refuses a mismatch.
 Folder names inside the pool are kept only as groups (for payload coding); its labels are never
 used by the method.
+
+A receiver whose copy of the pool is incomplete (lost files, bit rot) builds it from the sender's
+published manifest instead: the pool then has the canonical order and fingerprint, and its
+per-image hashes mark which rows it really holds (`missing`), so a payload can be checked image by
+image rather than refused as a whole.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .data import cache_root, load_source, write_json_atomic
+from .data import atomic_save_npy, atomic_write, cache_root, load_source, write_json_atomic
 from .errors import PladaError, PoolMismatchError
 
 DEFAULT_POOL = "tinyimagenet32"
+_HASH_RE = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass
@@ -36,23 +44,32 @@ class Pool:
     paths: list[str]
     hashes: list[str]
     fingerprint: str
+    missing: np.ndarray | None = None  # (N,) bool: rows this copy lacks (stored as zeros); None: complete
+    skipped: int = 0  # unreadable source files left out when the pool was built
+    _groups: tuple[np.ndarray, list[str]] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.missing is None:
+            self.missing = np.zeros(len(self.paths), dtype=bool)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def groups(self) -> tuple[np.ndarray, list[str]]:
         """Group id per image (its folder) and the group names: the pool's only structure we use."""
-        folders = [p.rsplit("/", 1)[0] for p in self.paths]
-        names = sorted(set(folders))
-        lut = {f: i for i, f in enumerate(names)}
-        return np.fromiter((lut[f] for f in folders), dtype=np.int64, count=len(folders)), names
+        if self._groups is None:
+            folders = np.array([p.rsplit("/", 1)[0] for p in self.paths])
+            names, ids = np.unique(folders, return_inverse=True)
+            self._groups = (ids.astype(np.int64), names.tolist())
+        return self._groups
 
     def check(self, fingerprint: str) -> None:
         """Refuse a payload made for another pool: a wrong pool would silently mislabel everything."""
         if fingerprint != self.fingerprint:
             raise PoolMismatchError(
                 f"payload was made for pool {fingerprint[:16]}…, but pool '{self.name}' is "
-                f"{self.fingerprint[:16]}…: sender and receiver must hold the same pool"
+                f"{self.fingerprint[:16]}…: sender and receiver must hold the same pool "
+                "(get the sender's `plada pool export` manifest and `plada pool build SOURCES --manifest` it)"
             )
 
 
@@ -63,6 +80,41 @@ def manifest_text(paths: list[str], hashes: list[str]) -> bytes:
 
 def fingerprint_of(paths: list[str], hashes: list[str]) -> str:
     return hashlib.sha256(manifest_text(paths, hashes)).hexdigest()
+
+
+def read_manifest(path: str | os.PathLike) -> tuple[list[str], list[str], bytes]:
+    """(paths, hashes, raw bytes) of a published manifest, refusing anything not byte-canonical.
+
+    Byte-canonical matters: the fingerprint is the hash of these exact bytes, so a manifest that
+    was re-encoded or re-sorted on the way must fail here, not at receive time.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise PladaError(f"manifest not found: {path}") from None
+    except IsADirectoryError:
+        raise PladaError(f"manifest path is a directory, not a file: {path}") from None
+    except OSError as e:
+        raise PladaError(f"cannot read manifest {path}: {e.strerror or e}") from None
+    try:
+        lines = raw.decode("utf-8").split("\n")
+    except UnicodeDecodeError:
+        raise PladaError(f"{path} is not a pool manifest (not UTF-8 text)") from None
+    if not raw or lines[-1] != "":
+        raise PladaError(f"{path} is not a pool manifest (empty, or its last line lacks a newline)")
+    paths, hashes = [], []
+    for n, line in enumerate(lines[:-1], 1):
+        p, tab, h = line.partition("\t")
+        if not tab or not p or "\r" in line or not _HASH_RE.fullmatch(h):
+            raise PladaError(f"{path} is not a pool manifest: line {n} is not `path<TAB>16-hex-hash`")
+        paths.append(p)
+        hashes.append(h)
+    if len(set(paths)) != len(paths):
+        raise PladaError(f"manifest {path} lists the same image path twice")
+    if paths != sorted(paths):
+        raise PladaError(f"manifest {path} is not in pool order (paths must be sorted)")
+    return paths, hashes, raw
 
 
 def parse_spec(spec: str) -> tuple[str, list[str] | None]:
@@ -76,21 +128,39 @@ def pools_dir() -> Path:
 
 
 def build_pool(
-    sources: list[str], data: str | os.PathLike | None = None, name: str | None = None, out: Path | None = None
+    sources: list[str],
+    data: str | os.PathLike | None = None,
+    name: str | None = None,
+    out: Path | None = None,
+    manifest: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> Pool:
-    """Join sources (each `NAME` or `NAME:split,...`) into one pool with a manifest and fingerprint."""
+    """Join sources (each `NAME` or `NAME:split,...`) into one pool with a manifest and fingerprint.
+
+    With `manifest`, the pool takes that manifest's order and fingerprint; rows the sources lack,
+    or hold with other bytes, become zeros flagged in `missing`.
+    """
     if not sources:
         raise PladaError("a pool needs at least one source")
+    canon = read_manifest(manifest) if manifest is not None else None  # cheap mistakes first
+    name = name or "+".join(Path(parse_spec(s)[0]).name.split(".tar")[0].split(".tgz")[0] for s in sources)
+    if name in ("", ".", "..") or "/" in name or os.sep in name:
+        raise PladaError(f"pool name must be a plain folder name, got {name!r}")
+    root = out or pools_dir() / name
+    if root.exists() and not (root / "pool.json").is_file():
+        raise PladaError(f"{root} exists and is not a pool folder; refusing to replace it")
     rows: list[tuple[str, str, int, int]] = []  # path, hash, source idx, row in source
     loaded = []
+    skipped = 0
     for si, spec in enumerate(sources):
         src_name, splits = parse_spec(spec)
-        src = load_source(src_name, data)
+        src = load_source(src_name, data, progress=progress)
         if splits is not None:
-            missing = sorted(set(splits) - set(src.splits()))
-            if missing:
-                raise PladaError(f"source '{src.name}' has no split {missing} (has: {', '.join(src.splits())})")
+            absent = sorted(set(splits) - set(src.splits()))
+            if absent:
+                raise PladaError(f"source '{src.name}' has no split {absent} (has: {', '.join(src.splits())})")
         loaded.append(src)
+        skipped += sum(splits is None or p.split("/", 1)[0] in splits for p in src.skipped)
         for i, (p, h) in enumerate(zip(src.paths, src.hashes, strict=True)):
             if splits is None or p.split("/", 1)[0] in splits:
                 rows.append((f"{src.name}/{p}", h, si, i))
@@ -98,57 +168,88 @@ def build_pool(
     if len(res) != 1:
         raise PladaError(f"pool sources have different resolutions {sorted(res)}; build one pool per resolution")
     rows.sort(key=lambda r: r[0])
-    paths = [r[0] for r in rows]
-    if len(set(paths)) != len(paths):
+    if len({r[0] for r in rows}) != len(rows):
         raise PladaError("pool sources overlap: the same relative path appears twice")
-    hashes = [r[1] for r in rows]
-    fp = fingerprint_of(paths, hashes)
-    name = name or "+".join(parse_spec(s)[0] for s in sources)
-    root = out or pools_dir() / name
-    tmp = root.with_name(root.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    r = res.pop()
-    images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(rows), r, r, 3))
+    if canon is None:
+        paths, hashes = [r[0] for r in rows], [r[1] for r in rows]
+        text = manifest_text(paths, hashes)
+    else:
+        paths, hashes, text = canon
+        have = {r[0]: r for r in rows}
+        rows = [have[p] if p in have and have[p][1] == h else (p, h, -1, -1)
+                for p, h in zip(paths, hashes, strict=True)]
+        if all(r[2] < 0 for r in rows):
+            raise PladaError(
+                f"the sources hold none of the manifest's {len(paths)} images (check source names: "
+                f"manifest paths look like '{paths[0]}', the sources give e.g. '{next(iter(have), 'nothing')}')"
+            )
+    fp = hashlib.sha256(text).hexdigest()
     src_idx = np.fromiter((x[2] for x in rows), dtype=np.int64, count=len(rows))
     row_idx = np.fromiter((x[3] for x in rows), dtype=np.int64, count=len(rows))
-    for si, src in enumerate(loaded):
-        dest = np.flatnonzero(src_idx == si)
-        for a in tqdm(range(0, len(dest), 16384), desc=f"pool {name}: copying {src.name}", unit="chunk"):
-            d = dest[a : a + 16384]
-            images[d] = src.images[row_idx[d]]
-    images.flush()
-    del images
-    (tmp / "manifest.tsv").write_bytes(manifest_text(paths, hashes))
-    write_json_atomic(
-        tmp / "pool.json", {"name": name, "sources": sources, "size": len(paths), "fingerprint": fp, "resolution": r}
-    )
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(tmp, root)
+    missing = src_idx < 0
+    tmp = root.with_name(root.name + ".building")  # the whole folder appears at once, by rename
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        r = res.pop()
+        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
+                                           shape=(len(rows), r, r, 3))  # zeros: missing rows stay black
+        for si, src in enumerate(loaded):
+            dest = np.flatnonzero(src_idx == si)
+            for a in tqdm(range(0, len(dest), 16384), desc=f"pool {name}: copying {src.name}", unit="chunk",
+                          disable=not progress):
+                d = dest[a : a + 16384]
+                images[d] = src.images[row_idx[d]]
+        images.flush()
+        del images
+        atomic_write(tmp / "manifest.tsv", text)
+        atomic_save_npy(tmp / "missing.npy", missing)
+        write_json_atomic(tmp / "pool.json", {"name": name, "sources": sources, "size": len(paths),
+                                              "fingerprint": fp, "resolution": r, "missing": int(missing.sum()),
+                                              "skipped": skipped})
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return open_pool(root)
 
 
-def open_pool(spec: str | os.PathLike, data: str | os.PathLike | None = None) -> Pool:
+def open_pool(
+    spec: str | os.PathLike, data: str | os.PathLike | None = None, build: bool = True, progress: bool = True
+) -> Pool:
     """A built pool by folder or name; a dataset name not yet built is built from all its splits."""
     root = Path(spec)
     if not (root / "pool.json").is_file():
         root = pools_dir() / str(spec)
     if not (root / "pool.json").is_file():
-        if os.sep in str(spec):
-            raise PladaError(f"no pool at {spec} (build one with `plada pool build`)")
-        return build_pool([str(spec)], data, name=str(spec))
-    import json
-
-    meta = json.loads((root / "pool.json").read_text())
-    text = (root / "manifest.tsv").read_text()
-    lines = text.splitlines()
-    paths = [ln.split("\t", 1)[0] for ln in lines]
-    hashes = [ln.split("\t", 1)[1] for ln in lines]
-    fp = hashlib.sha256(text.encode()).hexdigest()
+        if os.sep in str(spec) or not build:
+            raise PladaError(f"no pool '{spec}' (build one with `plada pool build`)")
+        return build_pool([str(spec)], data, name=str(spec), progress=progress)
+    meta = json.loads((root / "pool.json").read_bytes())
+    try:
+        paths, hashes, text = read_manifest(root / "manifest.tsv")
+    except PladaError as e:
+        raise PladaError(f"pool {root} is damaged: {e}") from None
+    fp = hashlib.sha256(text).hexdigest()
     if fp != meta["fingerprint"]:
         raise PladaError(f"pool {root} is damaged: its manifest does not match its recorded fingerprint")
     images = np.load(root / "images.npy", mmap_mode="r")
     if len(images) != len(paths):
         raise PladaError(f"pool {root} is damaged: {len(images)} images for {len(paths)} manifest rows")
-    return Pool(meta["name"], root, images, paths, hashes, fp)
+    missing = np.load(root / "missing.npy") if (root / "missing.npy").is_file() else None  # older pools: complete
+    if missing is not None and missing.shape != (len(paths),):
+        raise PladaError(f"pool {root} is damaged: its missing mask does not match its manifest")
+    return Pool(meta["name"], root, images, paths, hashes, fp, missing, int(meta.get("skipped", 0)))
+
+
+def export_manifest(pool: Pool, out: str | os.PathLike) -> Path:
+    """Publish the manifest so a receiver can build the same pool, or find what its copy lacks."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise PladaError(f"output folder does not exist: {out.parent}")
+    if out.is_dir():
+        raise PladaError(f"output path is a directory: {out}")
+    atomic_write(out, (pool.root / "manifest.tsv").read_bytes())
+    return out

@@ -3,9 +3,9 @@
 Energy E(x) = -T * logsumexp(logits / T): low energy means the teacher finds the image
 target-like (Liu et al., 2020), which is what the paper prunes by. Scoring the pool is the sender's
 longest step, so logits are written in chunks (atomically, one file per chunk) under a cache keyed
-by teacher weights and pool fingerprint; a killed run resumes at the first missing chunk and the
-merged result is identical to an uninterrupted run. Logits are kept, so energy at another
-temperature costs nothing.
+by teacher weights, pool fingerprint and chunk size; a killed run recomputes only the chunks that
+are missing or unreadable, and the merged result is identical to an uninterrupted run. Logits are
+kept, so energy at another temperature costs nothing.
 """
 
 from __future__ import annotations
@@ -19,10 +19,26 @@ import numpy as np
 from tqdm import tqdm
 
 from .backbones import Classifier
+from .data import atomic_save_npy
+from .errors import PladaError
 from .pool import Pool
 from .train import predict
 
 CHUNK = 8192
+
+
+def chunk_size() -> int:
+    """Images per scoring chunk: `PLADA_SCORE_CHUNK`, else CHUNK. Smaller chunks lose less to a crash."""
+    raw = os.environ.get("PLADA_SCORE_CHUNK", "")
+    if not raw:
+        return CHUNK
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise PladaError(f"PLADA_SCORE_CHUNK must be a positive integer, got {raw!r}")
+    return value
 
 
 def energy(logits: np.ndarray, T: float = 1.0) -> np.ndarray:
@@ -67,25 +83,34 @@ def model_digest(model: Classifier) -> str:
     return h.hexdigest()
 
 
+def _load_chunk(path: Path, rows: int, classes: int) -> np.ndarray | None:
+    """A finished chunk, or None when absent or not what this run would have written (then recompute)."""
+    try:
+        arr = np.load(path)
+    except (OSError, ValueError, EOFError):
+        return None
+    return arr if arr.dtype == np.float32 and arr.shape == (rows, classes) else None
+
+
 def score_pool(
-    model: Classifier, pool: Pool, cache: Path, batch_size: int = 256, progress: bool = True, chunk: int = CHUNK
+    model: Classifier, pool: Pool, cache: Path, batch_size: int = 256, progress: bool = True,
+    chunk: int | None = None,
 ) -> Scores:
     """Teacher logits for the whole pool, resumable chunk by chunk from `cache`."""
-    d = Path(cache) / f"{pool.fingerprint[:16]}-{model_digest(model)[:16]}"
+    chunk = chunk or chunk_size()
+    suffix = "" if chunk == CHUNK else f"-c{chunk}"  # default size keeps the older caches' folder name
+    d = Path(cache) / f"{pool.fingerprint[:16]}-{model_digest(model)[:16]}{suffix}"
     d.mkdir(parents=True, exist_ok=True)
-    n = len(pool)
-    starts = list(range(0, n, chunk))
-    todo = [a for a in starts if not (d / f"{a:012d}.npy").is_file()]
-    bar = tqdm(total=n, initial=(len(starts) - len(todo)) * chunk if todo else n, desc="scoring pool", unit="img",
-               disable=not progress)
-    for a in todo:
-        logits = predict(model, pool.images[a : a + chunk], batch_size=batch_size, progress=False)
-        tmp = d / f"{a:012d}.npy.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, logits.astype(np.float32))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, d / f"{a:012d}.npy")
-        bar.update(len(logits))
-    bar.close()
-    return Scores(np.concatenate([np.load(d / f"{a:012d}.npy") for a in starts]))
+    n, classes = len(pool), model.head.out_features
+    parts = []
+    with tqdm(total=n, desc="scoring pool", unit="img", disable=not progress) as bar:
+        for a in range(0, n, chunk):
+            path = d / f"{a:012d}.npy"
+            logits = _load_chunk(path, min(chunk, n - a), classes)
+            if logits is None:
+                logits = predict(model, pool.images[a : a + chunk], batch_size=batch_size, progress=False)
+                logits = logits.astype(np.float32)
+                atomic_save_npy(path, logits)
+            parts.append(logits)
+            bar.update(len(logits))
+    return Scores(np.concatenate(parts) if parts else np.zeros((0, classes), np.float32))

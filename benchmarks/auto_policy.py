@@ -1,0 +1,334 @@
+"""Does the sender's automatic policy choice (plada.auto) match the best fixed policy chosen in hindsight?
+
+    python -m benchmarks.auto_policy            # results/auto_policy.json, docs/AUTO_POLICY.md
+    python -m benchmarks.auto_policy --quick    # small subset (also run by the test suite)
+
+Same pool, teachers, pool scores and frozen features as benchmarks.paper (its Config, caches and
+teacher recipe are reused, so a finished paper run makes this one cheap). Per target and byte budget
+(about 1, 5 and 20 KB): held-out = target train images the teacher did not train on (when the teacher
+used all of train, a seeded 10% slice that the teacher *did* see, and the output says so); the auto
+search picks a policy and keep size by the held-out accuracy of a proxy linear head; then every
+candidate of that search is measured on the test split with the paper's linear student, which gives
+the auto choice's accuracy, the best candidate in hindsight, and the forecast error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import paper
+from plada import auto
+from plada.data import Split, cache_root, load_source
+from plada.errors import PladaError
+from plada.features import cached_features, feature_model, split_key
+from plada.pool import Pool
+from plada.score import score_pool
+from plada.teacher import TeacherConfig, train_teacher
+from plada.train import accuracy, train_head
+
+BUDGETS = (1000, 5000, 20000)
+
+
+@dataclass
+class AutoConfig(paper.Config):
+    budgets: tuple[int, ...] = BUDGETS
+    heldout_limit: int = 5000  # held-out images scored by the proxy (a seeded subsample when more are unseen)
+    heldout_frac: float = 0.1  # slice held out when the teacher trained on all of train
+    relevance_limit: int = 5000  # target train images the nearest-target policy compares the pool with
+    proxy_steps: int = 300  # head steps of each proxy student in the search
+    eval_seeds: tuple[int, ...] = (0,)  # linear-student seeds per candidate on the test split
+    search_seed: int = 0
+
+
+def quick_config(cfg: AutoConfig) -> AutoConfig:
+    """paper.quick_config (so quick teachers and features are shared) plus a smaller search."""
+    cfg = paper.quick_config(cfg)
+    cfg.heldout_limit, cfg.relevance_limit, cfg.proxy_steps = 300, 300, 100
+    return cfg
+
+
+def teacher_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """The train rows `Split.subset(limit, seed)` gives the teacher (checked against it by the caller)."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
+def subsample(idx: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    if len(idx) <= limit:
+        return idx
+    return np.sort(np.random.default_rng(seed).permutation(idx)[:limit])
+
+
+def split_features(fm, train: Split, src_root: Path, idx: np.ndarray, what: str) -> np.ndarray:
+    """Features of some train rows, cached under a key naming exactly those rows."""
+    digest = hashlib.sha256(np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()[:16]
+    key = f"{split_key(src_root, 'train', len(train))}/{what}/{digest}"
+    return np.asarray(cached_features(fm, np.asarray(train.images[idx]), key, progress=False))
+
+
+def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) -> dict:
+    t0 = time.time()
+    src = load_source(target, data)
+    train, test = src.split("train"), src.split("test")
+    test = test.subset(cfg.test_limit)
+    n_cls = len(train.class_names)
+    # The teacher exactly as benchmarks.paper makes it, so both share its cache.
+    sub_n = min(len(train), cfg.teacher_limit or len(train))
+    epochs = round(min(30.0, cfg.teacher_samples / sub_n), 2)
+    tcfg = TeacherConfig(model=cfg.teacher, res=cfg.teacher_res, epochs=epochs, limit=cfg.teacher_limit,
+                         flip=target not in paper.NO_FLIP)
+    teacher, tinfo = train_teacher(train, test, tcfg, cache_root() / "teachers")
+    log(f"[{target}] teacher {cfg.teacher}: test accuracy {tinfo['test_accuracy']:.4f}")
+    seen = teacher_indices(len(train), tcfg.limit, tcfg.seed)
+    if not np.array_equal(train.subset(tcfg.limit, tcfg.seed).labels, train.labels[seen]):
+        raise PladaError("Split.subset no longer picks the rows this benchmark assumes; update teacher_indices")
+    unseen = np.setdiff1d(np.arange(len(train)), seen)
+    saw = len(unseen) == 0
+    if saw:
+        rest, held = auto.holdout_split(len(train), cfg.heldout_frac, seed=cfg.search_seed, limit=cfg.heldout_limit)
+        note = (f"the teacher trained on all {len(train)} train images, so the held-out slice ({len(held)} images, "
+                f"a seeded {cfg.heldout_frac:.0%}) was seen by the teacher: forecasts are optimistic")
+    else:
+        rest, held = seen, subsample(unseen, cfg.heldout_limit, cfg.search_seed)
+        note = f"{len(held)} of the {len(unseen)} train images the teacher never saw"
+    ref = subsample(rest, cfg.relevance_limit, cfg.search_seed + 1)
+    log(f"[{target}] held-out: {note}; nearest-target compares with {len(ref)} teacher-train images")
+
+    scores = score_pool(teacher, pool, cache_root() / "scores")
+    plabels, energy, entropy = scores.labels, scores.energy(), scores.entropy()
+    fm = feature_model(cfg.student, cfg.student_res)
+    pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}")
+    test_f = np.asarray(cached_features(fm, test.images, split_key(src.root, "test", len(test))))
+    held_f = split_features(fm, train, src.root, held, "auto-heldout")
+    ref_f = split_features(fm, train, src.root, ref, "auto-relevance")
+    t1 = time.time()
+    nearest = auto.nearest_target_key(pool_f, ref_f)
+    nearest_s = round(time.time() - t1, 1)
+    log(f"[{target}] nearest-target key over {len(pool)} pool images: {nearest_s} s")
+
+    base_meta = {"target": src.name, "keep": None, "temperature": 1.0,
+                 "teacher": {"model": tcfg.model, "res": tcfg.res, "mode": tcfg.mode,
+                             "test_accuracy": tinfo.get("test_accuracy")}}
+    size_of = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, base_meta)
+    measured: dict[bytes, float] = {}
+
+    def test_accuracy(row: dict) -> float:
+        pol = auto.Policy(row["policy"], row["safety_share"], row["alpha"])
+        idx = auto.select_policy(pol, row["k"], labels=plabels, energy=energy, entropy=entropy, n_classes=n_cls,
+                                 seed=cfg.search_seed, nearest_key=nearest)
+        digest = hashlib.sha256(idx.tobytes()).digest()
+        if digest not in measured:
+            accs = []
+            with auto.torch_threads(1):
+                for s in cfg.eval_seeds:
+                    w, b = train_head(np.asarray(pool_f[idx]), plabels[idx], n_cls, steps=cfg.head_steps, seed=s)
+                    accs.append(accuracy(test_f @ w.T + b, test.labels))
+            measured[digest] = float(np.mean(accs))
+        return measured[digest]
+
+    cells: dict[str, dict] = {}
+    for budget in cfg.budgets:
+        t1 = time.time()
+        try:
+            ch = auto.search(labels=plabels, energy=energy, entropy=entropy, pool_feats=pool_f,
+                             heldout_feats=held_f, heldout_labels=train.labels[held], n_classes=n_cls,
+                             size_of=size_of, budget_bytes=int(budget), nearest_key=nearest,
+                             head_steps=cfg.proxy_steps, seed=cfg.search_seed)
+        except PladaError as e:
+            cells[str(budget)] = {"error": str(e)}
+            log(f"[{target}] {budget} B: {e}")
+            continue
+        search_s = round(time.time() - t1, 1)
+        rows = ch.candidates
+        for row in rows:
+            row["test_accuracy"] = test_accuracy(row)
+        chosen = next(r for r in rows if r["chosen"])
+        best = max(rows, key=lambda r: (r["test_accuracy"], -r["bytes"]))
+        tops: dict[str, dict] = {}
+        for r in rows:  # each policy at its largest affordable size
+            if r["k"] > tops.get(r["name"], {"k": 0})["k"]:
+                tops[r["name"]] = r
+        pick = ("name", "policy", "safety_share", "alpha", "k", "bytes", "forecast", "test_accuracy", "classes_kept")
+        cells[str(budget)] = {
+            "auto": {**{k: v for k, v in ch.summary().items() if k != "candidates"},
+                     "test_accuracy": chosen["test_accuracy"], "classes_kept": chosen["classes_kept"]},
+            "hindsight": {k: best[k] for k in pick},
+            "default": {k: tops["lowest-energy"][k] for k in pick} if "lowest-energy" in tops else None,
+            "largest": {name: r["test_accuracy"] for name, r in tops.items()},
+            "gap": chosen["test_accuracy"] - best["test_accuracy"],
+            "forecast_error": ch.forecast - chosen["test_accuracy"],
+            "search_seconds": search_s,
+            "candidates": rows,
+        }
+        log(f"[{target}] {budget} B: auto {ch.name} k={ch.k} ({ch.payload_bytes} B) forecast {ch.forecast:.4f} "
+            f"test {chosen['test_accuracy']:.4f}; hindsight {best['name']} k={best['k']} {best['test_accuracy']:.4f} "
+            f"(search {search_s} s)")
+    return {
+        "target": target, "classes": n_cls, "train_images": len(train), "test_images": len(test),
+        "teacher": {"model": cfg.teacher, "res": cfg.teacher_res, "accuracy": tinfo["test_accuracy"],
+                    "train_images": len(seen)},
+        "heldout": {"images": len(held), "teacher_saw_heldout": saw, "note": note},
+        "relevance_images": len(ref), "nearest_key_seconds": nearest_s,
+        "pseudo_label_hist": np.bincount(plabels, minlength=n_cls).tolist(),
+        "budgets": cells, "seconds": round(time.time() - t0, 1),
+    }
+
+
+def fixed_policy_summary(res: dict) -> dict:
+    """Per budget: each policy at its largest affordable size, averaged over targets, against auto's average.
+
+    The one-policy-for-everything a user would otherwise pick, chosen in hindsight across all targets.
+    """
+    out: dict[str, dict] = {}
+    for b in map(str, res["config"]["budgets"]):
+        cells = [r["budgets"][b] for r in res["targets"].values() if "error" not in r["budgets"].get(b, {"error": 1})]
+        if not cells:
+            continue
+        names = set.intersection(*(set(c["largest"]) for c in cells))
+        fixed = {n: float(np.mean([c["largest"][n] for c in cells])) for n in sorted(names)}
+        best = max(fixed, key=fixed.get) if fixed else None
+        out[b] = {"targets": len(cells), "auto_mean": float(np.mean([c["auto"]["test_accuracy"] for c in cells])),
+                  "fixed_mean": fixed, "best_fixed": best}
+    return out
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def write_markdown(res: dict, path: Path) -> None:
+    cfg = res["config"]
+    L = ["# Auto policy: the sender picks the selection for a byte budget", "",
+         f"Command: `{res['command']}` — wall time {res['wall_seconds'] / 60:.1f} min on {res['machine']}.", "",
+         f"Pool: `{cfg['pool']}` ({res['pool_size']:,} images); teachers, pool scores and features as in "
+         "`benchmarks.paper`. For each target and byte budget, `plada.auto.search` tries every candidate policy "
+         "(lowest / highest energy, lowest entropy, random, nearest-to-target, Safety-Net s ∈ {0.1, 0.3} × "
+         "α ∈ {0.5, −0.2}) at the largest keep size whose real `.plada` file fits the budget and at ½ and ¼ of it, "
+         f"trains a proxy linear head ({cfg['proxy_steps']} steps) per candidate and picks the best held-out "
+         "accuracy (the *forecast*). Every candidate is then measured on the test split with the paper's linear "
+         f"student ({cfg['head_steps']} steps, seeds {list(cfg['eval_seeds'])}): *hindsight* is the best of them, "
+         "*gap* = auto − hindsight, *forecast error* = forecast − auto's test accuracy, *default* = lowest energy "
+         "at the largest size that fits. Accuracies in %.", "",
+         "| target | budget | auto choice (k, bytes) | forecast | auto test | forecast error | hindsight best (k) | "
+         "hindsight test | gap | default test | search s |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    gaps, errs = [], []
+    for t, r in res["targets"].items():
+        for b, c in r["budgets"].items():
+            if "error" in c:
+                L.append(f"| {t} | {int(b):,} B | error: {c['error']} |  |  |  |  |  |  |  |  |")
+                continue
+            a, h, d = c["auto"], c["hindsight"], c["default"]
+            gaps.append(c["gap"])
+            errs.append(c["forecast_error"])
+            L.append(f"| {t} | {int(b):,} B | {a['name']} ({a['k']:,}, {a['payload_bytes']:,} B) | "
+                     f"{pct(a['forecast'])} | {pct(a['test_accuracy'])} | {pts(c['forecast_error'])} | "
+                     f"{h['name']} ({h['k']:,}) | "
+                     f"{pct(h['test_accuracy'])} | {pts(c['gap'])} | {pct(d['test_accuracy']) if d else '–'} | "
+                     f"{c['search_seconds']} |")
+    L += ["", "Held-out images per target:", ""]
+    L += [f"- **{t}**: {r['heldout']['note']}." for t, r in res["targets"].items()]
+    if gaps:
+        within = sum(g >= -0.01 for g in gaps)
+        close = sum(abs(e) <= 0.05 for e in errs)
+        L += ["", "## Against the goals", "",
+              f"- Auto within 1 point of the hindsight best: {within} of {len(gaps)} cells (worst gap "
+              f"{pts(min(gaps))} points).",
+              f"- Forecast within 5 points of the measured accuracy: {close} of {len(errs)} cells (largest error "
+              f"{pts(max(errs, key=abs))} points).",
+              "- Hindsight picks the best of all candidates on the test split itself, so it is an optimistic "
+              "bound (with one seed its maximum also rides on evaluation noise)."]
+    summ = res.get("fixed_policy_summary", {})
+    if summ:
+        cols = sorted({n for v in summ.values() for n in v["fixed_mean"]})
+        L += ["", "## One fixed policy for every target (hindsight, largest size that fits)", "",
+              "Mean test accuracy over targets; each policy at its largest keep size within the budget.", "",
+              "| budget | auto (mean) | best fixed policy (mean) | " + " | ".join(cols) + " |",
+              "|---|---|---|" + "---|" * len(cols)]
+        for b, v in summ.items():
+            best = f"{v['best_fixed']} ({pct(v['fixed_mean'][v['best_fixed']])})" if v["best_fixed"] else "–"
+            cells = [pct(v["fixed_mean"][n]) if n in v["fixed_mean"] else "–" for n in cols]
+            L.append(f"| {int(b):,} B | {pct(v['auto_mean'])} | {best} | " + " | ".join(cells) + " |")
+    L += ["", "## Every candidate", ""]
+    for t, r in res["targets"].items():
+        for b, c in r["budgets"].items():
+            if "error" in c:
+                continue
+            L += [f"**{t}, {int(b):,} B**", "", "| candidate | k | bytes | classes | forecast | test |",
+                  "|---|---|---|---|---|---|"]
+            for row in c["candidates"]:
+                mark = " **(auto)**" if row["chosen"] else ""
+                L.append(f"| {row['name']}{mark} | {row['k']:,} | {row['bytes']:,} | {row['classes_kept']} | "
+                         f"{pct(row['forecast'])} | {pct(row['test_accuracy'])} |")
+            L.append("")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(L) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.auto_policy", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small subset (minutes); used by the test suite")
+    ap.add_argument("--data", default=None, help="dataset folder (default: $PLADA_DATA)")
+    ap.add_argument("--pool", default=None, help="pool spec, NAME or NAME:split,split")
+    ap.add_argument("--targets", nargs="+", default=None)
+    ap.add_argument("--teacher", default=None, help="teacher backbone (default efficientnet-lite0)")
+    ap.add_argument("--budgets", nargs="+", type=int, default=None, help="byte budgets (default 1000 5000 20000)")
+    ap.add_argument("--eval-seeds", nargs="+", type=int, default=None, help="test-split student seeds (default 0)")
+    ap.add_argument("--out-dir", default=".", help="writes results/ and docs/ below it")
+    a = ap.parse_args(argv)
+    cfg = AutoConfig()
+    if a.pool:
+        cfg.pool = a.pool
+    if a.targets:
+        cfg.targets = tuple(a.targets)
+    if a.teacher:
+        cfg.teacher = a.teacher
+    if a.quick:
+        cfg = quick_config(cfg)
+    if a.budgets:
+        cfg.budgets = tuple(a.budgets)
+    if a.eval_seeds:
+        cfg.eval_seeds = tuple(a.eval_seeds)
+    out = Path(a.out_dir)
+    stem = "auto_policy_quick" if a.quick else "auto_policy"
+    t0 = time.time()
+    try:
+        pool = paper.get_pool(cfg.pool, a.data)
+        res = {"config": asdict(cfg), "pool_size": len(pool), "pool_fingerprint": pool.fingerprint, "targets": {}}
+        for t in cfg.targets:
+            res["targets"][t] = run_target(t, pool, cfg, a.data, lambda s: print(s, flush=True))
+    except PladaError as e:
+        print(f"benchmark: error: {e}", file=sys.stderr)
+        return 2
+    res["fixed_policy_summary"] = fixed_policy_summary(res)
+    res["wall_seconds"] = round(time.time() - t0, 1)
+    res["command"] = "python -m benchmarks.auto_policy" + "".join(
+        f" {flag} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+        for flag, v in (("--pool", a.pool), ("--targets", a.targets), ("--teacher", a.teacher),
+                        ("--budgets", a.budgets), ("--eval-seeds", a.eval_seeds)) if v)
+    res["command"] = res["command"].replace("auto_policy", "auto_policy --quick", 1) if a.quick else res["command"]
+    res["machine"] = f"{platform.machine()} CPU, 2 cores" if not a.quick else platform.machine()
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    (out / "results" / f"{stem}.json").write_text(json.dumps(res, indent=1, sort_keys=True, default=float))
+    write_markdown(res, out / "docs" / ("AUTO_POLICY.md" if not a.quick else "AUTO_POLICY_quick.md"))
+    print(f"wrote {out / 'results' / (stem + '.json')} and docs in {math.ceil(res['wall_seconds'])} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""Let the sender pick the selection policy: a byte budget (or a fixed keep size) in, the best selection out.
+
+No policy wins everywhere (lowest energy collapses to one class on Fashion-MNIST, random beats it on
+CIFAR-10, nearest-to-target wins one and loses the other), so the choice is made per target by
+measurement rather than by hand: every candidate policy, at every keep size whose *real* encoded
+payload fits the budget, is turned into a selection; a cheap proxy student (a linear head on frozen
+features of the kept pool images, trained on the teacher's pseudo-labels) is scored on target images
+the teacher never trained on, and that held-out accuracy is the forecast. The best forecast wins.
+
+Everything here takes plain arrays, so the pipeline, the benchmarks and the tests share one search:
+
+- ``labels``, ``energy``, ``entropy``: the teacher's per-pool-image scores (``score.Scores``).
+- ``pool_feats``: frozen backbone features of every pool image (``features.cached_features``).
+- ``heldout_feats``/``heldout_labels``: target train images the teacher did not see, with true labels.
+- ``size_of(indices, labels, meta) -> bytes``: the exact payload size (see ``payload_sizer``). The
+  search passes the ``meta`` the payload header will carry, so the budget holds for the file written.
+
+Choice rule: highest forecast; ties go to fewer bytes, then to the earlier candidate. One guard on
+top: if a candidate keeping every class the teacher ever predicts is within ``margin`` of the best,
+it is chosen instead, because a class missing from the payload can never be learnt by the receiver
+while a small held-out set easily misses a rare class.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import payload, select
+from .errors import PladaError
+from .train import train_head
+
+NEAREST = "nearest-target"
+FORECAST_DIGITS = 4
+# Widest value ``round(x, FORECAST_DIGITS)`` can print as for x in [0, 1]; used while sizing, before the
+# forecast is known, so the header can only get shorter when the real forecast replaces it.
+_FORECAST_PLACEHOLDER = 0.1234
+
+SizeFn = Callable[[np.ndarray, np.ndarray, dict], int]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A selection rule without a size: a rank key plus optional Safety-Net share and exponent."""
+
+    policy: str
+    safety_share: float = 0.0
+    alpha: float = 0.5
+
+    @property
+    def name(self) -> str:
+        if self.safety_share == 0:
+            return self.policy
+        base = "" if self.policy == "lowest-energy" else f"{self.policy} "
+        return f"safety-net {base}s={self.safety_share:g} a={self.alpha:g}"
+
+
+DEFAULT_POLICIES: tuple[Policy, ...] = (
+    Policy("lowest-energy"),
+    Policy("highest-energy"),
+    Policy("lowest-entropy"),
+    Policy("random"),
+    Policy(NEAREST),
+    Policy("lowest-energy", 0.1, 0.5),
+    Policy("lowest-energy", 0.3, 0.5),
+    Policy("lowest-energy", 0.1, -0.2),
+    Policy("lowest-energy", 0.3, -0.2),
+)
+DEFAULT_FRACTIONS = (1.0, 0.5, 0.25)
+
+
+@dataclass
+class AutoChoice:
+    """The search's decision, and the whole table behind it so a report can show what was compared."""
+
+    name: str
+    policy: str
+    safety_share: float
+    alpha: float
+    k: int
+    forecast: float  # held-out accuracy of the proxy student, in [0, 1]
+    payload_bytes: int  # exact size of the payload carrying ``meta()``
+    budget_bytes: int | None
+    seed: int
+    heldout_images: int
+    head_steps: int
+    indices: np.ndarray = field(repr=False)  # sorted pool indices to keep
+    labels: np.ndarray = field(repr=False)  # their pseudo-labels
+    candidates: list[dict] = field(repr=False, default_factory=list)
+
+    def meta(self) -> dict:
+        """Header fields describing this choice; merge over the caller's base meta when writing the payload."""
+        return _meta(Policy(self.policy, self.safety_share, self.alpha), self.k, self.budget_bytes, self.forecast,
+                     self.heldout_images, self.head_steps, self.seed)
+
+    def summary(self) -> dict:
+        """JSON-ready report (no arrays): what the CLI prints and the benchmarks store."""
+        return {"name": self.name, "policy": self.policy, "safety_share": self.safety_share, "alpha": self.alpha,
+                "k": self.k, "forecast": self.forecast, "payload_bytes": self.payload_bytes,
+                "budget_bytes": self.budget_bytes, "seed": self.seed, "heldout_images": self.heldout_images,
+                "head_steps": self.head_steps, "candidates": self.candidates}
+
+
+def _meta(pol: Policy, k: int, budget_bytes: int | None, forecast: float, heldout: int, steps: int,
+          seed: int) -> dict:
+    return {
+        "policy": pol.policy,
+        "safety_share": pol.safety_share,
+        "alpha": pol.alpha,
+        "count": int(k),
+        "seed": int(seed),
+        "auto": {
+            "budget_bytes": budget_bytes,
+            "forecast_accuracy": round(float(forecast), FORECAST_DIGITS),
+            "heldout_images": int(heldout),
+            "proxy": f"linear head, {steps} steps",
+        },
+    }
+
+
+def payload_sizer(
+    pool_fingerprint: str, pool_size: int, class_names: Sequence[str], base_meta: dict | None = None,
+    **encode_kwargs: Any,
+) -> SizeFn:
+    """Size candidates by encoding the very payload that would be written: header, codecs and checksum included.
+
+    ``base_meta`` and ``encode_kwargs`` (e.g. ``groups=pool.groups()[0]``, ``level``) must be exactly what
+    the caller will write with, the choice's ``meta()`` merged over ``base_meta``, or the measured sizes
+    would not be the file's.
+    """
+    base = dict(base_meta or {})
+    names = tuple(class_names)
+
+    def size_of(indices: np.ndarray, labels: np.ndarray, meta: dict) -> int:
+        p = payload.Payload(pool_fingerprint, pool_size, names, indices, labels, {**base, **meta})
+        return len(payload.encode(p, **encode_kwargs))
+
+    return size_of
+
+
+def nearest_target_key(pool_feats: np.ndarray, target_feats: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Rank key for "keep the pool images most like some target image": minus the max cosine similarity.
+
+    Max (not mean) similarity so every target mode pulls in its own neighbours. Chunked over the pool so
+    120k x 5k similarities never exist at once (a chunk is ``chunk x len(target_feats)`` float32);
+    ``pool_feats`` may be a memory map. Pass a subsample of the target's *training* images: using the
+    held-out images would leak them into the forecast.
+    """
+    t = np.asarray(target_feats, dtype=np.float32)
+    if t.ndim != 2 or len(t) == 0:
+        raise PladaError("nearest-target needs a non-empty 2-D array of target features")
+    if pool_feats.ndim != 2 or pool_feats.shape[1] != t.shape[1]:
+        raise PladaError(f"pool features {pool_feats.shape} and target features {t.shape} differ in width")
+    if not np.isfinite(t).all():
+        raise PladaError("target features contain NaN or inf")
+    t = t / (np.linalg.norm(t, axis=1, keepdims=True) + 1e-12)
+    key = np.empty(len(pool_feats), dtype=np.float64)
+    for a in range(0, len(pool_feats), chunk):
+        f = np.asarray(pool_feats[a : a + chunk], dtype=np.float32)
+        f = f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-12)
+        key[a : a + len(f)] = -(f @ t.T).max(1)
+    if np.isnan(key).any():
+        raise PladaError("pool features contain NaN; recompute the feature cache")
+    return key
+
+
+def holdout_split(n: int, frac: float = 0.1, seed: int = 0, limit: int | None = 5000) -> tuple[np.ndarray, np.ndarray]:
+    """Split target train indices into (teacher, held-out): the forecast is only honest on unseen images.
+
+    Held-out is a seeded ``frac`` of the split, capped at ``limit`` (more buys little precision and
+    costs feature time), and at least one image; both parts come back sorted.
+    """
+    if n < 2:
+        raise PladaError(f"need at least 2 target train images to hold some out, got {n}")
+    if not 0 < frac < 1:
+        raise PladaError(f"held-out fraction must be in (0, 1), got {frac}")
+    m = max(1, int(round(frac * n)))
+    if limit is not None:
+        m = max(1, min(m, int(limit)))
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[m:]), np.sort(perm[:m])
+
+
+def policy_key(pol: Policy | str, energy: np.ndarray, entropy: np.ndarray | None = None, seed: int = 0,
+               nearest_key: np.ndarray | None = None) -> np.ndarray:
+    """`select.rank_key` plus the nearest-target policy, so callers re-selecting a choice need one call."""
+    name = pol.policy if isinstance(pol, Policy) else pol
+    if name == NEAREST:
+        if nearest_key is None:
+            raise PladaError("policy 'nearest-target' needs target features (see nearest_target_key)")
+        key = np.asarray(nearest_key, dtype=np.float64)
+        if key.shape != np.shape(energy):
+            raise PladaError(f"nearest-target key has {key.shape} entries, the pool {np.shape(energy)}")
+        return key
+    return select.rank_key(name, energy, entropy, seed=seed)
+
+
+def select_policy(
+    pol: Policy, k: int, *, labels: np.ndarray, energy: np.ndarray, entropy: np.ndarray | None, n_classes: int,
+    seed: int = 0, nearest_key: np.ndarray | None = None,
+) -> np.ndarray:
+    """The exact selection the search made for ``(pol, k)``, so a report can rebuild any row of the table."""
+    key = policy_key(pol, energy, entropy, seed=seed, nearest_key=nearest_key)
+    lab = np.asarray(labels).astype(np.int64, copy=False)
+    return select.select(lab, key, int(k), n_classes, safety_share=pol.safety_share, alpha=pol.alpha)
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block on ``n`` torch threads, then restore the old count.
+
+    A proxy head is a tiny matrix product per step; with two threads on a busy two-core machine the
+    OpenMP hand-offs cost more than the arithmetic (measured: 14 s vs 1 s for one small search), and
+    one thread also makes forecasts reproducible across machines with different core counts.
+    """
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _largest_fitting(measure: Callable[[int], int | None], hi_cap: int) -> int | None:
+    """Largest k in [1, hi_cap] found to fit, by doubling then bisection; None if k = 1 does not fit.
+
+    Payload bytes grow with k almost monotonically (zstd can wobble by a byte or two), so this may miss
+    a slightly larger k, but it only ever returns a k it measured as fitting: the budget is never at
+    the mercy of monotonicity.
+    """
+    if measure(1) is None:
+        return None
+    lo, hi = 1, None  # lo: measured fit; hi: measured misfit (or beyond the cap)
+    k = 2
+    while k <= hi_cap:
+        if measure(k) is None:
+            hi = k
+            break
+        lo, k = k, 2 * k
+    if hi is None:
+        if lo == hi_cap or measure(hi_cap) is not None:
+            return hi_cap
+        hi = hi_cap
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if measure(mid) is None:
+            hi = mid
+        else:
+            lo = mid
+    return lo
+
+
+def _check_inputs(labels, energy, entropy, pool_feats, heldout_feats, heldout_labels, n_classes) -> np.ndarray:
+    if not isinstance(n_classes, int | np.integer) or n_classes < 1:
+        raise PladaError(f"n_classes must be a positive integer, got {n_classes!r}")
+    lab = np.asarray(labels)
+    n = len(lab)
+    if lab.ndim != 1 or lab.dtype.kind not in "iu" or n == 0:
+        raise PladaError("pool pseudo-labels must be a non-empty 1-D integer array")
+    if np.shape(energy) != (n,) or (entropy is not None and np.shape(entropy) != (n,)):
+        raise PladaError(f"energy/entropy must have one value per pool image ({n})")
+    if pool_feats.ndim != 2 or len(pool_feats) != n:
+        raise PladaError(f"pool features have {len(pool_feats)} rows, the pool has {n} images")
+    if heldout_feats.ndim != 2 or heldout_feats.shape[1] != pool_feats.shape[1]:
+        raise PladaError(f"held-out features {heldout_feats.shape} do not match pool features {pool_feats.shape}")
+    hl = np.asarray(heldout_labels)
+    if len(hl) == 0 or len(hl) != len(heldout_feats):
+        raise PladaError(f"need one true label per held-out image and at least one image, got {len(hl)} labels "
+                         f"for {len(heldout_feats)} images")
+    if lab.min() < 0 or lab.max() >= n_classes or hl.min() < 0 or hl.max() >= n_classes:
+        raise PladaError(f"labels must lie in [0, {n_classes})")
+    return lab.astype(np.int64, copy=False)
+
+
+def search(
+    *,
+    labels: np.ndarray,
+    energy: np.ndarray,
+    entropy: np.ndarray | None,
+    pool_feats: np.ndarray,
+    heldout_feats: np.ndarray,
+    heldout_labels: np.ndarray,
+    n_classes: int,
+    size_of: SizeFn,
+    budget_bytes: int | None = None,
+    k: int | None = None,
+    target_feats: np.ndarray | None = None,
+    nearest_key: np.ndarray | None = None,
+    policies: Sequence[Policy] = DEFAULT_POLICIES,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    head_steps: int = 300,
+    seed: int = 0,
+    margin: float = 0.01,
+    max_k: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> AutoChoice:
+    """Try every candidate policy at every affordable keep size and return the one with the best forecast.
+
+    Give exactly one of ``budget_bytes`` (sizes: the largest k that fits, times each of ``fractions``) or
+    ``k`` (one size; only the policy varies). The nearest-target policy is tried when ``target_feats`` or
+    a precomputed ``nearest_key`` is given and skipped otherwise. Deterministic given ``seed``: it seeds
+    the random policy and every proxy head (the same seed for all, so candidates differ only by data).
+    """
+    if (budget_bytes is None) == (k is None):
+        raise PladaError("give exactly one of a byte budget or a keep size")
+    heldout_feats = np.asarray(heldout_feats, dtype=np.float32)
+    lab = _check_inputs(labels, energy, entropy, pool_feats, heldout_feats, heldout_labels, n_classes)
+    heldout_labels = np.asarray(heldout_labels)
+    n = len(lab)
+    hi_cap = n if max_k is None else max(1, min(n, int(max_k)))
+    if k is not None and not (isinstance(k, int | np.integer) and 1 <= k <= n):
+        raise PladaError(f"keep size must be an integer between 1 and the pool size {n}, got {k!r}")
+    if budget_bytes is not None and (not isinstance(budget_bytes, int | np.integer) or budget_bytes < 1):
+        raise PladaError(f"byte budget must be a positive integer, got {budget_bytes!r}")
+    if not policies:
+        raise PladaError("no candidate policies given")
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise PladaError(f"keep-size fractions must lie in (0, 1], got {list(fractions)}")
+    if target_feats is not None and nearest_key is None and any(p.policy == NEAREST for p in policies):
+        nearest_key = nearest_target_key(pool_feats, target_feats)
+    say = log or (lambda s: None)
+    predicted = np.bincount(lab, minlength=n_classes) > 0
+    heldout = len(heldout_labels)
+
+    def meta_for(pol: Policy, kk: int, forecast: float = _FORECAST_PLACEHOLDER) -> dict:
+        return _meta(pol, kk, budget_bytes, forecast, heldout, head_steps, seed)
+
+    # 1. Sizes: per policy, the keep sizes whose real payload fits.
+    planned: list[tuple[Policy, int, np.ndarray, int]] = []  # policy, k, indices, bytes
+    for pol in policies:
+        if (pol.policy == NEAREST and nearest_key is None) or (pol.policy == "lowest-entropy" and entropy is None):
+            continue  # the caller did not give what this policy ranks by
+        key = policy_key(pol, energy, entropy, seed=seed, nearest_key=nearest_key)
+        sel: dict[int, tuple[np.ndarray, int]] = {}
+
+        def pick(kk: int, pol: Policy = pol, key: np.ndarray = key, sel: dict = sel) -> np.ndarray:
+            if kk not in sel:
+                idx = select.select(lab, key, kk, n_classes, safety_share=pol.safety_share, alpha=pol.alpha)
+                sel[kk] = (idx, int(size_of(idx, lab[idx], meta_for(pol, kk))))
+            return sel[kk][0]
+
+        if budget_bytes is None:
+            sizes = [int(k)]
+        else:
+            def measure(kk: int, pick=pick, sel: dict = sel) -> int | None:
+                pick(kk)
+                return sel[kk][1] if sel[kk][1] <= budget_bytes else None
+
+            top = _largest_fitting(measure, hi_cap)
+            if top is None:
+                say(f"auto: {pol.name}: not even 1 image fits in {budget_bytes} bytes")
+                continue
+            sizes = sorted({max(1, int(top * f)) for f in fractions} | {top}, reverse=True)
+        for kk in sizes:
+            idx = pick(kk)
+            nbytes = sel[kk][1]
+            if budget_bytes is not None and nbytes > budget_bytes:
+                continue  # a smaller k that is bigger on disk: possible in principle, never sent
+            planned.append((pol, kk, idx, nbytes))
+    if not planned:
+        smallest = min((int(size_of(np.array([0]), lab[:1], meta_for(p, 1))) for p in policies
+                        if p.policy != NEAREST), default=None)
+        raise PladaError(f"byte budget {budget_bytes} is too small: even a payload keeping one image needs about "
+                         f"{smallest} bytes (its header alone holds the pool fingerprint and class names)")
+
+    # 2. Forecast: a proxy student per distinct selection, scored on the held-out images.
+    forecasts: dict[bytes, float] = {}
+    rows: list[dict] = []
+    for pol, kk, idx, nbytes in planned:
+        digest = hashlib.sha256(idx.tobytes()).digest()
+        if digest not in forecasts:
+            with torch_threads(1):
+                w, b = train_head(np.asarray(pool_feats[idx]), lab[idx], n_classes, steps=head_steps, seed=seed)
+            pred = (heldout_feats @ w.T + b).argmax(1)
+            forecasts[digest] = float((pred == heldout_labels).mean())
+        hist = np.bincount(lab[idx], minlength=n_classes)
+        rows.append({"name": pol.name, "policy": pol.policy, "safety_share": pol.safety_share, "alpha": pol.alpha,
+                     "k": int(kk), "bytes": nbytes, "forecast": forecasts[digest],
+                     "classes_kept": int((hist > 0).sum()), "covers_predicted": bool((hist[predicted] > 0).all())})
+        say(f"auto: {pol.name} k={kk} ({nbytes} B): forecast {forecasts[digest]:.4f}")
+
+    # 3. Choose: best forecast, ties to fewer bytes then table order; a class-covering near-tie wins.
+    order = sorted(range(len(rows)), key=lambda i: (-rows[i]["forecast"], rows[i]["bytes"], i))
+    best = order[0]
+    covering = [i for i in order if rows[i]["covers_predicted"]]
+    if covering and rows[best]["forecast"] - rows[covering[0]]["forecast"] <= margin:
+        order = [covering[0]] + [i for i in order if i != covering[0]]
+    for i in order:  # the real forecast can only shorten the header, but check rather than trust that
+        pol, kk, idx, _ = planned[i]
+        nbytes = int(size_of(idx, lab[idx], meta_for(pol, kk, rows[i]["forecast"])))
+        if budget_bytes is None or nbytes <= budget_bytes:
+            for j, r in enumerate(rows):
+                r["chosen"] = j == i
+            rows[i]["bytes"] = nbytes  # the others stay as sized, with a placeholder forecast of maximal width
+            return AutoChoice(
+                name=pol.name, policy=pol.policy, safety_share=pol.safety_share, alpha=pol.alpha, k=int(kk),
+                forecast=rows[i]["forecast"], payload_bytes=nbytes, budget_bytes=budget_bytes, seed=seed,
+                heldout_images=heldout, head_steps=head_steps, indices=idx, labels=lab[idx].copy(), candidates=rows,
+            )
+    raise PladaError(f"no candidate fits the byte budget {budget_bytes} once its forecast is in the header")
+
+
+def reselect(
+    choice: AutoChoice, *, labels: np.ndarray, energy: np.ndarray, entropy: np.ndarray | None, n_classes: int,
+    size_of: SizeFn, nearest_key: np.ndarray | None = None,
+) -> AutoChoice:
+    """Apply a chosen policy to new teacher scores (e.g. a teacher refit on all of train), within the budget.
+
+    New pseudo-labels compress differently, so k shrinks (bisection below the chosen k) until the real
+    payload fits again; the forecast is carried over unchanged and is then only an estimate.
+    """
+    lab = np.asarray(labels).astype(np.int64, copy=False)
+    pol = Policy(choice.policy, choice.safety_share, choice.alpha)
+    key = policy_key(pol, energy, entropy, seed=choice.seed, nearest_key=nearest_key)
+    cache: dict[int, tuple[np.ndarray, int]] = {}
+
+    def measure(kk: int) -> int | None:
+        if kk not in cache:
+            idx = select.select(lab, key, kk, n_classes, safety_share=pol.safety_share, alpha=pol.alpha)
+            meta = _meta(pol, kk, choice.budget_bytes, choice.forecast, choice.heldout_images, choice.head_steps,
+                         choice.seed)
+            cache[kk] = (idx, int(size_of(idx, lab[idx], meta)))
+        ok = choice.budget_bytes is None or cache[kk][1] <= choice.budget_bytes
+        return cache[kk][1] if ok else None
+
+    kk = min(choice.k, len(lab))
+    if measure(kk) is None:
+        kk = _largest_fitting(measure, kk)
+        if kk is None:
+            raise PladaError(f"byte budget {choice.budget_bytes} is too small for even one image")
+    idx, nbytes = cache[kk]
+    return AutoChoice(
+        name=choice.name, policy=choice.policy, safety_share=choice.safety_share, alpha=choice.alpha, k=int(kk),
+        forecast=choice.forecast, payload_bytes=nbytes, budget_bytes=choice.budget_bytes, seed=choice.seed,
+        heldout_images=choice.heldout_images, head_steps=choice.head_steps, indices=idx, labels=lab[idx].copy(),
+        candidates=choice.candidates,
+    )

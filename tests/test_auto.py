@@ -1,0 +1,238 @@
+"""The auto policy search on tiny synthetic arrays: budget, determinism, degenerate teachers, honest forecasts."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plada import auto, payload, select
+from plada.errors import PladaError
+from plada.train import train_head
+
+FP = "ab" * 32
+STEPS = 60
+
+
+def world(n: int = 600, d: int = 16, c: int = 3, seed: int = 0, wrong_low_energy: bool = False,
+          degenerate: bool = False) -> dict:
+    """A pool of Gaussian class clusters with teacher scores, plus held-out and target-train features."""
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=(c, d)) * 2.5
+    true = rng.integers(0, c, n)
+    if degenerate:  # the teacher's world is nearly all class 0: a few pool images of each other class
+        true = np.zeros(n, dtype=np.int64)
+        true[rng.choice(n, 6 * (c - 1), replace=False)] = np.repeat(np.arange(1, c), 6)
+    feats = (mu[true] + rng.normal(size=(n, d))).astype(np.float32)
+    labels = true.copy()
+    energy = rng.normal(size=n)
+    if degenerate:
+        energy[true == 0] -= 10  # class 0 is always the most confident
+    if wrong_low_energy:  # the confident half is mislabelled: lowest energy is clearly the worst policy
+        low = energy < np.median(energy)
+        labels[low] = (true[low] + 1) % c
+    h_true = rng.integers(0, c, 150)
+    t_true = rng.integers(0, c, 60)
+    return {
+        "labels": labels, "energy": energy, "entropy": rng.random(n), "pool_feats": feats,
+        "heldout_feats": (mu[h_true] + rng.normal(size=(150, d))).astype(np.float32), "heldout_labels": h_true,
+        "target_feats": (mu[t_true] + rng.normal(size=(60, d))).astype(np.float32), "n_classes": c,
+    }
+
+
+def names(c: int) -> tuple[str, ...]:
+    return tuple(f"class{i}" for i in range(c))
+
+
+def run(w: dict, base_meta: dict | None = None, **kw) -> auto.AutoChoice:
+    size_of = auto.payload_sizer(FP, len(w["labels"]), names(w["n_classes"]), base_meta)
+    kw.setdefault("head_steps", STEPS)
+    return auto.search(size_of=size_of, **w, **kw)
+
+
+def smallest(w: dict, base: dict | None = None) -> int:
+    """Bytes of a one-image payload: budgets are set relative to it, so a codec change cannot break the tests."""
+    size_of = auto.payload_sizer(FP, len(w["labels"]), names(w["n_classes"]), base)
+    return size_of(np.array([0]), w["labels"][:1], auto._meta(auto.Policy("lowest-energy"), 1, 10**6, 0.1234,
+                                                             len(w["heldout_labels"]), STEPS, 0))
+
+
+@pytest.mark.parametrize("extra", [20, 60, 150])
+def test_never_exceeds_budget(extra: int) -> None:
+    w = world()
+    base = {"target": "synthetic", "teacher": {"test_accuracy": 0.8}}
+    budget = smallest(w, base) + extra
+    ch = run(w, base, budget_bytes=budget)
+    assert ch.payload_bytes <= budget
+    assert all(r["bytes"] <= budget for r in ch.candidates)
+    assert sum(r["chosen"] for r in ch.candidates) == 1
+    # the file the pipeline will write is exactly the size the search measured
+    p = payload.Payload(FP, len(w["labels"]), names(3), ch.indices, ch.labels, {**base, **ch.meta()})
+    data = payload.encode(p)
+    assert len(data) == ch.payload_bytes
+    meta = payload.decode(data).meta
+    assert meta["policy"] == ch.policy and meta["count"] == ch.k == len(ch.indices)
+    assert meta["auto"]["forecast_accuracy"] == round(ch.forecast, 4) and meta["auto"]["budget_bytes"] == budget
+    # the largest size per policy is really the largest: one more image does not fit
+    size_of = auto.payload_sizer(FP, len(w["labels"]), names(3), base)
+    tops: dict[str, dict] = {}
+    for r in ch.candidates:
+        if r["k"] > tops.get(r["name"], {"k": 0})["k"]:
+            tops[r["name"]] = r
+    for r in tops.values():
+        if r["k"] == len(w["labels"]):
+            continue
+        pol = auto.Policy(r["policy"], r["safety_share"], r["alpha"])
+        key = auto.policy_key(pol, w["energy"], w["entropy"], seed=0,
+                              nearest_key=auto.nearest_target_key(w["pool_feats"], w["target_feats"]))
+        idx = select.select(w["labels"], key, r["k"] + 1, 3, safety_share=pol.safety_share, alpha=pol.alpha)
+        meta_more = auto._meta(pol, r["k"] + 1, budget, 0.1234, 150, STEPS, 0)
+        assert size_of(idx, w["labels"][idx], meta_more) > budget
+    assert set(tops) == {p.name for p in auto.DEFAULT_POLICIES}  # every policy got at least one size
+
+
+def test_deterministic_given_seed() -> None:
+    w = world()
+    a = run(w, budget_bytes=smallest(w) + 40, seed=3)
+    b = run(w, budget_bytes=smallest(w) + 40, seed=3)
+    assert a.summary() == b.summary()
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+def test_forecast_is_held_out_accuracy_and_best_policy_wins() -> None:
+    w = world(wrong_low_energy=True)
+    ch = run(w, budget_bytes=smallest(w) + 80)
+    assert ch.policy == "highest-energy"
+    low = max(r["forecast"] for r in ch.candidates if r["name"] == "lowest-energy")
+    assert ch.forecast > low + 0.3
+    with auto.torch_threads(1):  # the search trains its heads on one thread; same data, seed, threads: same head
+        wt, b = train_head(w["pool_feats"][ch.indices], w["labels"][ch.indices], 3, steps=STEPS, seed=0)
+    acc = float(((w["heldout_feats"] @ wt.T + b).argmax(1) == w["heldout_labels"]).mean())
+    assert ch.forecast == acc
+
+
+def test_degenerate_teacher_keeps_every_predicted_class() -> None:
+    w = world(c=5, degenerate=True)
+    assert np.bincount(w["labels"]).min() == 6 and (w["labels"] == 0).mean() > 0.9
+    budget = smallest(w) + 60
+    # max_k: the whole (nearly one-class) pool compresses to almost nothing and would trivially keep every class
+    ch = run(w, budget_bytes=budget, max_k=len(w["labels"]) // 2)
+    plain = [r for r in ch.candidates if r["name"] == "lowest-energy"]
+    assert plain and all(r["classes_kept"] == 1 for r in plain)  # the collapse the guard is for
+    assert set(np.unique(ch.labels)) == set(range(5))
+    assert ch.payload_bytes <= budget
+
+
+def test_single_class_teacher_does_not_crash() -> None:
+    w = world(c=3)
+    w["labels"] = np.zeros_like(w["labels"])
+    budget = smallest(w) + 30
+    ch = run(w, budget_bytes=budget)
+    assert ch.payload_bytes <= budget and set(np.unique(ch.labels)) == {0}
+    assert 0 <= ch.forecast <= 1
+
+
+def test_fixed_keep_varies_only_the_policy() -> None:
+    w = world()
+    ch = run(w, k=40)
+    assert {r["k"] for r in ch.candidates} == {40} and ch.k == 40 and ch.budget_bytes is None
+    assert {r["name"] for r in ch.candidates} == {p.name for p in auto.DEFAULT_POLICIES}
+
+
+def test_non_monotone_sizes_are_guarded() -> None:
+    """A caller's sizer (or a codec) whose bytes wobble with k: every candidate is still measured to fit."""
+    w = world()
+
+    def size_of(indices: np.ndarray, labels: np.ndarray, meta: dict) -> int:
+        k = len(indices)
+        return 3 * k + (10_000 if k % 7 == 3 else 0) + (500 if 40 <= k < 60 else 0)
+
+    ch = auto.search(size_of=size_of, budget_bytes=300, head_steps=STEPS, **w)
+    assert all(size_of(np.zeros(r["k"]), None, {}) <= 300 for r in ch.candidates)
+    assert all(r["bytes"] <= 300 for r in ch.candidates) and ch.payload_bytes <= 300
+    assert max(r["k"] for r in ch.candidates) <= 100
+
+
+def test_policies_without_their_inputs_are_skipped() -> None:
+    w = world()
+    w["entropy"] = None
+    names_tried = {r["name"] for r in run(w, k=20).candidates}
+    assert "lowest-entropy" not in names_tried and "highest-energy" in names_tried
+
+
+def test_budget_too_small_raises() -> None:
+    w = world()
+    with pytest.raises(PladaError, match="too small"):
+        run(w, budget_bytes=smallest(w) - 30)  # - 30: shorter policy names make shorter headers
+    with pytest.raises(PladaError, match="exactly one"):
+        run(world(), budget_bytes=500, k=3)
+    with pytest.raises(PladaError, match="exactly one"):
+        run(world())
+
+
+def test_nearest_target_key_matches_brute_force_and_is_chunked() -> None:
+    rng = np.random.default_rng(1)
+    pool, tgt = rng.normal(size=(1000, 8)), rng.normal(size=(37, 8))
+    key = auto.nearest_target_key(pool, tgt, chunk=64)
+    pn = pool / np.linalg.norm(pool, axis=1, keepdims=True)
+    tn = tgt / np.linalg.norm(tgt, axis=1, keepdims=True)
+    np.testing.assert_allclose(key, -(pn @ tn.T).max(1), atol=1e-5)
+    with pytest.raises(PladaError):
+        auto.nearest_target_key(pool, rng.normal(size=(3, 5)))
+    w = world()
+    ch = run(w, k=30, policies=[auto.Policy(auto.NEAREST)])  # target features given: nearest-target is tried
+    assert ch.policy == auto.NEAREST
+    w.pop("target_feats")
+    assert auto.NEAREST not in {r["policy"] for r in run(w, k=30).candidates}  # and skipped without them
+
+
+def test_reselect_stays_in_budget_with_new_scores() -> None:
+    w = world()
+    budget = smallest(w) + 40
+    ch = run(w, budget_bytes=budget)
+    rng = np.random.default_rng(9)
+    new_labels = rng.integers(0, 3, len(w["labels"]))  # labels that compress worse than the old ones
+    size_of = auto.payload_sizer(FP, len(w["labels"]), names(3))
+    again = auto.reselect(ch, labels=new_labels, energy=w["energy"], entropy=w["entropy"], n_classes=3,
+                          size_of=size_of, nearest_key=auto.nearest_target_key(w["pool_feats"], w["target_feats"]))
+    assert again.payload_bytes <= budget and again.k <= ch.k and again.policy == ch.policy
+
+
+def test_holdout_split() -> None:
+    fit, held = auto.holdout_split(1000, 0.1, seed=0, limit=50)
+    assert len(held) == 50 and len(fit) == 950 and not set(fit) & set(held)
+    assert (np.diff(fit) > 0).all() and (np.diff(held) > 0).all()
+    np.testing.assert_array_equal(held, auto.holdout_split(1000, 0.1, seed=0, limit=50)[1])
+
+
+def test_auto_policy_quick_benchmark(tiny_data: Path, cache: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import auto_policy
+
+    quick = auto_policy.quick_config  # a 1-step teacher: the teacher is not what this test is about
+    monkeypatch.setattr(auto_policy, "quick_config", lambda cfg: dataclasses.replace(quick(cfg), teacher_samples=120))
+    code = auto_policy.main(["--quick", "--data", str(tiny_data), "--pool", "tinypool", "--targets", "tinytarget",
+                             "--budgets", "750", "1500", "5000", "--out-dir", str(tmp_path)])
+    assert code == 0
+    res = json.loads((tmp_path / "results" / "auto_policy_quick.json").read_text())
+    r = res["targets"]["tinytarget"]
+    assert r["heldout"]["teacher_saw_heldout"]  # the tiny teacher trains on all of train
+    for budget in res["config"]["budgets"]:
+        cell = r["budgets"][str(budget)]
+        assert cell["auto"]["payload_bytes"] <= budget
+        assert 0 <= cell["auto"]["forecast"] <= 1 and 0 <= cell["auto"]["test_accuracy"] <= 1
+        assert 0 <= cell["hindsight"]["test_accuracy"] <= 1
+        assert cell["gap"] <= 1e-12  # the hindsight best is at least the auto choice
+        assert all("test_accuracy" in c for c in cell["candidates"])
+    assert res["config"]["budgets"] == [750, 1500, 5000]
+    assert max(c["k"] for c in r["budgets"]["5000"]["candidates"]) == res["pool_size"]  # 5 KB holds the whole pool
+    summ = res["fixed_policy_summary"]
+    assert set(summ) == {str(b) for b in res["config"]["budgets"]}
+    assert all(v["best_fixed"] in v["fixed_mean"] for v in summ.values())
+    md = (tmp_path / "docs" / "AUTO_POLICY_quick.md").read_text()
+    assert "python -m benchmarks.auto_policy --quick" in md and "tinytarget" in md and "Against the goals" in md
+    assert "One fixed policy for every target" in md
