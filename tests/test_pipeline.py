@@ -79,10 +79,21 @@ def test_policies_differ(tiny_data: Path, cache: Path, tmp_path: Path, capsys: p
     assert got["random"] != got["lowest-energy"]
 
 
-def test_wrong_pool_refused(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.fixture(scope="module")
+def sent_payload(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """One payload sent once for the tests that only need *a* valid payload to damage or misroute."""
+    out = tmp_path_factory.mktemp("sent") / "t.plada"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PLADA_CACHE", str(out.parent / "cache"))
+        assert main(["--json", "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "-o", str(out),
+                     *FAST]) == 0
+    return out.read_bytes()
+
+
+def test_wrong_pool_refused(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                            sent_payload: bytes) -> None:
     out = tmp_path / "t.plada"
-    assert run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "-o", str(out),
-               *FAST)[0] == 0
+    out.write_bytes(sent_payload)
     # a pool of the same size but other images: only the fingerprint can tell
     code, _, err = run(capsys, "pool", "build", "tinytarget:train,test", "--name", "other", "--data", str(tiny_data))
     assert code == 0, err
@@ -131,11 +142,9 @@ def test_wrong_layout(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
 def test_damaged_payload(damage: str, tiny_data: Path, cache: Path, tmp_path: Path,
-                         capsys: pytest.CaptureFixture) -> None:
+                         capsys: pytest.CaptureFixture, sent_payload: bytes) -> None:
     out = tmp_path / "t.plada"
-    assert run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "-o", str(out),
-               *FAST)[0] == 0
-    raw = bytearray(out.read_bytes())
+    raw = bytearray(sent_payload)
     if damage == "truncate":
         raw = raw[: len(raw) // 2]
     else:

@@ -801,7 +801,7 @@ def read_bytes(path: str | os.PathLike) -> bytes:
             size = os.fstat(f.fileno()).st_size
             if size > MAX_PAYLOAD_BYTES:
                 raise PayloadError(f"payload too large: {path} is {size} bytes (limit {MAX_PAYLOAD_BYTES})")
-            return f.read(MAX_PAYLOAD_BYTES + 1)
+            return f.read(size + 1)
     except FileNotFoundError:
         raise PladaError(f"payload not found: {path}") from None
     except IsADirectoryError:
