@@ -592,7 +592,8 @@ def _parse_header(raw: bytes, version: int) -> dict:
     return header
 
 
-def _decode(data: bytes, groups: Any = None) -> tuple[Payload, dict]:
+def _checked_header(data: bytes) -> tuple[dict, int, int, bytes, bytes]:
+    """(header, version, header length, body, digest) with every header check done, no section inflated."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -624,6 +625,22 @@ def _decode(data: bytes, groups: Any = None) -> tuple[Payload, dict]:
     if _PREFIX.size + header_len > len(body):
         raise PayloadError(f"payload truncated: header length {header_len} runs past the end of the file")
     header = _parse_header(body[_PREFIX.size : _PREFIX.size + header_len], version)
+    return header, version, header_len, body, digest
+
+
+def peek_header(data: bytes) -> dict:
+    """The validated header alone: lets a receiver refuse another pool's payload before inflating anything."""
+    try:
+        return _checked_header(data)[0]
+    except PayloadError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as e:
+        raise PayloadError(f"malformed payload: {_one_line(e)}") from None
+
+
+def _decode(data: bytes, groups: Any = None) -> tuple[Payload, dict]:
+    header, version, header_len, body, digest = _checked_header(data)
+    total = len(data)
     pool_size, count = header["pool_size"], header["count"]
     available = len(body) - _PREFIX.size - header_len
     declared = sum(sec["length"] for sec in header["sections"])

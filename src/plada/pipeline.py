@@ -6,10 +6,7 @@ receive: payload + pool -> fingerprint check -> labelled pool subset -> student 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import struct
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,29 +26,6 @@ from .train import accuracy, predict
 def _test_split(target: str, data: str | os.PathLike | None, split: str = "test"):
     src = load_source(target, data)
     return src.split(split) if split in src.splits() else None
-
-
-def _claimed_pool(data: bytes) -> tuple[object, object] | None:
-    """(pool_fingerprint, pool_size) as the header states them, without inflating any section.
-
-    The decoder bounds its memory by the counts the header claims (up to 50M images, a 256 MiB
-    bitmap), so a few-KB hostile file can cost gigabytes. Checking the claims against our own pool
-    first bounds a receiver by its pool size instead. None when unreadable or damaged (a flipped bit
-    must read as corruption, not as another pool): `decode` then says why.
-    """
-    if data[: len(payload.MAGIC)] != payload.MAGIC or len(data) < 46:
-        return None
-    if hashlib.sha256(data[:-32]).digest() != data[-32:]:
-        return None
-    _, version, hlen = struct.unpack_from("<8sHI", data)
-    readable = getattr(payload, "READABLE_VERSIONS", (payload.FORMAT_VERSION,))
-    if version not in readable or hlen > payload.MAX_HEADER_BYTES:
-        return None
-    try:
-        header = json.loads(data[14 : 14 + hlen])
-    except (ValueError, RecursionError):
-        return None
-    return (header.get("pool_fingerprint"), header.get("pool_size")) if isinstance(header, dict) else None
 
 
 def send(
@@ -208,21 +182,19 @@ def receive(
     student = student or StudentConfig()
     t0 = time.time()
     raw = payload.read_bytes(payload_path)
-    claims = _claimed_pool(raw)
-    if claims is None:
-        payload.read(payload_path)  # raises the decoder's own message
+    # The decoder bounds its memory by the sizes the header claims; checking those claims against
+    # our own pool first bounds a receiver by its pool instead (docs/HARDENING.md).
+    header = payload.peek_header(raw)
     if model_out is not None and not Path(model_out).parent.is_dir():
         raise PladaError(f"output folder does not exist: {Path(model_out).parent}")
     pool = pool if isinstance(pool, Pool) else open_pool(pool, data, progress=progress)
-    fp, size = claims or (None, None)
-    if isinstance(fp, str):
-        pool.check(fp)
-    if isinstance(size, int) and size != len(pool):
-        raise PladaError(f"payload is for a pool of {size} images, this pool has {len(pool)}")
-    p = payload.read(payload_path, groups=pool.groups()[0])
-    pool.check(p.pool_fingerprint)
-    if p.pool_size != len(pool):
-        raise PladaError(f"payload is for a pool of {p.pool_size} images, this pool has {len(pool)}")
+    pool.check(header["pool_fingerprint"])
+    if header["pool_size"] != len(pool):
+        raise PladaError(f"payload is for a pool of {header['pool_size']} images, this pool has {len(pool)}")
+    try:
+        p = payload.decode(raw, groups=pool.groups()[0])
+    except PladaError as e:
+        raise PladaError(f"{e} (file {payload_path})") from None
     keep = ~pool.missing[p.indices]
     dropped = int(len(keep) - keep.sum())
     if dropped and not allow_missing:

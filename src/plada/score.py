@@ -83,7 +83,7 @@ def model_digest(model: Classifier) -> str:
     return h.hexdigest()
 
 
-def _load_chunk(path: Path, rows: int, classes: int) -> np.ndarray | None:
+def load_chunk(path: Path, rows: int, classes: int) -> np.ndarray | None:
     """A finished chunk, or None when absent or not what this run would have written (then recompute)."""
     try:
         arr = np.load(path)
@@ -92,21 +92,30 @@ def _load_chunk(path: Path, rows: int, classes: int) -> np.ndarray | None:
     return arr if arr.dtype == np.float32 and arr.shape == (rows, classes) else None
 
 
+def score_dir(cache: str | os.PathLike, pool: Pool, model: Classifier, chunk: int) -> Path:
+    """Where the chunks of one (pool, teacher, chunk size) live, whichever engine computed them.
+
+    Engines share it on purpose: chunks scored on a cluster (`--engine ray`) are reused by a later
+    local `send`, as chunks from another thread count would be.
+    """
+    suffix = "" if chunk == CHUNK else f"-c{chunk}"  # default size keeps the older caches' folder name
+    return Path(cache) / f"{pool.fingerprint[:16]}-{model_digest(model)[:16]}{suffix}"
+
+
 def score_pool(
     model: Classifier, pool: Pool, cache: Path, batch_size: int = 256, progress: bool = True,
     chunk: int | None = None,
 ) -> Scores:
     """Teacher logits for the whole pool, resumable chunk by chunk from `cache`."""
     chunk = chunk or chunk_size()
-    suffix = "" if chunk == CHUNK else f"-c{chunk}"  # default size keeps the older caches' folder name
-    d = Path(cache) / f"{pool.fingerprint[:16]}-{model_digest(model)[:16]}{suffix}"
+    d = score_dir(cache, pool, model, chunk)
     d.mkdir(parents=True, exist_ok=True)
     n, classes = len(pool), model.head.out_features
     parts = []
     with tqdm(total=n, desc="scoring pool", unit="img", disable=not progress) as bar:
         for a in range(0, n, chunk):
             path = d / f"{a:012d}.npy"
-            logits = _load_chunk(path, min(chunk, n - a), classes)
+            logits = load_chunk(path, min(chunk, n - a), classes)
             if logits is None:
                 logits = predict(model, pool.images[a : a + chunk], batch_size=batch_size, progress=False)
                 logits = logits.astype(np.float32)
