@@ -50,6 +50,7 @@ POLICIES = {  # name -> (policy, safety share, alpha)
     "safety-net a=-0.2": ("lowest-energy", SAFETY_SHARE, -0.2),
 }
 PER_CLASS = (1, 2, 4, 8, 16)  # real-image baselines: images per class
+DISCUSSION = "## Discussion (hand-written)"
 
 
 @dataclass
@@ -345,12 +346,16 @@ def write_markdown(res: dict, path: Path, plots: dict[str, str]) -> None:
     L += ["", "## Plots", ""] + [f"![{t}]({p})" for t, p in plots.items()]
     L += ["", "## What agrees with the paper, and what does not", "", "Computed from the numbers above:", ""]
     L += [f"- {s}" for s in findings(res)]
+    old = path.read_text() if path.is_file() else ""
+    if DISCUSSION in old:  # the hand-written reading of the numbers survives regeneration
+        L += ["", old[old.index(DISCUSSION):].rstrip()]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(L) + "\n")
 
 
 def plot(res: dict, t: str, path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -375,6 +380,8 @@ def plot(res: dict, t: str, path: Path) -> None:
     ax.plot([h["bytes"] / 1000], [100 * h["accuracy"]], "*", ms=12, label="int8 linear head")
     ax.axhline(100 * r["upper_bound"]["accuracy"], color="grey", lw=0.8, ls="-.", label="upper bound (real data)")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("payload (KB, log scale)")
     ax.set_ylabel("student test accuracy (%)")
     ax.set_title(f"{t}: accuracy vs payload (linear student)")
