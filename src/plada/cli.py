@@ -66,6 +66,23 @@ def _select_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
 
 
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("scoring engine")
+    g.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="where the pool is scored: this process, or a Ray actor pool ($RAY_ADDRESS, else local)")
+    g.add_argument("--actors", type=_positive, default=None, help="ray: actors (default: one per GPU, else one)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive integer: {text!r}")
+    return value
+
+
 def _student_args(p: argparse.ArgumentParser, epochs: float = 15.0) -> None:
     g = p.add_argument_group("student")
     g.add_argument("--student", default="efficientnet-lite0", help="student backbone (registry name)")
@@ -97,10 +114,21 @@ def cmd_pool_build(a: argparse.Namespace) -> dict:
             "missing": int(pool.missing.sum()), "skipped": pool.skipped}
 
 
-def cmd_pool_export(a: argparse.Namespace) -> dict:
-    from .pool import export_manifest, open_pool
+def cmd_pool_shard(a: argparse.Namespace) -> dict:
+    from .shards import open_any, write_shards
 
-    pool = open_pool(a.pool, build=False)
+    pool = write_shards(open_any(a.pool, a.data, progress=not a.json), a.out, shard_size=a.shard_size,
+                        encoding=a.format, progress=not a.json)
+    return {"name": pool.name, "size": len(pool), "fingerprint": pool.fingerprint, "path": str(pool.root),
+            "shards": len(pool.shards), "shard_size": pool.shard_size, "format": pool.encoding,
+            "bytes": sum((pool.root / s.file).stat().st_size for s in pool.shards)}
+
+
+def cmd_pool_export(a: argparse.Namespace) -> dict:
+    from .pool import export_manifest
+    from .shards import open_any
+
+    pool = open_any(a.pool, build=False)
     out = export_manifest(pool, a.out)
     return {"name": pool.name, "size": len(pool), "fingerprint": pool.fingerprint, "manifest": str(out)}
 
@@ -110,7 +138,14 @@ def cmd_send(a: argparse.Namespace) -> dict:
 
     return send(a.target, a.pool, a.out, data=a.data, teacher=_teacher_cfg(a), keep=a.keep, count=a.count,
                 policy=a.policy, temperature=a.temperature, safety_share=a.safety_share, alpha=a.alpha, seed=a.seed,
-                progress=not a.json, budget_bytes=a.budget)
+                progress=not a.json, budget_bytes=a.budget, engine=a.engine, actors=a.actors)
+
+
+def cmd_score(a: argparse.Namespace) -> dict:
+    from .pipeline import score
+
+    return score(a.pool, a.target, model_path=a.model, out=a.out, data=a.data, teacher=_teacher_cfg(a),
+                 engine=a.engine, actors=a.actors, temperature=a.temperature, progress=not a.json)
 
 
 def cmd_receive(a: argparse.Namespace) -> dict:
@@ -125,9 +160,9 @@ def cmd_inspect(a: argparse.Namespace) -> dict:
 
     groups = None
     if a.pool is not None:
-        from .pool import open_pool
+        from .shards import open_any
 
-        groups = open_pool(a.pool, a.data, progress=False).groups()[0]
+        groups = open_any(a.pool, a.data, progress=False).groups()[0]
     return payload.describe(payload.read_bytes(a.payload), groups=groups)
 
 
@@ -168,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("pool", help="pool name or folder")
     e.add_argument("--out", "-o", required=True, help="manifest file to write")
     e.set_defaults(func=cmd_pool_export)
+    h = pool.add_parser("shard", help="write a pool as WebDataset-style tar shards (any --pool accepts the folder)")
+    h.add_argument("pool", help="pool name or folder (built from its source if needed)")
+    h.add_argument("--out", "-o", required=True, help="folder to write (pool-000000.tar, ..., manifest.tsv, pool.json)")
+    h.add_argument("--shard-size", type=int, default=10000, help="manifest rows per shard")
+    h.add_argument("--format", default="npy", choices=["npy", "png"], help="how each image is stored")
+    h.add_argument("--data", default=None, help=data_help)
+    h.set_defaults(func=cmd_pool_shard)
 
     s = sub.add_parser("send", help="target + pool -> .plada payload")
     s.add_argument("target", help="target dataset (name in the data folder, or a path)")
@@ -176,7 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default=None, help=data_help)
     _teacher_args(s)
     _select_args(s)
+    _engine_args(s)
     s.set_defaults(func=cmd_send)
+
+    c = sub.add_parser("score", help="score every pool image with the teacher (cached; a later send reuses it)")
+    c.add_argument("target", nargs="?", default=None, help="target dataset whose teacher scores the pool")
+    c.add_argument("--model", default=None, help="score with this saved model (safetensors) instead of a teacher")
+    c.add_argument("--pool", default="tinyimagenet32", help="pool name or folder (sharded or not)")
+    c.add_argument("--out", "-o", default=None, help="write logits, labels and energies here (.npz)")
+    c.add_argument("--data", default=None, help=data_help)
+    c.add_argument("--temperature", "-T", type=float, default=1.0, help="energy temperature T")
+    c.add_argument("--seed", type=int, default=0)
+    _teacher_args(c)
+    _engine_args(c)
+    c.set_defaults(func=cmd_score)
 
     r = sub.add_parser("receive", help=".plada payload + pool -> trained student")
     r.add_argument("payload")

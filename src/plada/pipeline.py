@@ -13,11 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backbones, payload, select
-from .data import cache_root, load_source
+from . import backbones, engines, payload, select
+from .data import atomic_write, cache_root, load_source
 from .errors import PladaError
-from .pool import Pool, open_pool
-from .score import chunk_size, score_pool
+from .pool import Pool
+from .score import chunk_size
+from .shards import open_any
 from .student import StudentConfig, train_student
 from .teacher import TeacherConfig, train_teacher
 from .train import accuracy, predict
@@ -47,16 +48,20 @@ def send(
     budget_bytes: int | None = None,
     proxy: str = "efficientnet-lite0",
     proxy_res: int = 64,
+    engine: str = "local",
+    actors: int | None = None,
 ) -> dict:
     """Make a payload for `target` over `pool`; returns a report (teacher accuracy, bytes, class counts).
 
     `policy="auto"` (implied by `budget_bytes`) searches policies and keep sizes with proxy students
-    on held-out target images and sends the best forecast; see `plada.auto`.
+    on held-out target images and sends the best forecast; see `plada.auto`. `engine` says where
+    the pool is scored (`plada.engines`); the payload does not depend on it.
     """
     teacher = teacher or TeacherConfig()
     if temperature <= 0:
         raise PladaError(f"temperature must be positive, got {temperature}")
     chunk_size()  # a bad PLADA_SCORE_CHUNK fails now, not after the teacher
+    engines.check_engine(engine)
     out = Path(out)
     if not out.parent.is_dir():
         raise PladaError(f"output folder does not exist: {out.parent}")
@@ -64,7 +69,7 @@ def send(
     src = load_source(target, data, progress=progress)
     train = src.split(train_split)
     test = src.split(test_split) if test_split in src.splits() else None
-    pool = pool if isinstance(pool, Pool) else open_pool(pool, data, progress=progress)
+    pool = pool if isinstance(pool, Pool) else open_any(pool, data, progress=progress)
     if pool.missing.any():  # its zero rows would be scored, kept and labelled like real images
         raise PladaError(f"pool '{pool.name}' lacks {int(pool.missing.sum())} of its manifest's images; "
                          "a sender needs the complete pool")
@@ -74,7 +79,7 @@ def send(
     if policy != "auto":
         select.rank_key(policy, np.zeros(1), np.zeros(1))  # reject an unknown policy before hours of work
     model, tinfo = train_teacher(train, test, teacher, cache_root() / "teachers", progress=progress)
-    scores = score_pool(model, pool, cache_root() / "scores", progress=progress)
+    scores = engines.score(model, pool, cache_root() / "scores", engine=engine, progress=progress, actors=actors)
     labels = scores.labels
     auto_report = None
     if policy == "auto":
@@ -82,7 +87,7 @@ def send(
                         "test_accuracy": tinfo.get("test_accuracy")}
         base = {"target": src.name, "keep": None, "temperature": temperature, "teacher": teacher_meta}
         choice = _auto_choice(train, test, pool, teacher, scores, base, budget_bytes, None if budget_bytes else k,
-                              temperature, seed, proxy, proxy_res, progress)
+                              temperature, seed, proxy, proxy_res, progress, engine=engine, actors=actors)
         idx, sel_labels, meta = choice.indices, choice.labels, {**base, **choice.meta()}
         auto_report = choice.summary()
         p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, sel_labels, meta)
@@ -120,7 +125,7 @@ def send(
 
 
 def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k, temperature, seed, proxy, proxy_res,
-                 progress):
+                 progress, engine="local", actors=None):
     """Pick the policy with proxy students scored on target images the deciding teacher never saw.
 
     A teacher trained on a subset (`--teacher-limit`) leaves the rest of train unseen: those are
@@ -143,7 +148,9 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
         fit = train.take(ref_idx)
         cfg = replace(teacher, limit=None)
         t90, _ = train_teacher(fit, None, cfg, cache_root() / "teachers", progress=progress)
-        decide_scores, refit = score_pool(t90, pool, cache_root() / "scores", progress=progress), True
+        decide_scores = engines.score(t90, pool, cache_root() / "scores", engine=engine, progress=progress,
+                                      actors=actors)
+        refit = True
     held = train.take(held_idx)
     ref = train.take(np.sort(np.random.default_rng(seed).permutation(ref_idx)[:5000]))
     key = "/".join((train.dataset, train.split, str(len(train))))
@@ -187,7 +194,7 @@ def receive(
     header = payload.peek_header(raw)
     if model_out is not None and not Path(model_out).parent.is_dir():
         raise PladaError(f"output folder does not exist: {Path(model_out).parent}")
-    pool = pool if isinstance(pool, Pool) else open_pool(pool, data, progress=progress)
+    pool = pool if isinstance(pool, Pool) else open_any(pool, data, progress=progress)
     pool.check(header["pool_fingerprint"])
     if header["pool_size"] != len(pool):
         raise PladaError(f"payload is for a pool of {header['pool_size']} images, this pool has {len(pool)}")
@@ -221,4 +228,61 @@ def receive(
         backbones.save(model, model_out, list(p.class_names), {k: v for k, v in report.items() if k != "seconds"})
         report["model"] = str(model_out)
     report["seconds"] = round(time.time() - t0, 1)
+    return report
+
+
+def score(
+    pool: str | Pool,
+    target: str | None = None,
+    model_path: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    data: str | os.PathLike | None = None,
+    teacher: TeacherConfig | None = None,
+    engine: str = "local",
+    actors: int | None = None,
+    temperature: float = 1.0,
+    train_split: str = "train",
+    test_split: str = "test",
+    progress: bool = True,
+) -> dict:
+    """Score a pool without selecting anything: the sender's longest step on its own.
+
+    Run it where the compute is (`engine="ray"` on a cluster) before `send`: the chunks land in the
+    same score cache, so a later `send` with the same teacher and pool only selects and writes. The
+    teacher is the cached one `send` would train for `target`, or a saved model (`model_path`).
+    `out` gets logits, labels and energies in manifest order (`.npz`).
+    """
+    if (target is None) == (model_path is None):
+        raise PladaError("score needs either a target dataset (whose teacher scores the pool) or --model, not both")
+    if temperature <= 0:
+        raise PladaError(f"temperature must be positive, got {temperature}")
+    chunk_size()
+    engines.check_engine(engine)
+    if out is not None and not Path(out).parent.is_dir():
+        raise PladaError(f"output folder does not exist: {Path(out).parent}")
+    t0 = time.time()
+    if model_path is not None:
+        model, class_names, _ = backbones.load(model_path)
+        tinfo: dict = {}
+    else:
+        src = load_source(target, data, progress=progress)
+        train = src.split(train_split)
+        test = src.split(test_split) if test_split in src.splits() else None
+        model, tinfo = train_teacher(train, test, teacher or TeacherConfig(), cache_root() / "teachers",
+                                     progress=progress)
+        class_names = train.class_names
+    pool = pool if isinstance(pool, Pool) else open_any(pool, data, progress=progress)
+    t1 = time.time()
+    scores = engines.score(model, pool, cache_root() / "scores", engine=engine, progress=progress, actors=actors)
+    seconds = time.time() - t1
+    labels, en = scores.labels, scores.energy(temperature)
+    report = {"pool": pool.name, "pool_size": len(pool), "fingerprint": pool.fingerprint, "engine": engine,
+              "classes": list(class_names), "teacher_accuracy": tinfo.get("test_accuracy"),
+              "per_class": np.bincount(labels, minlength=len(class_names)).tolist(),
+              "energy": {"min": float(en.min()), "mean": float(en.mean()), "max": float(en.max())} if len(en) else None,
+              "score_seconds": round(seconds, 2), "seconds": round(time.time() - t0, 1)}
+    if out is not None:
+        atomic_write(out, lambda f: np.savez(f, logits=scores.logits, labels=labels, energy=en,
+                                             fingerprint=np.array(pool.fingerprint), temperature=temperature))
+        report["scores"] = str(out)
     return report

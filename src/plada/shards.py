@@ -67,8 +67,18 @@ def _encode(arr: np.ndarray, encoding: str) -> bytes:
     return buf.getvalue()
 
 
-def _decode(raw: bytes, ext: str) -> np.ndarray:
+def _npy_header(res: int) -> bytes:
+    """The `.npy` header our writer gives an `(res, res, 3)` uint8 image: matching its bytes is much
+    cheaper than parsing it, and parsing costs more than copying the pixels."""
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((res, res, 3), np.uint8), allow_pickle=False)
+    return buf.getvalue()[: -res * res * 3]
+
+
+def _decode(raw: bytes, ext: str, res: int, npy_header: bytes) -> np.ndarray:
     if ext == "npy":
+        if raw.startswith(npy_header) and len(raw) == len(npy_header) + res * res * 3:
+            return np.frombuffer(raw, np.uint8, offset=len(npy_header)).reshape(res, res, 3)
         return np.load(io.BytesIO(raw), allow_pickle=False)
     with Image.open(io.BytesIO(raw)) as img:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
@@ -151,6 +161,55 @@ def write_shards(
     return open_sharded(out)
 
 
+class _NotPlainTar(Exception):
+    """A tar feature the fast reader leaves to `tarfile` (long names, pax headers, huge sizes)."""
+
+
+def _plain_members(f: io.BufferedReader) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file of a plain USTAR stream, checksums verified.
+
+    `tarfile` costs about as much per member as decoding a small image; shards are written as plain
+    USTAR, so reading them is a loop over 512-byte headers. Anything else raises `_NotPlainTar`.
+    """
+    while True:
+        h = f.read(512)
+        if h == bytes(512):
+            return
+        if len(h) < 512:  # our writer always ends with zero blocks: their absence means a cut file
+            raise tarfile.ReadError("truncated (no end-of-archive marker)")
+        try:
+            chk = int(h[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+            size = int(h[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            raise _NotPlainTar from None
+        if chk != sum(h[:148]) + 256 + sum(h[156:]):
+            raise tarfile.ReadError("bad header checksum")
+        kind = h[156:157]
+        if kind not in (b"0", b"\0", b"5"):
+            raise _NotPlainTar
+        name = h[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        if h[257:262] == b"ustar" and h[345:500].strip(b"\0"):
+            name = h[345:500].split(b"\0", 1)[0].decode("utf-8", "replace") + "/" + name
+        data = f.read(size)
+        if len(data) < size:
+            raise tarfile.ReadError("truncated member")
+        f.seek(-size % 512, os.SEEK_CUR)
+        if kind != b"5":
+            yield name, data
+
+
+def _members(file: Path, fast: bool) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file in tar order, by the fast reader or by `tarfile`."""
+    if fast:
+        with open(file, "rb") as f:
+            yield from _plain_members(f)
+        return
+    with tarfile.open(file, mode="r|") as tar:
+        for m in tar:
+            if m.isfile():
+                yield m.name, tar.extractfile(m).read()
+
+
 def manifest_slice(manifest: str | os.PathLike, offset: int, count: int) -> tuple[list[str], list[str]]:
     """(paths, hashes) of `count` manifest lines from byte `offset`: what one shard's reader needs."""
     paths, hashes = [], []
@@ -174,6 +233,7 @@ def read_shard(
     file = Path(file)
     n = len(paths)
     where = {p: i for i, p in enumerate(paths)}
+    npy_header = _npy_header(res)
     images = np.zeros((n, res, res, 3), dtype=np.uint8)
     held = np.zeros(n, dtype=bool)
     pending: dict[str, dict[str, bytes]] = {}
@@ -194,7 +254,7 @@ def read_shard(
             raise PladaError(f"shard {file.name} holds '{path}' twice")
         ext = next(e for e in ENCODINGS if e in parts)
         try:
-            arr = _decode(parts[ext], ext)
+            arr = _decode(parts[ext], ext, res, npy_header)
         except Exception:  # numpy and PIL raise many types on damaged bytes
             raise PladaError(f"shard {file.name}: image of '{path}' is unreadable") from None
         if arr.shape != (res, res, 3) or arr.dtype != np.uint8 or _pixels_digest(arr) != digest:
@@ -202,19 +262,22 @@ def read_shard(
         images[i] = arr
         held[i] = True
 
-    try:
-        with tarfile.open(file, mode="r|") as tar:  # one sequential pass: how shards are streamed
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.rsplit("/", 1)[-1].partition(".")
-                if ext not in ("json", *ENCODINGS):
-                    continue
-                raw = tar.extractfile(m).read()
+    def consume(fast: bool) -> None:
+        for name, raw in _members(file, fast):  # one sequential pass: how shards are streamed
+            key, _, ext = name.rsplit("/", 1)[-1].partition(".")
+            if ext in ("json", *ENCODINGS):
                 parts = pending.setdefault(key, {})
                 parts[ext] = raw
                 if "json" in parts and any(e in parts for e in ENCODINGS):
                     place(key, pending.pop(key))
+
+    try:
+        try:
+            consume(fast=True)
+        except _NotPlainTar:  # a shard written by another tool: start again with tarfile
+            images[:], held[:] = 0, False
+            pending.clear()
+            consume(fast=False)
     except (tarfile.TarError, EOFError, OSError) as e:
         raise PladaError(f"cannot read shard {file}: {e}") from None
     if pending:
@@ -321,14 +384,16 @@ def open_sharded(root: str | os.PathLike) -> ShardedPool:
         raise PladaError(f"sharded pool {root} is damaged: its manifest does not match its recorded fingerprint")
     try:
         shards = [Shard(**s) for s in meta["shards"]]
-        res = int(meta["resolution"])
+        res, size = int(meta["resolution"]), int(meta["shard_size"])
     except (KeyError, TypeError, ValueError):
         raise PladaError(f"sharded pool {root} is damaged: pool.json lacks its shard table") from None
     edge = 0
-    for s in shards:
-        if s.start != edge or s.stop <= s.start or not 0 <= s.count <= s.stop - s.start:
-            raise PladaError(f"sharded pool {root} is damaged: shard {s.file} does not continue the manifest at row "
-                             f"{edge}")
+    for k, s in enumerate(shards):  # uniform shards: a shard is exactly one scoring chunk, whichever engine
+        rows = s.stop - s.start
+        if s.start != edge or not 0 < rows <= size or (rows < size and k < len(shards) - 1) \
+                or not 0 <= s.count <= rows:
+            raise PladaError(f"sharded pool {root} is damaged: shard {s.file} is not manifest rows "
+                             f"{edge}..{min(edge + size, len(paths))}")
         if not (root / s.file).is_file():
             raise PladaError(f"sharded pool {root} lacks shard {s.file}")
         edge = s.stop
@@ -339,7 +404,7 @@ def open_sharded(root: str | os.PathLike) -> ShardedPool:
         raise PladaError(f"sharded pool {root} is damaged: its missing mask does not match its manifest")
     pool = ShardedPool(str(meta.get("name", root.name)), root, None, paths, hashes, fp, missing,  # type: ignore[arg-type]
                        int(meta.get("skipped", 0)), shards=shards, resolution=res,
-                       encoding=str(meta.get("encoding", "npy")), shard_size=int(meta.get("shard_size", SHARD_SIZE)))
+                       encoding=str(meta.get("encoding", "npy")), shard_size=size)
     pool.images = ShardImages(pool)  # type: ignore[assignment]
     return pool
 
