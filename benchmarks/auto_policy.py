@@ -282,24 +282,11 @@ def write_markdown(res: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.auto_policy", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small subset (minutes); used by the test suite")
-    ap.add_argument("--data", default=None, help="dataset folder (default: $PLADA_DATA)")
-    ap.add_argument("--pool", default=None, help="pool spec, NAME or NAME:split,split")
-    ap.add_argument("--targets", nargs="+", default=None)
-    ap.add_argument("--teacher", default=None, help="teacher backbone (default efficientnet-lite0)")
+    paper.add_common_args(ap)
     ap.add_argument("--budgets", nargs="+", type=int, default=None, help="byte budgets (default 1000 5000 20000)")
     ap.add_argument("--eval-seeds", nargs="+", type=int, default=None, help="test-split student seeds (default 0)")
-    ap.add_argument("--out-dir", default=".", help="writes results/ and docs/ below it")
     a = ap.parse_args(argv)
-    cfg = AutoConfig()
-    if a.pool:
-        cfg.pool = a.pool
-    if a.targets:
-        cfg.targets = tuple(a.targets)
-    if a.teacher:
-        cfg.teacher = a.teacher
-    if a.quick:
-        cfg = quick_config(cfg)
+    cfg = paper.apply_common_args(AutoConfig(), a, quick_config)
     if a.budgets:
         cfg.budgets = tuple(a.budgets)
     if a.eval_seeds:

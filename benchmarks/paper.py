@@ -19,6 +19,7 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -393,24 +394,31 @@ def plot(res: dict, t: str, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.paper", description=__doc__.split("\n\n")[0])
+def add_common_args(ap: argparse.ArgumentParser) -> None:
+    """Options every benchmark over the paper's setting shares, so their caches line up."""
     ap.add_argument("--quick", action="store_true", help="small subset (minutes); used by the test suite")
     ap.add_argument("--data", default=None, help="dataset folder (default: $PLADA_DATA)")
     ap.add_argument("--pool", default=None, help="pool spec, NAME or NAME:split,split")
     ap.add_argument("--targets", nargs="+", default=None)
     ap.add_argument("--teacher", default=None, help="teacher backbone (default efficientnet-lite0)")
-    ap.add_argument("--out-dir", default=".", help="writes results/, docs/ and docs/plots/ below it")
-    a = ap.parse_args(argv)
-    cfg = Config()
+    ap.add_argument("--out-dir", default=".", help="writes results/ and docs/ below it")
+
+
+def apply_common_args(cfg: Config, a: argparse.Namespace, quick: Callable[[Config], Config] | None = None) -> Config:
     if a.pool:
         cfg.pool = a.pool
     if a.targets:
         cfg.targets = tuple(a.targets)
     if a.teacher:
         cfg.teacher = a.teacher
-    if a.quick:
-        cfg = quick_config(cfg)
+    return (quick or quick_config)(cfg) if a.quick else cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.paper", description=__doc__.split("\n\n")[0])
+    add_common_args(ap)
+    a = ap.parse_args(argv)
+    cfg = apply_common_args(Config(), a)
     out = Path(a.out_dir)
     stem = "paper_quick" if a.quick else "paper"
     t0 = time.time()
