@@ -28,12 +28,11 @@ import numpy as np
 
 from benchmarks import paper
 from plada import auto
-from plada.data import Split, cache_root, load_source
+from plada.data import Split, cache_root
 from plada.errors import PladaError
 from plada.features import cached_features, feature_model, split_key
 from plada.pool import Pool
 from plada.score import score_pool
-from plada.teacher import TeacherConfig, train_teacher
 from plada.train import accuracy, train_head
 
 BUDGETS = (1000, 5000, 20000)
@@ -57,13 +56,6 @@ def quick_config(cfg: AutoConfig) -> AutoConfig:
     return cfg
 
 
-def teacher_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
-    """The train rows `Split.subset(limit, seed)` gives the teacher (checked against it by the caller)."""
-    if limit is None or limit >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
-
-
 def subsample(idx: np.ndarray, limit: int, seed: int) -> np.ndarray:
     if len(idx) <= limit:
         return idx
@@ -79,20 +71,10 @@ def split_features(fm, train: Split, src_root: Path, idx: np.ndarray, what: str)
 
 def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) -> dict:
     t0 = time.time()
-    src = load_source(target, data)
-    train, test = src.split("train"), src.split("test")
-    test = test.subset(cfg.test_limit)
+    src, train, test, tcfg, teacher, tinfo = paper.target_teacher(target, cfg, data)
     n_cls = len(train.class_names)
-    # The teacher exactly as benchmarks.paper makes it, so both share its cache.
-    sub_n = min(len(train), cfg.teacher_limit or len(train))
-    epochs = round(min(30.0, cfg.teacher_samples / sub_n), 2)
-    tcfg = TeacherConfig(model=cfg.teacher, res=cfg.teacher_res, epochs=epochs, limit=cfg.teacher_limit,
-                         flip=target not in paper.NO_FLIP)
-    teacher, tinfo = train_teacher(train, test, tcfg, cache_root() / "teachers")
     log(f"[{target}] teacher {cfg.teacher}: test accuracy {tinfo['test_accuracy']:.4f}")
-    seen = teacher_indices(len(train), tcfg.limit, tcfg.seed)
-    if not np.array_equal(train.subset(tcfg.limit, tcfg.seed).labels, train.labels[seen]):
-        raise PladaError("Split.subset no longer picks the rows this benchmark assumes; update teacher_indices")
+    seen = train.subset_indices(tcfg.limit, tcfg.seed)
     unseen = np.setdiff1d(np.arange(len(train)), seen)
     saw = len(unseen) == 0
     if saw:

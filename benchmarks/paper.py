@@ -143,17 +143,24 @@ def int8_head(w: np.ndarray, b: np.ndarray) -> tuple[int, np.ndarray, np.ndarray
     return nbytes, q.astype(np.float32) * scale.astype(np.float16).astype(np.float32), b.astype(np.float16)
 
 
-def run_target(target: str, pool: Pool, cfg: Config, data: str | None, log) -> dict:
-    t0 = time.time()
+def target_teacher(target: str, cfg: Config, data: str | None):
+    """(source, train, test, teacher config, teacher, info), made identically by every benchmark so they
+    share one cached teacher and one pool scoring per target."""
     src = load_source(target, data)
-    train, test = src.split("train"), src.split("test")
-    test = test.subset(cfg.test_limit)
-    n_cls = len(train.class_names)
-    flip = target not in NO_FLIP
+    train, test = src.split("train"), src.split("test").subset(cfg.test_limit)
     sub_n = min(len(train), cfg.teacher_limit or len(train))
     epochs = round(min(30.0, cfg.teacher_samples / sub_n), 2)
-    tcfg = TeacherConfig(model=cfg.teacher, res=cfg.teacher_res, epochs=epochs, limit=cfg.teacher_limit, flip=flip)
+    tcfg = TeacherConfig(model=cfg.teacher, res=cfg.teacher_res, epochs=epochs, limit=cfg.teacher_limit,
+                         flip=target not in NO_FLIP)
     teacher, tinfo = train_teacher(train, test, tcfg, cache_root() / "teachers")
+    return src, train, test, tcfg, teacher, tinfo
+
+
+def run_target(target: str, pool: Pool, cfg: Config, data: str | None, log) -> dict:
+    t0 = time.time()
+    src, train, test, tcfg, teacher, tinfo = target_teacher(target, cfg, data)
+    n_cls = len(train.class_names)
+    flip = tcfg.flip
     log(f"[{target}] teacher {cfg.teacher}: test accuracy {tinfo['test_accuracy']:.4f} ({tinfo['train_seconds']} s)")
     scores = score_pool(teacher, pool, cache_root() / "scores")
     plabels, energy, entropy = scores.labels, scores.energy(), scores.entropy()

@@ -24,11 +24,6 @@ from .teacher import TeacherConfig, train_teacher
 from .train import accuracy, predict
 
 
-def _test_split(target: str, data: str | os.PathLike | None, split: str = "test"):
-    src = load_source(target, data)
-    return src.split(split) if split in src.splits() else None
-
-
 def send(
     target: str,
     pool: str | Pool,
