@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from plada.cli import main
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 200)}
 
@@ -54,3 +57,15 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     d = tmp_path / "cache"
     monkeypatch.setenv("PLADA_CACHE", str(d))
     return d
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, dict | None, str]:
+    """The real CLI in-process with --json: (exit code, parsed output, stderr)."""
+    code = main(["--json", *argv])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def one_line(err: str) -> bool:
+    """A user mistake must read as one line, never a traceback."""
+    return len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import _image, write_archive
+from conftest import _image, one_line, run, write_archive
 
 from plada import payload
 from plada.cli import main
@@ -26,16 +26,6 @@ from plada.pool import Pool
 
 FAST = ["--teacher-res", "32", "--teacher-epochs", "1", "--keep", "10%"]
 STUDENT = ["--student-res", "32", "--student-epochs", "1"]
-
-
-def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, dict | None, str]:
-    code = main(["--json", *argv])
-    out, err = capsys.readouterr()
-    return code, (json.loads(out) if code == 0 else None), err
-
-
-def one_line(err: str) -> bool:
-    return len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def tar_members(path: Path) -> dict[str, bytes]:

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run
 
 from plada import payload
 from plada.cli import main
 from plada.score import energy
 
 FAST = ["--teacher-res", "32", "--teacher-epochs", "4", "--keep", "10%"]
-
-
-def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, dict | None, str]:
-    code = main(["--json", *argv])
-    out, err = capsys.readouterr()
-    return code, (json.loads(out) if code == 0 else None), err
 
 
 def test_send_inspect_receive(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

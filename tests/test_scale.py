@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import one_line, run
 
 from plada import engines, payload
 from plada.backbones import create
@@ -24,16 +25,6 @@ from plada.shards import ShardedPool, open_sharded, write_shards
 
 ray = pytest.importorskip("ray")
 FAST = ["--teacher", "small-cnn", "--teacher-res", "32", "--teacher-epochs", "1", "--keep", "10%"]
-
-
-def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, dict | None, str]:
-    code = main(["--json", *argv])
-    out, err = capsys.readouterr()
-    return code, (json.loads(out) if code == 0 else None), err
-
-
-def one_line(err: str) -> bool:
-    return len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
 def members(path: Path) -> list[tuple[str, bytes]]:

@@ -21,10 +21,12 @@ import io
 import json
 import os
 import secrets
+import shutil
 import sys
 import tarfile
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,6 +230,22 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[io.BufferedWri
 def atomic_save_npy(path: str | os.PathLike, arr: np.ndarray) -> None:
     """`np.save`, atomically."""
     atomic_write(path, lambda f: np.save(f, arr))
+
+
+@contextmanager
+def building_dir(final: Path) -> Iterator[Path]:
+    """A folder built beside `final` and renamed into place whole, or removed on any error."""
+    tmp = final.with_name(final.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_json_atomic(path: str | os.PathLike, obj: object) -> None:

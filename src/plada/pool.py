@@ -20,14 +20,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .data import atomic_save_npy, atomic_write, cache_root, load_source, write_json_atomic
+from .data import atomic_save_npy, atomic_write, building_dir, cache_root, load_source, write_json_atomic
 from .errors import PladaError, PoolMismatchError
 
 DEFAULT_POOL = "tinyimagenet32"
@@ -187,10 +186,7 @@ def build_pool(
     src_idx = np.fromiter((x[2] for x in rows), dtype=np.int64, count=len(rows))
     row_idx = np.fromiter((x[3] for x in rows), dtype=np.int64, count=len(rows))
     missing = src_idx < 0
-    tmp = root.with_name(root.name + ".building")  # the whole folder appears at once, by rename
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with building_dir(root) as tmp:
         r = res.pop()
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
                                            shape=(len(rows), r, r, 3))  # zeros: missing rows stay black
@@ -207,12 +203,6 @@ def build_pool(
         write_json_atomic(tmp / "pool.json", {"name": name, "sources": sources, "size": len(paths),
                                               "fingerprint": fp, "resolution": r, "missing": int(missing.sum()),
                                               "skipped": skipped})
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return open_pool(root)
 
 

@@ -24,7 +24,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .data import atomic_save_npy, atomic_write, write_json_atomic
+from .data import atomic_save_npy, atomic_write, building_dir, write_json_atomic
 from .errors import PladaError
 from .pool import Pool, manifest_text, open_pool, pools_dir, read_manifest
 
@@ -128,10 +127,7 @@ def write_shards(
         raise PladaError(f"pool '{pool.name}' is empty: nothing to shard")
     n, res = len(pool), int(pool.images.shape[1])
     missing = np.asarray(pool.missing, dtype=bool)
-    tmp = out.with_name(out.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with building_dir(out) as tmp:
         text = manifest_text(pool.paths, pool.hashes)
         offsets = np.concatenate([[0], np.cumsum([len(p.encode()) + len(h) + 2
                                                   for p, h in zip(pool.paths, pool.hashes, strict=True)])])
@@ -152,12 +148,6 @@ def write_shards(
             "format": FORMAT, "name": pool.name, "size": n, "fingerprint": pool.fingerprint, "resolution": res,
             "missing": int(missing.sum()), "skipped": pool.skipped, "encoding": encoding, "shard_size": shard_size,
             "shards": [asdict(s) for s in shards]})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return open_sharded(out)
 
 
