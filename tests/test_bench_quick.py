@@ -34,3 +34,25 @@ def test_paper_quick(tiny_data: Path, cache: Path, tmp_path: Path) -> None:
         assert heading in md
     png = tmp_path / "docs" / "plots" / "paper_quick_tinytarget.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_payload_rate_quick(tiny_data: Path, cache: Path, tmp_path: Path) -> None:
+    from benchmarks import payload_rate
+
+    code = payload_rate.main(["--quick", "--data", str(tiny_data), "--pool", "tinypool", "--targets", "tinytarget",
+                              "--out-dir", str(tmp_path)])
+    assert code == 0
+    r = json.loads((tmp_path / "results" / "payload_rate_quick.json").read_text())["targets"]["tinytarget"]
+    families = {p["family"] for p in r["new_points"]}
+    assert families == {"lowest-energy+ctx", "whole-groups", "majority-relabel", "groups+exceptions"}
+    assert all(p["codec"] in ("gap-zstd", "bitmap-zstd") for p in r["paper_points"])
+    # the same selections with every codec allowed are never larger than with the paper's codecs only
+    for p, q in zip(r["paper_points"], [p for p in r["new_points"] if p["family"] == "lowest-energy+ctx"], strict=True):
+        assert q["bytes"] <= p["bytes"] and q["accuracy"] == p["accuracy"]
+    front = r["new_front"]
+    assert all(a["bytes"] < b["bytes"] and a["accuracy"]["mean"] < b["accuracy"]["mean"]
+               for a, b in zip(front, front[1:], strict=False))
+    assert (r["bytes_ratio"] is None) == (r["cheapest_within_tolerance"] is None)
+    md = (tmp_path / "docs" / "PAYLOAD_RATE_quick.md").read_text()
+    assert "| tinytarget |" in md and "## At equal bytes" in md
+    assert (tmp_path / "docs" / "plots" / "payload_rate_quick_tinytarget.png").read_bytes()[:4] == b"\x89PNG"
