@@ -236,3 +236,13 @@ def test_auto_policy_quick_benchmark(tiny_data: Path, cache: Path, tmp_path: Pat
     md = (tmp_path / "docs" / "AUTO_POLICY_quick.md").read_text()
     assert "python -m benchmarks.auto_policy --quick" in md and "tinytarget" in md and "Against the goals" in md
     assert "One fixed policy for every target" in md
+
+
+def test_forecast_ties_go_to_more_images() -> None:
+    """A tie carries no evidence, so the bigger labelled set wins it (not the smaller payload)."""
+    w = world(n=3000, c=1)  # one class: every candidate predicts it and is right on every held-out image
+    choice = run(w, budget_bytes=smallest(w) + 100)
+    assert {c["forecast"] for c in choice.candidates} == {1.0}
+    assert len({c["k"] for c in choice.candidates}) > 1
+    assert choice.k == max(c["k"] for c in choice.candidates)
+    assert choice.k < 3000 and choice.payload_bytes > min(c["bytes"] for c in choice.candidates)

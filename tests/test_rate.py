@@ -118,3 +118,18 @@ def test_cheap_selections_are_cheap():
 def test_bad_inputs_raise_plada_errors(call):
     with pytest.raises(PladaError):
         call()
+
+
+@FAST
+@given(st.lists(st.sampled_from(["a/x/1.png", "a/x/2.png", "a/y/1.png", "b/x/1.png", "top.png", "b/1.png"]),
+                min_size=1, max_size=30))
+def test_pool_groups_are_sorted_folders(paths):
+    """Group ids index the sorted folder names, exactly what np.unique(return_inverse) gives."""
+    from pathlib import Path
+
+    from plada.pool import Pool
+
+    pool = Pool("p", Path("."), np.zeros((len(paths), 1, 1, 3), np.uint8), paths, ["0" * 16] * len(paths), "f" * 64)
+    ids, names = pool.groups()
+    ref_names, ref_ids = np.unique([p.rsplit("/", 1)[0] for p in paths], return_inverse=True)
+    assert names == ref_names.tolist() and np.array_equal(ids, ref_ids) and ids.dtype == np.int64

@@ -57,9 +57,15 @@ class Pool:
     def groups(self) -> tuple[np.ndarray, list[str]]:
         """Group id per image (its folder) and the group names: the pool's only structure we use."""
         if self._groups is None:
-            folders = np.array([p.rsplit("/", 1)[0] for p in self.paths])
-            names, ids = np.unique(folders, return_inverse=True)
-            self._groups = (ids.astype(np.int64), names.tolist())
+            # A dict rather than np.unique over an array of folder strings: at 14M paths that array
+            # alone would be ~2 GB of fixed-width unicode. Ids follow the sorted folder names.
+            first_seen: dict[str, int] = {}
+            raw = np.fromiter((first_seen.setdefault(p.rsplit("/", 1)[0], len(first_seen)) for p in self.paths),
+                              dtype=np.int64, count=len(self.paths))
+            names = sorted(first_seen)
+            rank = np.empty(len(names), dtype=np.int64)
+            rank[[first_seen[n] for n in names]] = np.arange(len(names))
+            self._groups = (rank[raw], names)
         return self._groups
 
     def check(self, fingerprint: str) -> None:
