@@ -836,3 +836,24 @@ def test_fuzzed_joint_sections(joint: tuple, raw: bytes, words: bool) -> None:
         assert "\n" not in str(e)
     else:
         assert result.count == 1200 and P.decode(P.encode(result, groups=gid), groups=gid) == result
+
+
+def test_bitmap_bomb_costs_its_bitmap_not_ten_times_more() -> None:
+    """A few-KB file whose bitmap inflates to the most the header's count allows, every bit set."""
+    count = 20_000
+    nbytes = P.BITMAP_RATIO * P.MAX_VARINT_BYTES * count + P.BITMAP_SLACK
+    idx_blob = P._compress(b"\xff" * nbytes, 19)
+    lab_blob = P._compress(b"\x00" * count, 19)
+    header = {"pool_fingerprint": "ab" * 32, "pool_size": nbytes * 8, "class_names": ["a", "b"], "count": count,
+              "meta": {}, "sections": [{"name": "index", "codec": "bitmap-zstd", "length": len(idx_blob)},
+                                       {"name": "labels", "codec": "u8-zstd", "length": len(lab_blob)}]}
+    data = P._assemble(P.FORMAT_VERSION, header, [idx_blob, lab_blob])
+    assert len(data) < 1000
+    tracemalloc.start()
+    try:
+        with pytest.raises(PayloadError, match="bits set"):
+            P.decode(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * nbytes  # was 18x the bitmap when it was unpacked whole
