@@ -354,11 +354,16 @@ def write_markdown(res: dict, path: Path, plots: dict[str, str]) -> None:
     L += ["", "## Plots", ""] + [f"![{t}]({p})" for t, p in plots.items()]
     L += ["", "## What agrees with the paper, and what does not", "", "Computed from the numbers above:", ""]
     L += [f"- {s}" for s in findings(res)]
+    write_keeping_discussion(path, L)
+
+
+def write_keeping_discussion(path: Path, lines: list[str]) -> None:
+    """Write a generated report, carrying over its hand-written discussion (everything from DISCUSSION on)."""
     old = path.read_text() if path.is_file() else ""
-    if DISCUSSION in old:  # the hand-written reading of the numbers survives regeneration
-        L += ["", old[old.index(DISCUSSION):].rstrip()]
+    if DISCUSSION in old:
+        lines = [*lines, "", old[old.index(DISCUSSION):].rstrip()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(L) + "\n")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def plot(res: dict, t: str, path: Path) -> None:

@@ -245,12 +245,21 @@ def write_markdown(res: dict, path: Path, plots: dict[str, str], codec_scale: di
                          f"{p['bytes']:,} | {p['codec']} | {100 * a['mean']:.1f} ± {100 * a['std']:.1f} |")
         lines.append("")
     if codec_scale:
+        pool = codec_scale["pool"]
         lines += ["## Scale: a pool shaped like ImageNet-21K", "",
-                  f"From `{codec_scale.get('command', 'python scripts/codec_scale.py')}` (results/codec_scale.json):",
-                  "", "```", json.dumps({k: v for k, v in codec_scale.items() if k != "command"}, indent=1)[:3000],
-                  "```", ""]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
+                  f"`{codec_scale.get('command', 'python scripts/codec_scale.py')}` (results/codec_scale.json): "
+                  f"{pool['images']:,} images in {pool['groups']:,} groups (sizes {pool['group_size']['min']}–"
+                  f"{pool['group_size']['max']}, median {pool['group_size']['median']:g}), {pool['classes']} classes, "
+                  f"{pool['keep']:g} kept; {codec_scale['machine'].get('note', '')}. Peak RSS of the whole run "
+                  f"{codec_scale['max_rss_mib']:.0f} MiB.", "",
+                  "| selection | kept | .plada (context codec) | .plada (Zstd-19) | encode s | decode s | "
+                  "decode peak MiB |", "|---|---|---|---|---|---|---|"]
+        for r in codec_scale["runs"]:
+            lines.append(f"| {r['selection']} | {r['kept']:,} | {r['payload_bytes_joint']:,} | "
+                         f"{r['payload_bytes_zstd']:,} | {r['payload_encode_s_all_codecs']:.2f} | "
+                         f"{r['payload_decode_s']:.2f} | {r['decode_peak_traced_mib']:.0f} |")
+        lines.append("")
+    paper.write_keeping_discussion(path, lines)
 
 
 def main(argv: list[str] | None = None) -> int:
