@@ -259,7 +259,7 @@ def write_markdown(res: dict, path: Path) -> None:
                          f"{pct(row['forecast'])} | {pct(row['test_accuracy'])} |")
             L.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(L) + "\n")
+    paper.write_keeping_discussion(path, L)
 
 
 def main(argv: list[str] | None = None) -> int:
