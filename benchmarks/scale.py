@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks.paper import write_keeping_discussion
 from plada import engines
 from plada.backbones import create, prepare
 from plada.data import write_json_atomic
@@ -430,8 +431,9 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
     lines += [
         "", "What grows with N by design: the manifest (paths and hashes, about 100 B per image, held by the "
         "driver to place every image) and the logits (classes × 4 B per image). Pixels are held one shard at a "
-        "time by the shard reader and by each Ray actor. `pool build` decodes a whole source in memory "
-        "(`plada.data.load_source`), so its memory grows with the source.", "",
+        "time by the shard reader and by each Ray actor. `pool build` streams its source once "
+        "(`plada.data.load_source`): decoded pixels go to a temporary file on disk, so what grows is file-backed "
+        "page cache (RSS column), not anonymous memory.", "",
         f"## {pr['label']}: ImageNet-21K ({pr['images']:,} images) on {pr['gpus']} GPUs", "",
         f"**{pr['wall_hours']} hours** (projected). Basis: {pr['basis']}. Shard read "
         f"{pr['read_ms_per_image_per_actor']} ms per image per actor (measured here, one core), GPU inference "
@@ -439,7 +441,7 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
         "| assumed GPU speed-up over this CPU | ms per image per GPU | projected hours |", "|---:|---:|---:|"]
     lines += [f"| {t['assumed_gpu_speedup']:g} | {t['per_image_ms']} | {t['hours']} |" for t in pr["sensitivity"]]
     lines += ["", "Assumes: " + "; ".join(pr["assumes"]) + ".", ""]
-    path.write_text("\n".join(lines))
+    write_keeping_discussion(path, lines)
 
 
 def main(argv: list[str] | None = None) -> int:
