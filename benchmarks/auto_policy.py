@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import paper
-from plada import auto
+from plada import auto, rate
 from plada.data import Split, cache_root
 from plada.errors import PladaError
 from plada.features import cached_features, feature_model, split_key
@@ -89,6 +89,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
 
     scores = score_pool(teacher, pool, cache_root() / "scores")
     plabels, energy, entropy = scores.labels, scores.energy(), scores.entropy()
+    conf, gid = rate.confidence(scores.logits), pool.groups()[0]
     fm = feature_model(cfg.student, cfg.student_res)
     pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}")
     test_f = np.asarray(cached_features(fm, test.images, split_key(src.root, "test", len(test))))
@@ -102,19 +103,19 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
     base_meta = {"target": src.name, "keep": None, "temperature": 1.0,
                  "teacher": {"model": tcfg.model, "res": tcfg.res, "mode": tcfg.mode,
                              "test_accuracy": tinfo.get("test_accuracy")}}
-    size_of = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, base_meta)
+    size_of = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, base_meta, groups=gid)
     measured: dict[bytes, float] = {}
 
     def test_accuracy(row: dict) -> float:
-        pol = auto.Policy(row["policy"], row["safety_share"], row["alpha"])
-        idx = auto.select_policy(pol, row["k"], labels=plabels, energy=energy, entropy=entropy, n_classes=n_cls,
-                                 seed=cfg.search_seed, nearest_key=nearest)
-        digest = hashlib.sha256(idx.tobytes()).digest()
+        pol = auto.Policy(row["policy"], row["safety_share"], row["alpha"], row["tau"])
+        idx, sent = auto.select_policy(pol, row["k"], labels=plabels, energy=energy, entropy=entropy, n_classes=n_cls,
+                                       seed=cfg.search_seed, nearest_key=nearest, groups=gid, confidence=conf)
+        digest = hashlib.sha256(idx.tobytes() + sent.tobytes()).digest()
         if digest not in measured:
             accs = []
             with auto.torch_threads(1):
                 for s in cfg.eval_seeds:
-                    w, b = train_head(np.asarray(pool_f[idx]), plabels[idx], n_cls, steps=cfg.head_steps, seed=s)
+                    w, b = train_head(np.asarray(pool_f[idx]), sent, n_cls, steps=cfg.head_steps, seed=s)
                     accs.append(accuracy(test_f @ w.T + b, test.labels))
             measured[digest] = float(np.mean(accs))
         return measured[digest]
@@ -125,7 +126,8 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
         try:
             ch = auto.search(labels=plabels, energy=energy, entropy=entropy, pool_feats=pool_f,
                              heldout_feats=held_f, heldout_labels=train.labels[held], n_classes=n_cls,
-                             size_of=size_of, budget_bytes=int(budget), nearest_key=nearest,
+                             size_of=size_of, budget_bytes=int(budget), nearest_key=nearest, groups=gid,
+                             confidence=conf,
                              head_steps=cfg.proxy_steps, seed=cfg.search_seed)
         except PladaError as e:
             cells[str(budget)] = {"error": str(e)}
@@ -200,7 +202,9 @@ def write_markdown(res: dict, path: Path) -> None:
          f"Pool: `{cfg['pool']}` ({res['pool_size']:,} images); teachers, pool scores and features as in "
          "`benchmarks.paper`. For each target and byte budget, `plada.auto.search` tries every candidate policy "
          "(lowest / highest energy, lowest entropy, random, nearest-to-target, Safety-Net s ∈ {0.1, 0.3} × "
-         "α ∈ {0.5, −0.2}) at the largest keep size whose real `.plada` file fits the budget and at ½ and ¼ of it, "
+         "α ∈ {0.5, −0.2}, whole pool folders by mean energy with the teacher's labels (tau=0) or each folder's "
+         "majority label (tau=1)) at the largest keep size whose real `.plada` file (context codec, the pool's "
+         "folders as groups, as `plada send` writes it) fits the budget and at ½ and ¼ of it, "
          f"trains a proxy linear head ({cfg['proxy_steps']} steps) per candidate and picks the best held-out "
          "accuracy (the *forecast*). Every candidate is then measured on the test split with the paper's linear "
          f"student ({cfg['head_steps']} steps, seeds {list(cfg['eval_seeds'])}): *hindsight* is the best of them, "

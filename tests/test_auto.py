@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from plada import auto, payload, select
+from plada import auto, payload, rate, select
 from plada.errors import PladaError
 from plada.train import train_head
 
@@ -91,7 +91,8 @@ def test_never_exceeds_budget(extra: int) -> None:
         idx = select.select(w["labels"], key, r["k"] + 1, 3, safety_share=pol.safety_share, alpha=pol.alpha)
         meta_more = auto._meta(pol, r["k"] + 1, budget, 0.1234, 150, STEPS, 0)
         assert size_of(idx, w["labels"][idx], meta_more) > budget
-    assert set(tops) == {p.name for p in auto.DEFAULT_POLICIES}  # every policy got at least one size
+    # every policy got at least one size (whole-groups needs the pool's groups, which this world lacks)
+    assert set(tops) == {p.name for p in auto.DEFAULT_POLICIES if p.policy != auto.WHOLE_GROUPS}
 
 
 def test_deterministic_given_seed() -> None:
@@ -140,7 +141,8 @@ def test_fixed_keep_varies_only_the_policy() -> None:
     w = world()
     ch = run(w, k=40)
     assert {r["k"] for r in ch.candidates} == {40} and ch.k == 40 and ch.budget_bytes is None
-    assert {r["name"] for r in ch.candidates} == {p.name for p in auto.DEFAULT_POLICIES}
+    ranked = {p.name for p in auto.DEFAULT_POLICIES if p.policy != auto.WHOLE_GROUPS}  # no groups in this world
+    assert {r["name"] for r in ch.candidates} == ranked
 
 
 def test_non_monotone_sizes_are_guarded() -> None:
@@ -246,3 +248,50 @@ def test_forecast_ties_go_to_more_images() -> None:
     assert len({c["k"] for c in choice.candidates}) > 1
     assert choice.k == max(c["k"] for c in choice.candidates)
     assert choice.k < 3000 and choice.payload_bytes > min(c["bytes"] for c in choice.candidates)
+
+
+def grouped_world(seed: int = 0) -> dict:
+    """World of 12 folders of 50 pool images, each folder mostly one class: whole folders are cheap to send."""
+    w = world(n=600, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    groups = np.repeat(np.arange(12), 50)
+    labels = np.where(rng.random(600) < 0.8, groups % 3, rng.integers(0, 3, 600))
+    w["labels"] = labels.astype(np.int64)
+    logits = rng.normal(size=(600, 3)) + 2.0 * np.eye(3)[labels]
+    return w, groups, rate.confidence(logits)
+
+
+def test_whole_groups_candidates_are_whole_folders_within_budget() -> None:
+    w, groups, conf = grouped_world()
+    budget = smallest(w) + 60
+    ch = run(w, budget_bytes=budget, groups=groups, confidence=conf)
+    rows = [r for r in ch.candidates if r["policy"] == auto.WHOLE_GROUPS]
+    assert {r["name"] for r in rows} == {"whole-groups tau=0", "whole-groups tau=1"}
+    for r in rows:
+        assert r["bytes"] <= budget and r["kept"] % 50 == 0 and 0 < r["kept"] <= r["k"]
+        idx, sent = auto.select_policy(auto.Policy(r["policy"], tau=r["tau"]), r["k"], labels=w["labels"],
+                                       energy=w["energy"], entropy=w["entropy"], n_classes=3, groups=groups,
+                                       confidence=conf)
+        assert len(idx) == r["kept"] and set(np.unique(groups[idx]).tolist()) == set(groups[idx].tolist())
+        if r["tau"] == 1.0:  # every folder sent with one label
+            assert all(len(np.unique(sent[groups[idx] == g])) == 1 for g in np.unique(groups[idx]))
+    # tau=1 folders cost far less than the same images with the teacher's labels
+    big = {r["tau"]: r["kept"] for r in rows}
+    assert big[1.0] >= big[0.0]
+
+
+def test_whole_groups_choice_round_trips_through_reselect() -> None:
+    w, groups, conf = grouped_world()
+    budget = smallest(w) + 60
+    size_of = auto.payload_sizer(FP, 600, names(3))
+    ch = auto.search(size_of=size_of, head_steps=STEPS, budget_bytes=budget, groups=groups, confidence=conf,
+                     policies=[auto.Policy(auto.WHOLE_GROUPS, tau=1.0)], **w)
+    assert ch.policy == auto.WHOLE_GROUPS and ch.tau == 1.0 and ch.meta()["tau"] == 1.0
+    assert ch.payload_bytes <= budget and len(ch.indices) % 50 == 0
+    again = auto.reselect(ch, labels=w["labels"], energy=w["energy"], entropy=w["entropy"], n_classes=3,
+                          size_of=size_of, groups=groups, confidence=conf)
+    np.testing.assert_array_equal(again.indices, ch.indices)
+    np.testing.assert_array_equal(again.labels, ch.labels)
+    with pytest.raises(PladaError, match="groups"):
+        auto.reselect(ch, labels=w["labels"], energy=w["energy"], entropy=w["entropy"], n_classes=3,
+                      size_of=size_of)

@@ -34,11 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import payload, select
+from . import payload, rate, select
 from .errors import PladaError
 from .train import train_head
 
 NEAREST = "nearest-target"
+WHOLE_GROUPS = "whole-groups"  # plada.rate: whole pool folders, minority labels moved to the majority below tau
 FORECAST_DIGITS = 4
 # Widest value ``round(x, FORECAST_DIGITS)`` can print as for x in [0, 1]; used while sizing, before the
 # forecast is known, so the header can only get shorter when the real forecast replaces it.
@@ -49,14 +50,21 @@ SizeFn = Callable[[np.ndarray, np.ndarray, dict], int]
 
 @dataclass(frozen=True)
 class Policy:
-    """A selection rule without a size: a rank key plus optional Safety-Net share and exponent."""
+    """A selection rule without a size: a rank key plus optional Safety-Net share and exponent.
+
+    ``whole-groups`` instead keeps whole pool folders by mean energy (plada.rate), relabelling minority
+    labels below confidence ``tau``; its size k is an upper bound (the largest folder prefix within k).
+    """
 
     policy: str
     safety_share: float = 0.0
     alpha: float = 0.5
+    tau: float | None = None
 
     @property
     def name(self) -> str:
+        if self.policy == WHOLE_GROUPS:
+            return f"{WHOLE_GROUPS} tau={self.tau:g}"
         if self.safety_share == 0:
             return self.policy
         base = "" if self.policy == "lowest-energy" else f"{self.policy} "
@@ -73,6 +81,8 @@ DEFAULT_POLICIES: tuple[Policy, ...] = (
     Policy("lowest-energy", 0.3, 0.5),
     Policy("lowest-energy", 0.1, -0.2),
     Policy("lowest-energy", 0.3, -0.2),
+    Policy(WHOLE_GROUPS, tau=0.0),
+    Policy(WHOLE_GROUPS, tau=1.0),
 )
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25)
 
@@ -95,15 +105,21 @@ class AutoChoice:
     indices: np.ndarray = field(repr=False)  # sorted pool indices to keep
     labels: np.ndarray = field(repr=False)  # their pseudo-labels
     candidates: list[dict] = field(repr=False, default_factory=list)
+    tau: float | None = None
+
+    @property
+    def rule(self) -> Policy:
+        return Policy(self.policy, self.safety_share, self.alpha, self.tau)
 
     def meta(self) -> dict:
         """Header fields describing this choice; merge over the caller's base meta when writing the payload."""
-        return _meta(Policy(self.policy, self.safety_share, self.alpha), self.k, self.budget_bytes, self.forecast,
-                     self.heldout_images, self.head_steps, self.seed)
+        return _meta(self.rule, self.k, self.budget_bytes, self.forecast, self.heldout_images, self.head_steps,
+                     self.seed)
 
     def summary(self) -> dict:
         """JSON-ready report (no arrays): what the CLI prints and the benchmarks store."""
         return {"name": self.name, "policy": self.policy, "safety_share": self.safety_share, "alpha": self.alpha,
+                "tau": self.tau,
                 "k": self.k, "forecast": self.forecast, "payload_bytes": self.payload_bytes,
                 "budget_bytes": self.budget_bytes, "seed": self.seed, "heldout_images": self.heldout_images,
                 "head_steps": self.head_steps, "candidates": self.candidates}
@@ -111,10 +127,11 @@ class AutoChoice:
 
 def _meta(pol: Policy, k: int, budget_bytes: int | None, forecast: float, heldout: int, steps: int,
           seed: int) -> dict:
+    rule = {"policy": pol.policy, "safety_share": pol.safety_share, "alpha": pol.alpha}
+    if pol.tau is not None:
+        rule["tau"] = pol.tau
     return {
-        "policy": pol.policy,
-        "safety_share": pol.safety_share,
-        "alpha": pol.alpha,
+        **rule,
         "count": int(k),
         "seed": int(seed),
         "auto": {
@@ -203,14 +220,39 @@ def policy_key(pol: Policy | str, energy: np.ndarray, entropy: np.ndarray | None
     return select.rank_key(name, energy, entropy, seed=seed)
 
 
+def selector(
+    pol: Policy, *, labels: np.ndarray, energy: np.ndarray, entropy: np.ndarray | None, n_classes: int,
+    seed: int = 0, nearest_key: np.ndarray | None = None, groups: np.ndarray | None = None,
+    confidence: np.ndarray | None = None,
+) -> Callable[[int], rate.Selection]:
+    """``k -> selection`` (kept indices and the labels to send) for one policy, the same in search and reselect.
+
+    ``whole-groups`` needs the pool's folder per image (``groups``) and the teacher's confidence per
+    image (``rate.confidence``); every other policy sends the teacher's own labels.
+    """
+    lab = np.asarray(labels).astype(np.int64, copy=False)
+    if pol.policy == WHOLE_GROUPS:
+        if groups is None or confidence is None:
+            raise PladaError("policy 'whole-groups' needs the pool's groups and the teacher's confidences")
+        tau = float(pol.tau if pol.tau is not None else 0.0)
+        return lambda kk: rate.whole_groups_upto(lab, energy, groups, confidence, int(kk), n_classes, tau)
+    key = policy_key(pol, energy, entropy, seed=seed, nearest_key=nearest_key)
+
+    def pick(kk: int) -> rate.Selection:
+        idx = select.select(lab, key, int(kk), n_classes, safety_share=pol.safety_share, alpha=pol.alpha)
+        return rate.Selection(idx, lab[idx])
+
+    return pick
+
+
 def select_policy(
     pol: Policy, k: int, *, labels: np.ndarray, energy: np.ndarray, entropy: np.ndarray | None, n_classes: int,
-    seed: int = 0, nearest_key: np.ndarray | None = None,
-) -> np.ndarray:
+    seed: int = 0, nearest_key: np.ndarray | None = None, groups: np.ndarray | None = None,
+    confidence: np.ndarray | None = None,
+) -> rate.Selection:
     """The exact selection the search made for ``(pol, k)``, so a report can rebuild any row of the table."""
-    key = policy_key(pol, energy, entropy, seed=seed, nearest_key=nearest_key)
-    lab = np.asarray(labels).astype(np.int64, copy=False)
-    return select.select(lab, key, int(k), n_classes, safety_share=pol.safety_share, alpha=pol.alpha)
+    return selector(pol, labels=labels, energy=energy, entropy=entropy, n_classes=n_classes, seed=seed,
+                    nearest_key=nearest_key, groups=groups, confidence=confidence)(k)
 
 
 @contextmanager
@@ -294,6 +336,8 @@ def search(
     k: int | None = None,
     target_feats: np.ndarray | None = None,
     nearest_key: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
+    confidence: np.ndarray | None = None,
     policies: Sequence[Policy] = DEFAULT_POLICIES,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     head_steps: int = 300,
@@ -306,7 +350,8 @@ def search(
 
     Give exactly one of ``budget_bytes`` (sizes: the largest k that fits, times each of ``fractions``) or
     ``k`` (one size; only the policy varies). The nearest-target policy is tried when ``target_feats`` or
-    a precomputed ``nearest_key`` is given and skipped otherwise. Deterministic given ``seed``: it seeds
+    a precomputed ``nearest_key`` is given and skipped otherwise; ``whole-groups`` when ``groups`` and
+    ``confidence`` are given (its k is an upper bound: whole folders only). Deterministic given ``seed``: it seeds
     the random policy and every proxy head (the same seed for all, so candidates differ only by data).
     """
     if (budget_bytes is None) == (k is None):
@@ -334,17 +379,19 @@ def search(
         return _meta(pol, kk, budget_bytes, forecast, heldout, head_steps, seed)
 
     # 1. Sizes: per policy, the keep sizes whose real payload fits.
-    planned: list[tuple[Policy, int, np.ndarray, int]] = []  # policy, k, indices, bytes
+    planned: list[tuple[Policy, int, rate.Selection, int]] = []  # policy, k, selection, bytes
     for pol in policies:
-        if (pol.policy == NEAREST and nearest_key is None) or (pol.policy == "lowest-entropy" and entropy is None):
+        if ((pol.policy == NEAREST and nearest_key is None) or (pol.policy == "lowest-entropy" and entropy is None)
+                or (pol.policy == WHOLE_GROUPS and (groups is None or confidence is None))):
             continue  # the caller did not give what this policy ranks by
-        key = policy_key(pol, energy, entropy, seed=seed, nearest_key=nearest_key)
-        sel: dict[int, tuple[np.ndarray, int]] = {}
+        make = selector(pol, labels=lab, energy=energy, entropy=entropy, n_classes=n_classes, seed=seed,
+                        nearest_key=nearest_key, groups=groups, confidence=confidence)
+        sel: dict[int, tuple[rate.Selection, int]] = {}
 
-        def pick(kk: int, pol: Policy = pol, key: np.ndarray = key, sel: dict = sel) -> np.ndarray:
+        def pick(kk: int, pol: Policy = pol, make=make, sel: dict = sel) -> rate.Selection:
             if kk not in sel:
-                idx = select.select(lab, key, kk, n_classes, safety_share=pol.safety_share, alpha=pol.alpha)
-                sel[kk] = (idx, int(size_of(idx, lab[idx], meta_for(pol, kk))))
+                got = make(kk)
+                sel[kk] = (got, int(size_of(got.indices, got.labels, meta_for(pol, len(got.indices)))))
             return sel[kk][0]
 
         if budget_bytes is None:
@@ -360,11 +407,15 @@ def search(
                 continue
             sizes = sorted({max(1, int(top * f)) for f in fractions} | {top}, reverse=True)
         for kk in sizes:
-            idx = pick(kk)
+            got = pick(kk)
             nbytes = sel[kk][1]
             if budget_bytes is not None and nbytes > budget_bytes:
                 continue  # a smaller k that is bigger on disk: possible in principle, never sent
-            planned.append((pol, kk, idx, nbytes))
+            if len(got.indices) == 0:
+                continue  # no whole folder fits in kk images
+            if any(p2 == pol and len(q.indices) == len(got.indices) for p2, _, q, _ in planned):
+                continue  # the same folders as a bigger kk (a policy's selections are nested)
+            planned.append((pol, kk, got, nbytes))
     if not planned:
         smallest = min((int(size_of(np.array([0]), lab[:1], meta_for(p, 1))) for p in policies
                         if p.policy != NEAREST), default=None)
@@ -374,29 +425,31 @@ def search(
     # 2. Forecast: a proxy student per distinct selection, scored on the held-out images.
     forecasts: dict[bytes, float] = {}
     rows: list[dict] = []
-    for pol, kk, idx, nbytes in planned:
-        digest = hashlib.sha256(idx.tobytes()).digest()
+    for pol, kk, got, nbytes in planned:
+        idx, sent = got
+        digest = hashlib.sha256(idx.tobytes() + sent.tobytes()).digest()
         if digest not in forecasts:
             with torch_threads(1):
-                w, b = train_head(np.asarray(pool_feats[idx]), lab[idx], n_classes, steps=head_steps, seed=seed)
+                w, b = train_head(np.asarray(pool_feats[idx]), sent, n_classes, steps=head_steps, seed=seed)
             pred = (heldout_feats @ w.T + b).argmax(1)
             forecasts[digest] = float((pred == heldout_labels).mean())
-        hist = np.bincount(lab[idx], minlength=n_classes)
+        hist = np.bincount(sent, minlength=n_classes)
         rows.append({"name": pol.name, "policy": pol.policy, "safety_share": pol.safety_share, "alpha": pol.alpha,
-                     "k": int(kk), "bytes": nbytes, "forecast": forecasts[digest],
-                     "classes_kept": int((hist > 0).sum()), "covers_predicted": bool((hist[predicted] > 0).all())})
+                     "tau": pol.tau, "k": int(kk), "kept": int(len(idx)), "bytes": nbytes,
+                     "forecast": forecasts[digest], "classes_kept": int((hist > 0).sum()),
+                     "covers_predicted": bool((hist[predicted] > 0).all())})
         say(f"auto: {pol.name} k={kk} ({nbytes} B): forecast {forecasts[digest]:.4f}")
 
     # 3. Choose: best forecast, ties to more images, then fewer bytes, then table order; a class-covering
     # near-tie wins.
-    order = sorted(range(len(rows)), key=lambda i: (-rows[i]["forecast"], -rows[i]["k"], rows[i]["bytes"], i))
+    order = sorted(range(len(rows)), key=lambda i: (-rows[i]["forecast"], -rows[i]["kept"], rows[i]["bytes"], i))
     best = order[0]
     covering = [i for i in order if rows[i]["covers_predicted"]]
     if covering and rows[best]["forecast"] - rows[covering[0]]["forecast"] <= margin:
         order = [covering[0]] + [i for i in order if i != covering[0]]
     for i in order:  # the real forecast can only shorten the header, but check rather than trust that
-        pol, kk, idx, _ = planned[i]
-        nbytes = int(size_of(idx, lab[idx], meta_for(pol, kk, rows[i]["forecast"])))
+        pol, kk, (idx, sent), _ = planned[i]
+        nbytes = int(size_of(idx, sent, meta_for(pol, len(idx), rows[i]["forecast"])))
         if budget_bytes is None or nbytes <= budget_bytes:
             for j, r in enumerate(rows):
                 r["chosen"] = j == i
@@ -404,14 +457,16 @@ def search(
             return AutoChoice(
                 name=pol.name, policy=pol.policy, safety_share=pol.safety_share, alpha=pol.alpha, k=int(kk),
                 forecast=rows[i]["forecast"], payload_bytes=nbytes, budget_bytes=budget_bytes, seed=seed,
-                heldout_images=heldout, head_steps=head_steps, indices=idx, labels=lab[idx].copy(), candidates=rows,
+                heldout_images=heldout, head_steps=head_steps, indices=idx, labels=sent.copy(), candidates=rows,
+                tau=pol.tau,
             )
     raise PladaError(f"no candidate fits the byte budget {budget_bytes} once its forecast is in the header")
 
 
 def reselect(
     choice: AutoChoice, *, labels: np.ndarray, energy: np.ndarray, entropy: np.ndarray | None, n_classes: int,
-    size_of: SizeFn, nearest_key: np.ndarray | None = None,
+    size_of: SizeFn, nearest_key: np.ndarray | None = None, groups: np.ndarray | None = None,
+    confidence: np.ndarray | None = None,
 ) -> AutoChoice:
     """Apply a chosen policy to new teacher scores (e.g. a teacher refit on all of train), within the budget.
 
@@ -419,16 +474,17 @@ def reselect(
     payload fits again; the forecast is carried over unchanged and is then only an estimate.
     """
     lab = np.asarray(labels).astype(np.int64, copy=False)
-    pol = Policy(choice.policy, choice.safety_share, choice.alpha)
-    key = policy_key(pol, energy, entropy, seed=choice.seed, nearest_key=nearest_key)
-    cache: dict[int, tuple[np.ndarray, int]] = {}
+    pol = choice.rule
+    make = selector(pol, labels=lab, energy=energy, entropy=entropy, n_classes=n_classes, seed=choice.seed,
+                    nearest_key=nearest_key, groups=groups, confidence=confidence)
+    cache: dict[int, tuple[rate.Selection, int]] = {}
 
     def measure(kk: int) -> int | None:
         if kk not in cache:
-            idx = select.select(lab, key, kk, n_classes, safety_share=pol.safety_share, alpha=pol.alpha)
-            meta = _meta(pol, kk, choice.budget_bytes, choice.forecast, choice.heldout_images, choice.head_steps,
-                         choice.seed)
-            cache[kk] = (idx, int(size_of(idx, lab[idx], meta)))
+            got = make(kk)
+            meta = _meta(pol, len(got.indices), choice.budget_bytes, choice.forecast, choice.heldout_images,
+                         choice.head_steps, choice.seed)
+            cache[kk] = (got, int(size_of(got.indices, got.labels, meta)))
         ok = choice.budget_bytes is None or cache[kk][1] <= choice.budget_bytes
         return cache[kk][1] if ok else None
 
@@ -437,10 +493,12 @@ def reselect(
         kk = _largest_fitting(measure, kk)
         if kk is None:
             raise PladaError(f"byte budget {choice.budget_bytes} is too small for even one image")
-    idx, nbytes = cache[kk]
+    (idx, sent), nbytes = cache[kk]
+    if len(idx) == 0:
+        raise PladaError(f"the refit teacher's selection for {choice.name} keeps no image within the budget")
     return AutoChoice(
         name=choice.name, policy=choice.policy, safety_share=choice.safety_share, alpha=choice.alpha, k=int(kk),
         forecast=choice.forecast, payload_bytes=nbytes, budget_bytes=choice.budget_bytes, seed=choice.seed,
-        heldout_images=choice.heldout_images, head_steps=choice.head_steps, indices=idx, labels=lab[idx].copy(),
-        candidates=choice.candidates,
+        heldout_images=choice.heldout_images, head_steps=choice.head_steps, indices=idx, labels=sent.copy(),
+        candidates=choice.candidates, tau=choice.tau,
     )

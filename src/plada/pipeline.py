@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import backbones, engines, payload, select
+from . import backbones, engines, payload, rate, select
 from .data import atomic_write, cache_root, load_source
 from .errors import PladaError
 from .pool import Pool
@@ -155,13 +155,16 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
                                groups=pool.groups()[0])
     n_cls = len(train.class_names)
     nearest = auto.nearest_target_key(np.asarray(pool_f), ref_f)
+    groups = pool.groups()[0]
     choice = auto.search(labels=decide_scores.labels, energy=decide_scores.energy(temperature),
                          entropy=decide_scores.entropy(), pool_feats=pool_f, heldout_feats=held_f,
                          heldout_labels=held.labels, n_classes=n_cls, size_of=sizer, budget_bytes=budget_bytes, k=k,
-                         nearest_key=nearest, seed=seed)
+                         nearest_key=nearest, groups=groups, confidence=rate.confidence(decide_scores.logits),
+                         seed=seed)
     if refit:
         choice = auto.reselect(choice, labels=scores.labels, energy=scores.energy(temperature),
-                               entropy=scores.entropy(), n_classes=n_cls, size_of=sizer, nearest_key=nearest)
+                               entropy=scores.entropy(), n_classes=n_cls, size_of=sizer, nearest_key=nearest,
+                               groups=groups, confidence=rate.confidence(scores.logits))
     return choice
 
 

@@ -145,3 +145,20 @@ def groups_plus_exceptions(
     lab = np.concatenate([base.labels, np.asarray(labels, dtype=np.int64)[add]])
     order = np.argsort(idx, kind="stable")
     return Selection(idx[order], lab[order])
+
+
+def whole_groups_upto(
+    labels: np.ndarray, energy: np.ndarray, groups: np.ndarray, conf: np.ndarray, k: int, n_classes: int,
+    tau: float = 0.0, highest: bool = False,
+) -> Selection:
+    """``whole_groups`` with as many groups as fit in ``k`` images, so a size search over k can drive it.
+
+    Groups are taken in energy order while the running total stays within ``k``; it may keep nothing.
+    """
+    grp = np.asarray(groups, dtype=np.int64)
+    if not isinstance(k, int | np.integer) or k < 0:
+        raise PladaError(f"size must be a non-negative integer, got {k!r}")
+    ranked = group_order(energy, grp, highest)
+    sizes = np.bincount(grp, minlength=int(grp.max()) + 1 if grp.size else 0)[ranked]
+    m = int(np.searchsorted(np.cumsum(sizes), int(k), side="right"))
+    return whole_groups(labels, energy, grp, conf, m, n_classes, tau, highest)
