@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -279,27 +277,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg.eval_seeds = tuple(a.eval_seeds)
     out = Path(a.out_dir)
     stem = "auto_policy_quick" if a.quick else "auto_policy"
-    t0 = time.time()
-    try:
-        pool = paper.get_pool(cfg.pool, a.data)
-        res = {"config": asdict(cfg), "pool_size": len(pool), "pool_fingerprint": pool.fingerprint, "targets": {}}
-        for t in cfg.targets:
-            res["targets"][t] = run_target(t, pool, cfg, a.data, lambda s: print(s, flush=True))
-    except PladaError as e:
-        print(f"benchmark: error: {e}", file=sys.stderr)
+    res = paper.run_all("auto_policy", cfg, a, run_target,
+                        extra_flags=(("--budgets", a.budgets), ("--eval-seeds", a.eval_seeds)))
+    if res is None:
         return 2
     res["fixed_policy_summary"] = fixed_policy_summary(res)
-    res["wall_seconds"] = round(time.time() - t0, 1)
-    res["command"] = "python -m benchmarks.auto_policy" + "".join(
-        f" {flag} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-        for flag, v in (("--pool", a.pool), ("--targets", a.targets), ("--teacher", a.teacher),
-                        ("--budgets", a.budgets), ("--eval-seeds", a.eval_seeds)) if v)
-    res["command"] = res["command"].replace("auto_policy", "auto_policy --quick", 1) if a.quick else res["command"]
-    res["machine"] = f"{platform.machine()} CPU, 2 cores" if not a.quick else platform.machine()
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    (out / "results" / f"{stem}.json").write_text(json.dumps(res, indent=1, sort_keys=True, default=float))
+    path = paper.save_results(res, out, stem)
     write_markdown(res, out / "docs" / ("AUTO_POLICY.md" if not a.quick else "AUTO_POLICY_quick.md"))
-    print(f"wrote {out / 'results' / (stem + '.json')} and docs in {math.ceil(res['wall_seconds'])} s")
+    print(f"wrote {path} and docs in {math.ceil(res['wall_seconds'])} s")
     return 0
 
 

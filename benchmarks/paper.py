@@ -427,6 +427,36 @@ def apply_common_args(cfg: Config, a: argparse.Namespace, quick: Callable[[Confi
     return (quick or quick_config)(cfg) if a.quick else cfg
 
 
+def run_all(module: str, cfg: Config, a: argparse.Namespace, run_target: Callable, *,
+            extra_flags: tuple[tuple[str, object], ...] = (), pool_info: Callable[[Pool], dict] | None = None,
+            ) -> dict | None:
+    """The frame every benchmark shares: its pool, each target in turn, wall time, the exact command line and
+    results/<stem>.json. Returns the results, or None after printing a one-line error."""
+    t0 = time.time()
+    try:
+        pool = get_pool(cfg.pool, a.data)
+        res = {"config": asdict(cfg), "pool_size": len(pool), "pool_fingerprint": pool.fingerprint, "targets": {},
+               **(pool_info(pool) if pool_info else {})}
+        for t in cfg.targets:
+            res["targets"][t] = run_target(t, pool, cfg, a.data, lambda s: print(s, flush=True))
+    except PladaError as e:
+        print(f"benchmark: error: {e}", file=sys.stderr)
+        return None
+    res["wall_seconds"] = round(time.time() - t0, 1)
+    flags = (("--pool", a.pool), ("--targets", a.targets), ("--teacher", a.teacher), *extra_flags)
+    res["command"] = f"python -m benchmarks.{module}" + (" --quick" if a.quick else "") + "".join(
+        f" {flag} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}" for flag, v in flags if v)
+    res["machine"] = f"{platform.machine()} CPU, 2 cores" if not a.quick else platform.machine()
+    return res
+
+
+def save_results(res: dict, out: Path, stem: str) -> Path:
+    path = out / "results" / f"{stem}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(res, indent=1, sort_keys=True, default=float))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.paper", description=__doc__.split("\n\n")[0])
     add_common_args(ap)
@@ -434,29 +464,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = apply_common_args(Config(), a)
     out = Path(a.out_dir)
     stem = "paper_quick" if a.quick else "paper"
-    t0 = time.time()
-    try:
-        pool = get_pool(cfg.pool, a.data)
-        res = {"config": asdict(cfg), "pool_size": len(pool), "pool_fingerprint": pool.fingerprint, "targets": {}}
-        for t in cfg.targets:
-            res["targets"][t] = run_target(t, pool, cfg, a.data, lambda s: print(s, flush=True))
-    except PladaError as e:
-        print(f"benchmark: error: {e}", file=sys.stderr)
+    res = run_all("paper", cfg, a, run_target)
+    if res is None:
         return 2
-    res["wall_seconds"] = round(time.time() - t0, 1)
-    res["command"] = "python -m benchmarks.paper" + (" --quick" if a.quick else "") + (
-        f" --pool {a.pool}" if a.pool else "") + (f" --targets {' '.join(a.targets)}" if a.targets else "") + (
-        f" --teacher {a.teacher}" if a.teacher else "")
-    res["machine"] = f"{platform.machine()} CPU, 2 cores" if not a.quick else platform.machine()
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    (out / "results" / f"{stem}.json").write_text(json.dumps(res, indent=1, sort_keys=True, default=float))
+    path = save_results(res, out, stem)
     plots = {}
     for t in cfg.targets:
         rel = f"plots/{stem}_{t}.png"
         plot(res, t, out / "docs" / rel)
         plots[t] = rel
     write_markdown(res, out / "docs" / ("RESULTS.md" if not a.quick else "RESULTS_quick.md"), plots)
-    print(f"wrote {out / 'results' / (stem + '.json')} and docs in {math.ceil(res['wall_seconds'])} s")
+    print(f"wrote {path} and docs in {math.ceil(res['wall_seconds'])} s")
     return 0
 
 

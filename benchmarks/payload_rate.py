@@ -23,10 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +33,6 @@ import numpy as np
 from benchmarks import paper
 from plada import payload, rate, select
 from plada.data import cache_root
-from plada.errors import PladaError
 from plada.features import cached_features, feature_model, split_key
 from plada.pool import Pool
 from plada.score import score_pool
@@ -269,22 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = paper.apply_common_args(RateConfig(), a, quick_config)
     out = Path(a.out_dir)
     stem = "payload_rate_quick" if a.quick else "payload_rate"
-    t0 = time.time()
-    try:
-        pool = paper.get_pool(cfg.pool, a.data)
-        res = {"config": asdict(cfg), "pool_size": len(pool), "pool_fingerprint": pool.fingerprint,
-               "pool_groups": len(pool.groups()[1]), "targets": {}}
-        for t in cfg.targets:
-            res["targets"][t] = run_target(t, pool, cfg, a.data, lambda s: print(s, flush=True))
-    except PladaError as e:
-        print(f"benchmark: error: {e}", file=sys.stderr)
+    res = paper.run_all("payload_rate", cfg, a, run_target,
+                        pool_info=lambda pool: {"pool_groups": len(pool.groups()[1])})
+    if res is None:
         return 2
-    res["wall_seconds"] = round(time.time() - t0, 1)
-    res["command"] = "python -m benchmarks.payload_rate" + (" --quick" if a.quick else "") + (
-        f" --pool {a.pool}" if a.pool else "") + (f" --targets {' '.join(a.targets)}" if a.targets else "")
-    res["machine"] = f"{platform.machine()} CPU, 2 cores" if not a.quick else platform.machine()
-    (out / "results").mkdir(parents=True, exist_ok=True)
-    (out / "results" / f"{stem}.json").write_text(json.dumps(res, indent=1, sort_keys=True, default=float))
+    path = paper.save_results(res, out, stem)
     plots = {}
     for t, r in res["targets"].items():
         rel = f"plots/{stem}_{t}.png"
@@ -294,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     codec_scale = json.loads(scale_path.read_text()) if scale_path.is_file() and not a.quick else None
     write_markdown(res, out / "docs" / ("PAYLOAD_RATE.md" if not a.quick else "PAYLOAD_RATE_quick.md"), plots,
                    codec_scale)
-    print(f"wrote {out / 'results' / (stem + '.json')} and docs in {math.ceil(res['wall_seconds'])} s")
+    print(f"wrote {path} and docs in {math.ceil(res['wall_seconds'])} s")
     return 0
 
 

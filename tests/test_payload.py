@@ -857,3 +857,17 @@ def test_bitmap_bomb_costs_its_bitmap_not_ten_times_more() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 2 * nbytes  # was 18x the bitmap when it was unpacked whole
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 2**31))
+def test_groups_never_make_a_payload_bigger(k: int, seed: int) -> None:
+    """Giving the pool's groups only adds candidates: a few images cost no more than without them."""
+    rng = np.random.default_rng(seed)
+    n = 20_000
+    groups = np.repeat(np.arange(400), 50)
+    idx = np.sort(rng.choice(n, k, replace=False))
+    p = P.Payload(FP, n, ("a", "b", "c"), idx, rng.integers(0, 3, k), {"policy": "test"})
+    with_groups = P.encode(p, groups=groups)
+    assert len(with_groups) <= len(P.encode(p))
+    assert P.decode(with_groups, groups=groups) == p

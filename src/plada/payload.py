@@ -483,9 +483,12 @@ def encode(p: Payload, level: int = 19, *, groups: Any = None, codecs: Any = Non
         groups = codec.grouping(groups, p.pool_size)  # check it even when a zstd codec wins
     best = _encode_zstd(p, level, allowed)
     if JOINT_CODEC in allowed and _joint_possible(p):
-        joint = _encode_joint(p, groups)
-        if best is None or len(joint) < len(best):
-            best = joint
+        # Also without the groups: binding a payload to a grouping costs its header ~100 bytes (count and
+        # digest), more than the grouping saves on a selection of a few images.
+        for g in (groups, None) if groups is not None else (None,):
+            joint = _encode_joint(p, g)
+            if best is None or len(joint) < len(best):
+                best = joint
     if best is None:
         raise PladaError(f"none of the codecs {sorted(allowed)} can encode this payload")
     return best
