@@ -42,7 +42,7 @@ class AutoConfig(paper.Config):
     heldout_limit: int = 5000  # held-out images scored by the proxy (a seeded subsample when more are unseen)
     heldout_frac: float = 0.1  # slice held out when the teacher trained on all of train
     relevance_limit: int = 5000  # target train images the nearest-target policy compares the pool with
-    proxy_steps: int = 300  # head steps of each proxy student in the search
+    proxy_steps: int = auto.PROXY_STEPS  # head steps of each proxy student in the search
     eval_seeds: tuple[int, ...] = (0,)  # linear-student seeds per candidate on the test split
     search_seed: int = 0
 

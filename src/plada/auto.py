@@ -39,6 +39,10 @@ from .errors import PladaError
 from .train import train_head
 
 NEAREST = "nearest-target"
+# The proxy trains exactly as the benchmark's linear student does (1000 steps). With 300 steps it ranked
+# candidates differently from the student it forecasts: on Fashion-MNIST at 20 KB, 5,000 unseen held-out
+# images, it put a Safety-Net selection 1.8 points above one that scored 3.3 points better on test.
+PROXY_STEPS = 1000
 WHOLE_GROUPS = "whole-groups"  # plada.rate: whole pool folders, minority labels moved to the majority below tau
 FORECAST_DIGITS = 4
 # Widest value ``round(x, FORECAST_DIGITS)`` can print as for x in [0, 1]; used while sizing, before the
@@ -340,7 +344,7 @@ def search(
     confidence: np.ndarray | None = None,
     policies: Sequence[Policy] = DEFAULT_POLICIES,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
-    head_steps: int = 300,
+    head_steps: int = PROXY_STEPS,
     seed: int = 0,
     margin: float = 0.01,
     max_k: int | None = None,
