@@ -5,6 +5,12 @@ a user can cause (bad path, wrong layout, corrupt payload, wrong pool) must rais
 bare traceback.
 """
 
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class PladaError(Exception):
     """A failure caused by the user's input or environment, reported as one clear line."""
@@ -16,3 +22,16 @@ class PayloadError(PladaError):
 
 class PoolMismatchError(PladaError):
     """A payload made for a different reference pool than the receiver holds."""
+
+
+@contextmanager
+def reading(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Turn a failed open or read of a file the user named into one line that says which file and why."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise PladaError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise PladaError(f"{what} path is a directory, not a file: {path}") from None
+    except OSError as e:
+        raise PladaError(f"cannot read {what} {path}: {e.strerror or ' '.join(str(e).split())}") from None

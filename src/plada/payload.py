@@ -70,7 +70,7 @@ import numpy as np
 import zstandard as zstd
 
 from plada import codec
-from plada.errors import PayloadError, PladaError
+from plada.errors import PayloadError, PladaError, reading
 
 MAGIC = b"PLADA\x00\r\n"
 FORMAT_VERSION = 1  # index + labels sections; still written whenever a zstd codec is smallest
@@ -826,18 +826,11 @@ def write(path: str | os.PathLike, p: Payload, level: int = 19, *, groups: Any =
 def read_bytes(path: str | os.PathLike) -> bytes:
     """A payload file's bytes, refusing oversized files before reading them."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > MAX_PAYLOAD_BYTES:
-                raise PayloadError(f"payload too large: {path} is {size} bytes (limit {MAX_PAYLOAD_BYTES})")
-            return f.read(size + 1)
-    except FileNotFoundError:
-        raise PladaError(f"payload not found: {path}") from None
-    except IsADirectoryError:
-        raise PladaError(f"payload path is a directory, not a file: {path}") from None
-    except OSError as e:
-        raise PladaError(f"cannot read payload {path}: {e.strerror or _one_line(e)}") from None
+    with reading(path, "payload"), open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_PAYLOAD_BYTES:
+            raise PayloadError(f"payload too large: {path} is {size} bytes (limit {MAX_PAYLOAD_BYTES})")
+        return f.read(size + 1)
 
 
 def read(path: str | os.PathLike, groups: Any = None) -> Payload:

@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import atomic_save_npy, atomic_write, building_dir, cache_root, load_source, write_json_atomic
-from .errors import PladaError, PoolMismatchError
+from .errors import PladaError, PoolMismatchError, reading
 
 DEFAULT_POOL = "tinyimagenet32"
 _HASH_RE = re.compile(r"[0-9a-f]{16}")
@@ -94,14 +94,8 @@ def read_manifest(path: str | os.PathLike) -> tuple[list[str], list[str], bytes]
     was re-encoded or re-sorted on the way must fail here, not at receive time.
     """
     path = Path(path)
-    try:
+    with reading(path, "manifest"):
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise PladaError(f"manifest not found: {path}") from None
-    except IsADirectoryError:
-        raise PladaError(f"manifest path is a directory, not a file: {path}") from None
-    except OSError as e:
-        raise PladaError(f"cannot read manifest {path}: {e.strerror or e}") from None
     try:
         lines = raw.decode("utf-8").split("\n")
     except UnicodeDecodeError:
