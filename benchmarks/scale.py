@@ -148,7 +148,7 @@ class Replicated:
 def replicate(pool: Pool, k: int, root: Path, name: str) -> Pool:
     """The pool `k` times over with distinct paths (`r<c>-<path>`): same pixels, a k-times bigger manifest."""
     paths = [f"r{c}-{p}" for c in range(k) for p in pool.paths]  # sorted: copies in order, each sorted
-    hashes = pool.hashes * k
+    hashes = list(pool.hashes) * k
     return write_pool_folder(root, name, Replicated(pool.images, k), paths, hashes)  # type: ignore[arg-type]
 
 

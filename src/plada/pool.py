@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +28,12 @@ from tqdm import tqdm
 
 from .data import atomic_save_npy, atomic_write, building_dir, cache_root, load_source, write_json_atomic
 from .errors import PladaError, PoolMismatchError, reading
+from .manifest import Manifest, manifest_text
+
+__all__ = ["DEFAULT_POOL", "Manifest", "Pool", "build_pool", "export_manifest", "fingerprint_of", "manifest_text",
+           "open_pool", "parse_spec", "pools_dir", "read_manifest"]
 
 DEFAULT_POOL = "tinyimagenet32"
-_HASH_RE = re.compile(r"[0-9a-f]{16}")
 
 
 @dataclass
@@ -40,8 +43,8 @@ class Pool:
     name: str
     root: Path
     images: np.ndarray  # (N, R, R, 3) uint8
-    paths: list[str]
-    hashes: list[str]
+    paths: Sequence[str]  # list, or a view over the manifest's bytes (plada.manifest)
+    hashes: Sequence[str]
     fingerprint: str
     missing: np.ndarray | None = None  # (N,) bool: rows this copy lacks (stored as zeros); None: complete
     skipped: int = 0  # unreadable source files left out when the pool was built
@@ -78,42 +81,21 @@ class Pool:
             )
 
 
-def manifest_text(paths: list[str], hashes: list[str]) -> bytes:
-    """The canonical manifest: one `path<TAB>hash` line per image, in pool order."""
-    return "".join(f"{p}\t{h}\n" for p, h in zip(paths, hashes, strict=True)).encode()
-
-
-def fingerprint_of(paths: list[str], hashes: list[str]) -> str:
+def fingerprint_of(paths: Sequence[str], hashes: Sequence[str]) -> str:
     return hashlib.sha256(manifest_text(paths, hashes)).hexdigest()
 
 
-def read_manifest(path: str | os.PathLike) -> tuple[list[str], list[str], bytes]:
+def read_manifest(path: str | os.PathLike) -> tuple[Sequence[str], Sequence[str], bytes]:
     """(paths, hashes, raw bytes) of a published manifest, refusing anything not byte-canonical.
 
-    Byte-canonical matters: the fingerprint is the hash of these exact bytes, so a manifest that
-    was re-encoded or re-sorted on the way must fail here, not at receive time.
+    The columns are views over the raw bytes (`plada.manifest`): a 14M-line manifest is held as one
+    buffer, not as 28M strings.
     """
     path = Path(path)
     with reading(path, "manifest"):
         raw = path.read_bytes()
-    try:
-        lines = raw.decode("utf-8").split("\n")
-    except UnicodeDecodeError:
-        raise PladaError(f"{path} is not a pool manifest (not UTF-8 text)") from None
-    if not raw or lines[-1] != "":
-        raise PladaError(f"{path} is not a pool manifest (empty, or its last line lacks a newline)")
-    paths, hashes = [], []
-    for n, line in enumerate(lines[:-1], 1):
-        p, tab, h = line.partition("\t")
-        if not tab or not p or "\r" in line or not _HASH_RE.fullmatch(h):
-            raise PladaError(f"{path} is not a pool manifest: line {n} is not `path<TAB>16-hex-hash`")
-        paths.append(p)
-        hashes.append(h)
-    if len(set(paths)) != len(paths):
-        raise PladaError(f"manifest {path} lists the same image path twice")
-    if paths != sorted(paths):
-        raise PladaError(f"manifest {path} is not in pool order (paths must be sorted)")
-    return paths, hashes, raw
+    m = Manifest.parse(raw, path)
+    return m.paths, m.hashes, raw
 
 
 def parse_spec(spec: str) -> tuple[str, list[str] | None]:
