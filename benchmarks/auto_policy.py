@@ -6,9 +6,9 @@
 Same pool, teachers, pool scores and frozen features as benchmarks.paper (its Config, caches and
 teacher recipe are reused, so a finished paper run makes this one cheap). Per target and byte budget
 (about 1, 5 and 20 KB): held-out = target train images the teacher did not train on; when the teacher
-used all of train, exactly what `plada send --budget` does: a second teacher is fine-tuned on the other
-90%, the search decides with its pool scores, and every candidate is re-applied to the full teacher's
-scores (`auto.reselect`) before it is measured. The auto search picks a policy and keep size by the
+used all of train, exactly what `plada send --budget` does: `folds` deciding teachers are fine-tuned,
+each without one fold of train, and every candidate is forecast on each fold by its own teacher's
+selection (`auto.Decider`); sizes and the labels sent are the full teacher's. The auto search picks a policy and keep size by the
 held-out accuracy of a proxy linear head; then every candidate of that search is measured on the test
 split with the paper's linear student (seed 0 for all; the leaders within `eval_band` of the best get
 the other `eval_seeds` too, and their accuracy is the mean), which gives the auto choice's accuracy,
@@ -44,11 +44,11 @@ BUDGETS = (1000, 5000, 20000)
 class AutoConfig(paper.Config):
     budgets: tuple[int, ...] = BUDGETS
     heldout_limit: int = 5000  # held-out images scored by the proxy (a seeded subsample when more are unseen)
-    heldout_frac: float = 0.1  # slice held out when the teacher trained on all of train
     relevance_limit: int = 5000  # target train images the nearest-target policy compares the pool with
     proxy_steps: int = auto.PROXY_STEPS  # head steps of each proxy student in the search
     eval_seeds: tuple[int, ...] = (0, 1, 2)  # linear-student seeds on the test split (the first for all candidates)
     eval_band: float = 0.02  # candidates within this of the best first-seed accuracy get every eval seed
+    folds: int = 3  # deciding teachers when the teacher used all of train (plada send --holdout-folds)
     search_seed: int = 0
 
 
@@ -82,34 +82,46 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
     unseen = np.setdiff1d(np.arange(len(train)), seen)
     refit = len(unseen) == 0
     scores = score_pool(teacher, pool, cache_root() / "scores")  # the teacher whose labels are sent
-    decide = scores  # the teacher whose scores the search decides with
-    if refit:  # as plada send: decide with a teacher that never saw the held-out slice
-        rest, held = auto.holdout_split(len(train), cfg.heldout_frac, seed=cfg.search_seed, limit=cfg.heldout_limit)
-        t_dec, dinfo = train_teacher(train.take(rest), None, replace(tcfg, limit=None), cache_root() / "teachers")
-        decide = score_pool(t_dec, pool, cache_root() / "scores")
-        note = (f"the teacher trained on all {len(train)} train images, so (as `plada send` does) a second teacher "
-                f"fine-tuned on the other {len(rest)} decided, scored on a seeded {cfg.heldout_frac:.0%} slice "
-                f"({len(held)} images) it never saw; each candidate was then re-applied to the full teacher's "
-                "scores and measured as sent")
-        log(f"[{target}] deciding teacher on {len(rest)} images ({dinfo['train_seconds']} s)")
-    else:
-        rest, held = seen, subsample(unseen, cfg.heldout_limit, cfg.search_seed)
-        note = f"{len(held)} of the {len(unseen)} train images the teacher never saw"
-    ref = subsample(rest, cfg.relevance_limit, cfg.search_seed + 1)
-    log(f"[{target}] held-out: {note}; nearest-target compares with {len(ref)} teacher-train images")
-
     gid = pool.groups()[0]
-    sent_by = {"labels": scores.labels, "energy": scores.energy(), "entropy": scores.entropy(),
-               "confidence": rate.confidence(scores.logits)}
     fm = feature_model(cfg.student, cfg.student_res)
     pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}")
+    t1 = time.time()
+
+    def ref_key(idx: np.ndarray, seed: int) -> np.ndarray:  # nearest-target: images the teacher trained on
+        return auto.nearest_target_key(pool_f, split_features(fm, train, src.root,
+                                                              subsample(idx, cfg.relevance_limit, seed),
+                                                              "auto-relevance"))
+
+    deciders = None
+    if refit:  # as plada send: cross-fitted deciding teachers, each scored on the fold it never saw
+        splits = [(f, subsample(h, -(-cfg.heldout_limit // cfg.folds), cfg.search_seed))
+                  for f, h in auto.fold_split(len(train), cfg.folds, cfg.search_seed)]
+        held = np.concatenate([h for _, h in splits])
+        nearest = ref_key(np.arange(len(train)), cfg.search_seed + 1)
+        deciders, at, secs = [], 0, []
+        for fit_idx, h in splits:
+            tj, dinfo = train_teacher(train.take(fit_idx), None, replace(tcfg, limit=None), cache_root() / "teachers")
+            sj = score_pool(tj, pool, cache_root() / "scores")
+            deciders.append(auto.Decider(sj.labels, sj.energy(), sj.entropy(), np.arange(at, at + len(h)),
+                                         rate.confidence(sj.logits), ref_key(fit_idx, cfg.search_seed + 1)))
+            at += len(h)
+            secs.append(dinfo["train_seconds"])
+        what = "a seeded 10% slice" if cfg.folds == 1 else f"{cfg.folds} folds, each held out once"
+        note = (f"the teacher trained on all {len(train)} train images, so (as `plada send` does) "
+                f"{len(splits)} deciding teacher(s) were fine-tuned without {what}; {len(held)} held-out images "
+                "in all, each scored only by a teacher that never saw it; sizes and the labels sent are the "
+                "full teacher's")
+        log(f"[{target}] {len(splits)} deciding teacher(s): {secs} s")
+    else:
+        held = subsample(unseen, cfg.heldout_limit, cfg.search_seed)
+        nearest = ref_key(seen, cfg.search_seed + 1)
+        note = f"{len(held)} of the {len(unseen)} train images the teacher never saw"
+    nearest_s = round(time.time() - t1, 1)
+    log(f"[{target}] held-out: {note}; nearest-target keys {nearest_s} s")
+
     test_f = np.asarray(cached_features(fm, test.images, split_key(src.root, "test", len(test))))
     held_f = split_features(fm, train, src.root, held, "auto-heldout")
-    ref_f = split_features(fm, train, src.root, ref, "auto-relevance")
-    t1 = time.time()
-    nearest = auto.nearest_target_key(pool_f, ref_f)
-    nearest_s = round(time.time() - t1, 1)
-    log(f"[{target}] nearest-target key over {len(pool)} pool images: {nearest_s} s")
+    energy, entropy, conf = scores.energy(), scores.entropy(), rate.confidence(scores.logits)
 
     base_meta = {"target": src.name, "keep": None, "temperature": 1.0,
                  "teacher": {"model": tcfg.model, "res": tcfg.res, "mode": tcfg.mode,
@@ -117,20 +129,13 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
     size_of = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, base_meta, groups=gid)
     measured: dict[tuple[bytes, int], float] = {}
 
-    def as_sent(ch: auto.AutoChoice, row: dict) -> auto.AutoChoice:
-        """The candidate as `plada send` would write it: re-applied to the full teacher when that differs."""
-        cand = replace(ch, name=row["name"], policy=row["policy"], safety_share=row["safety_share"],
-                       alpha=row["alpha"], tau=row["tau"], k=row["k"], forecast=row["forecast"])
-        if not refit:
-            idx, sent = auto.select_policy(cand.rule, row["k"], labels=scores.labels, energy=sent_by["energy"],
-                                           entropy=sent_by["entropy"], n_classes=n_cls, seed=cfg.search_seed,
-                                           nearest_key=nearest, groups=gid, confidence=sent_by["confidence"])
-            return replace(cand, indices=idx, labels=sent, payload_bytes=row["bytes"])
-        return auto.reselect(cand, labels=sent_by["labels"], energy=sent_by["energy"], entropy=sent_by["entropy"],
-                             n_classes=n_cls, size_of=size_of, nearest_key=nearest, groups=gid,
-                             confidence=sent_by["confidence"])
+    def as_sent(row: dict) -> rate.Selection:
+        pol = auto.Policy(row["policy"], row["safety_share"], row["alpha"], row["tau"])
+        return auto.select_policy(pol, row["k"], labels=scores.labels, energy=energy, entropy=entropy,
+                                  n_classes=n_cls, seed=cfg.search_seed, nearest_key=nearest, groups=gid,
+                                  confidence=conf)
 
-    def test_accuracy(sel: auto.AutoChoice, seeds: tuple[int, ...]) -> float:
+    def test_accuracy(sel: rate.Selection, seeds: tuple[int, ...]) -> float:
         digest = hashlib.sha256(sel.indices.tobytes() + sel.labels.tobytes()).digest()
         for s in seeds:
             if (digest, s) not in measured:
@@ -144,48 +149,34 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
     for budget in cfg.budgets:
         t1 = time.time()
         try:
-            ch = auto.search(labels=decide.labels, energy=decide.energy(), entropy=decide.entropy(),
-                             pool_feats=pool_f, heldout_feats=held_f, heldout_labels=train.labels[held],
-                             n_classes=n_cls, size_of=size_of, budget_bytes=int(budget), nearest_key=nearest,
-                             groups=gid, confidence=rate.confidence(decide.logits), head_steps=cfg.proxy_steps,
-                             seed=cfg.search_seed)
+            ch = auto.search(labels=scores.labels, energy=energy, entropy=entropy, pool_feats=pool_f,
+                             heldout_feats=held_f, heldout_labels=train.labels[held], n_classes=n_cls,
+                             size_of=size_of, budget_bytes=int(budget), nearest_key=nearest, groups=gid,
+                             confidence=conf, deciders=deciders, head_steps=cfg.proxy_steps, seed=cfg.search_seed)
         except PladaError as e:
             cells[str(budget)] = {"error": str(e)}
             log(f"[{target}] {budget} B: {e}")
             continue
         search_s = round(time.time() - t1, 1)
         rows = ch.candidates
-        sels = []
-        for row in rows:
-            try:
-                sels.append(as_sent(ch, row))
-            except PladaError as e:  # the full teacher's selection for this rule keeps nothing in the budget
-                sels.append(None)
-                row["error"] = str(e)
-                continue
-            row["sent_k"], row["sent_kept"], row["sent_bytes"] = sels[-1].k, len(sels[-1].indices), \
-                sels[-1].payload_bytes
-            row["sent_classes"] = int(len(np.unique(sels[-1].labels)))
-            row["test_accuracy"], row["test_seeds"] = test_accuracy(sels[-1], cfg.eval_seeds[:1]), 1
-        lead = max(r["test_accuracy"] for r in rows if "test_accuracy" in r)
+        sels = [as_sent(row) for row in rows]
         for row, sel in zip(rows, sels, strict=True):
-            if sel is not None and (row["chosen"] or row["test_accuracy"] >= lead - cfg.eval_band):
+            row["test_accuracy"], row["test_seeds"] = test_accuracy(sel, cfg.eval_seeds[:1]), 1
+        lead = max(r["test_accuracy"] for r in rows)
+        for row, sel in zip(rows, sels, strict=True):
+            if row["chosen"] or row["test_accuracy"] >= lead - cfg.eval_band:
                 row["test_accuracy"], row["test_seeds"] = test_accuracy(sel, cfg.eval_seeds), len(cfg.eval_seeds)
-        rows_ok = [r for r in rows if "test_accuracy" in r]
         chosen = next(r for r in rows if r["chosen"])
-        if "error" in chosen:
-            cells[str(budget)] = {"error": f"the chosen policy fails on the full teacher: {chosen['error']}"}
-            continue
-        best = max(rows_ok, key=lambda r: (r["test_accuracy"], -r["sent_bytes"]))
+        best = max(rows, key=lambda r: (r["test_accuracy"], -r["bytes"]))
         tops: dict[str, dict] = {}
-        for r in rows_ok:  # each policy at its largest affordable size
+        for r in rows:  # each policy at its largest affordable size
             if r["k"] > tops.get(r["name"], {"k": 0})["k"]:
                 tops[r["name"]] = r
         pick = ("name", "policy", "safety_share", "alpha", "k", "bytes", "forecast", "test_accuracy", "test_seeds",
-                "classes_kept", "sent_k", "sent_kept", "sent_bytes", "sent_classes")
+                "classes_kept")
         cells[str(budget)] = {
             "auto": {**{k: v for k, v in ch.summary().items() if k != "candidates"},
-                     **{k: chosen[k] for k in pick if k.startswith(("sent_", "test_", "classes_"))}},
+                     **{k: chosen[k] for k in pick if k.startswith(("test_", "classes_"))}},
             "hindsight": {k: best[k] for k in pick},
             "default": {k: tops["lowest-energy"][k] for k in pick} if "lowest-energy" in tops else None,
             "largest": {name: r["test_accuracy"] for name, r in tops.items()},
@@ -194,8 +185,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
             "search_seconds": search_s,
             "candidates": rows,
         }
-        log(f"[{target}] {budget} B: auto {ch.name} k={chosen['sent_k']} ({chosen['sent_bytes']} B) forecast "
-            f"{ch.forecast:.4f} "
+        log(f"[{target}] {budget} B: auto {ch.name} k={ch.k} ({ch.payload_bytes} B) forecast {ch.forecast:.4f} "
             f"test {chosen['test_accuracy']:.4f}; hindsight {best['name']} k={best['k']} {best['test_accuracy']:.4f} "
             f"(search {search_s} s)")
     return {
@@ -203,7 +193,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
         "teacher": {"model": cfg.teacher, "res": cfg.teacher_res, "accuracy": tinfo["test_accuracy"],
                     "train_images": len(seen)},
         "heldout": {"images": len(held), "refit": refit, "note": note},
-        "relevance_images": len(ref), "nearest_key_seconds": nearest_s,
+        "folds": cfg.folds if refit else None, "nearest_key_seconds": nearest_s,
         "pseudo_label_hist": np.bincount(scores.labels, minlength=n_cls).tolist(),
         "budgets": cells, "seconds": round(time.time() - t0, 1),
     }
@@ -251,9 +241,9 @@ def write_markdown(res: dict, path: Path) -> None:
          f"seeds {list(cfg['eval_seeds'])} for the auto choice and every candidate within "
          f"{100 * cfg['eval_band']:g} points of the best first-seed accuracy): *hindsight* is the best of them, "
          "*gap* = auto − hindsight, *forecast error* = forecast − auto's test accuracy, *default* = lowest energy "
-         "at the largest size that fits. Where the teacher trained on all of train, the search decides with a "
-         "teacher fine-tuned on 90% and each candidate is re-applied to the full teacher before it is measured, "
-         "as `plada send` does; k and bytes are then those of the payload sent. The search re-forecasts its "
+         "at the largest size that fits. Where the teacher trained on all of train, the search decides with "
+         f"{cfg['folds']} cross-fitted teacher(s) (`auto.Decider`), as `plada send` does; sizes and labels sent are "
+         "the full teacher's. The search re-forecasts its "
          f"finalists (within 2 points of the best proxy) over 3 proxy seeds. Accuracies in %.", "",
          "| target | budget | auto choice (k, bytes) | forecast | auto test | forecast error | hindsight best (k) | "
          "hindsight test | gap | default test | search s |",
@@ -267,9 +257,9 @@ def write_markdown(res: dict, path: Path) -> None:
             a, h, d = c["auto"], c["hindsight"], c["default"]
             gaps.append(c["gap"])
             errs.append(c["forecast_error"])
-            L.append(f"| {t} | {int(b):,} B | {a['name']} ({a['sent_k']:,}, {a['sent_bytes']:,} B) | "
+            L.append(f"| {t} | {int(b):,} B | {a['name']} ({a['k']:,}, {a['payload_bytes']:,} B) | "
                      f"{pct(a['forecast'])} | {pct(a['test_accuracy'])} | {pts(c['forecast_error'])} | "
-                     f"{h['name']} ({h['sent_k']:,}) | "
+                     f"{h['name']} ({h['k']:,}) | "
                      f"{pct(h['test_accuracy'])} | {pts(c['gap'])} | {pct(d['test_accuracy']) if d else '–'} | "
                      f"{c['search_seconds']} |")
     L += ["", "Held-out images per target:", ""]
@@ -301,15 +291,13 @@ def write_markdown(res: dict, path: Path) -> None:
             if "error" in c:
                 continue
             L += [f"**{t}, {int(b):,} B**", "",
-                  "| candidate | k | bytes | classes | forecast (proxy seeds) | k sent | bytes sent | test (seeds) |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| candidate | k | bytes | classes | forecast (proxy seeds) | test (seeds) |",
+                  "|---|---|---|---|---|---|"]
             for row in c["candidates"]:
                 mark = " **(auto)**" if row["chosen"] else ""
-                test = (f"{pct(row['test_accuracy'])} ({row['test_seeds']})" if "test_accuracy" in row
-                        else f"error: {row.get('error')}")
                 L.append(f"| {row['name']}{mark} | {row['k']:,} | {row['bytes']:,} | {row['classes_kept']} | "
-                         f"{pct(row['forecast'])} ({row['forecast_seeds']}) | {row.get('sent_k', 0):,} | "
-                         f"{row.get('sent_bytes', 0):,} | {test} |")
+                         f"{pct(row['forecast'])} ({row['forecast_seeds']}) | {pct(row['test_accuracy'])} "
+                         f"({row['test_seeds']}) |")
             L.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     paper.write_keeping_discussion(path, L)
@@ -320,16 +308,19 @@ def main(argv: list[str] | None = None) -> int:
     paper.add_common_args(ap)
     ap.add_argument("--budgets", nargs="+", type=int, default=None, help="byte budgets (default 1000 5000 20000)")
     ap.add_argument("--eval-seeds", nargs="+", type=int, default=None, help="test-split student seeds (default 0 1 2)")
+    ap.add_argument("--folds", type=int, default=None, help="deciding teachers when the teacher used all of train")
     a = ap.parse_args(argv)
     cfg = paper.apply_common_args(AutoConfig(), a, quick_config)
     if a.budgets:
         cfg.budgets = tuple(a.budgets)
     if a.eval_seeds:
         cfg.eval_seeds = tuple(a.eval_seeds)
+    if a.folds:
+        cfg.folds = a.folds
     out = Path(a.out_dir)
     stem = "auto_policy_quick" if a.quick else "auto_policy"
     res = paper.run_all("auto_policy", cfg, a, run_target,
-                        extra_flags=(("--budgets", a.budgets), ("--eval-seeds", a.eval_seeds)))
+                        extra_flags=(("--budgets", a.budgets), ("--eval-seeds", a.eval_seeds), ("--folds", a.folds)))
     if res is None:
         return 2
     res["fixed_policy_summary"] = fixed_policy_summary(res)

@@ -129,6 +129,24 @@ class AutoChoice:
                 "head_steps": self.head_steps, "candidates": self.candidates}
 
 
+@dataclass(frozen=True)
+class Decider:
+    """A teacher that did not see some held-out images: its pool scores, and which held-out rows are its own.
+
+    Cross-fitting: when the sender's teacher trained on all of train, K teachers are fitted each without
+    one fold, and every candidate rule (policy, k) is forecast by applying it to each fold teacher's
+    scores and scoring that proxy on the fold's images only; the forecast pools all folds, so every
+    train image counts once. Sizes, and the payload sent, still come from the full teacher's labels.
+    """
+
+    labels: np.ndarray
+    energy: np.ndarray
+    entropy: np.ndarray | None
+    rows: np.ndarray  # indices into the search's heldout_feats / heldout_labels
+    confidence: np.ndarray | None = None
+    nearest_key: np.ndarray | None = None  # from target images this teacher trained on (never its held-out)
+
+
 def _meta(pol: Policy, k: int, budget_bytes: int | None, forecast: float, heldout: int, steps: int,
           seed: int) -> dict:
     rule = {"policy": pol.policy, "safety_share": pol.safety_share, "alpha": pol.alpha}
@@ -208,6 +226,22 @@ def holdout_split(n: int, frac: float = 0.1, seed: int = 0, limit: int | None = 
         m = max(1, min(m, int(limit)))
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[m:]), np.sort(perm[:m])
+
+
+def fold_split(n: int, folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit, held-out) index pairs for cross-fitting: ``folds`` seeded, near-equal parts, each held out once.
+
+    ``folds=1`` means no cross-fitting: one seeded 10% slice held out (``holdout_split``).
+    """
+    if not isinstance(folds, int | np.integer) or folds < 1:
+        raise PladaError(f"held-out folds must be a positive integer, got {folds!r}")
+    if folds == 1:
+        return [holdout_split(n, 0.1, seed)]
+    if n < folds:
+        raise PladaError(f"need at least {folds} target train images for {folds} folds, got {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    parts = np.array_split(perm, folds)
+    return [(np.sort(np.concatenate(parts[:j] + parts[j + 1:])), np.sort(parts[j])) for j in range(folds)]
 
 
 def policy_key(pol: Policy | str, energy: np.ndarray, entropy: np.ndarray | None = None, seed: int = 0,
@@ -349,6 +383,7 @@ def search(
     margin: float = 0.01,
     finalist_band: float = 0.02,
     finalist_seeds: int = 3,
+    deciders: Sequence[Decider] | None = None,
     max_k: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> AutoChoice:
@@ -360,7 +395,9 @@ def search(
     ``confidence`` are given (its k is an upper bound: whole folders only). Deterministic given ``seed``: it seeds
     the random policy and every proxy head (the same seed for all, so candidates differ only by data);
     finalists (within ``finalist_band`` of the best forecast) are re-forecast over ``finalist_seeds``
-    proxy seeds (seed, seed+1, ...).
+    proxy seeds (seed, seed+1, ...). With ``deciders`` (cross-fitting, see `Decider`) each candidate is
+    forecast by the deciders' own selections for its rule, each scored on its own held-out rows;
+    ``labels``/``energy``/... are then the sending teacher's, used for sizes and the selection sent.
     """
     if (budget_bytes is None) == (k is None):
         raise PladaError("give exactly one of a byte budget or a keep size")
@@ -383,6 +420,15 @@ def search(
     if target_feats is not None and nearest_key is None and any(p.policy == NEAREST for p in policies):
         nearest_key = nearest_target_key(pool_feats, target_feats)
     say = log or (lambda s: None)
+    deciders = list(deciders) if deciders is not None else None
+    if deciders is not None:
+        if not deciders:
+            raise PladaError("deciders given but empty")
+        for d in deciders:
+            _check_inputs(d.labels, d.energy, d.entropy, pool_feats, heldout_feats, heldout_labels, n_classes)
+            r = np.asarray(d.rows)
+            if r.ndim != 1 or len(r) == 0 or r.dtype.kind not in "iu" or r.min() < 0 or r.max() >= len(heldout_labels):
+                raise PladaError(f"a decider's held-out rows must index the {len(heldout_labels)} held-out images")
     predicted = np.bincount(lab, minlength=n_classes) > 0
     heldout = len(heldout_labels)
 
@@ -395,6 +441,10 @@ def search(
         if ((pol.policy == NEAREST and nearest_key is None) or (pol.policy == "lowest-entropy" and entropy is None)
                 or (pol.policy == WHOLE_GROUPS and (groups is None or confidence is None))):
             continue  # the caller did not give what this policy ranks by
+        if deciders is not None and any((pol.policy == NEAREST and d.nearest_key is None)
+                                        or (pol.policy == "lowest-entropy" and d.entropy is None)
+                                        or (pol.policy == WHOLE_GROUPS and d.confidence is None) for d in deciders):
+            continue
         make = selector(pol, labels=lab, energy=energy, entropy=entropy, n_classes=n_classes, seed=seed,
                         nearest_key=nearest_key, groups=groups, confidence=confidence)
         sel: dict[int, tuple[rate.Selection, int]] = {}
@@ -434,22 +484,39 @@ def search(
                          f"{smallest} bytes (its header alone holds the pool fingerprint and class names)")
 
     # 2. Forecast: a proxy student per distinct selection, scored on the held-out images.
-    runs: dict[tuple[bytes, int], float] = {}
+    runs: dict[tuple[bytes, int, int], int] = {}
+    parts = [np.arange(len(heldout_labels))] if deciders is None else [np.asarray(d.rows) for d in deciders]
+    makers: dict[tuple[Policy, int], Callable[[int], rate.Selection]] = {}
 
-    def proxy(idx: np.ndarray, sent: np.ndarray, s: int) -> float:
-        key = (hashlib.sha256(idx.tobytes() + sent.tobytes()).digest(), s)
+    def hits(idx: np.ndarray, sent: np.ndarray, j: int, s: int) -> int:
+        key = (hashlib.sha256(idx.tobytes() + sent.tobytes()).digest(), j, s)
         if key not in runs:
             with torch_threads(1):
                 w, b = train_head(np.asarray(pool_feats[idx]), sent, n_classes, steps=head_steps, seed=s)
-            runs[key] = float(((heldout_feats @ w.T + b).argmax(1) == heldout_labels).mean())
+            r = parts[j]
+            runs[key] = int(((heldout_feats[r] @ w.T + b).argmax(1) == heldout_labels[r]).sum())
         return runs[key]
 
+    def forecast(i: int, s: int) -> float:
+        pol, kk, got, _ = planned[i]
+        if deciders is None:
+            return hits(got.indices, got.labels, 0, s) / len(parts[0])
+        total = 0
+        for j, d in enumerate(deciders):
+            if (pol, j) not in makers:
+                makers[pol, j] = selector(pol, labels=np.asarray(d.labels).astype(np.int64), energy=d.energy,
+                                          entropy=d.entropy, n_classes=n_classes, seed=seed,
+                                          nearest_key=d.nearest_key, groups=groups, confidence=d.confidence)
+            sel = makers[pol, j](kk)
+            total += hits(sel.indices, sel.labels, j, s) if len(sel.indices) else 0
+        return total / sum(len(r) for r in parts)
+
     rows: list[dict] = []
-    for pol, kk, (idx, sent), nbytes in planned:
+    for i, (pol, kk, (idx, sent), nbytes) in enumerate(planned):
         hist = np.bincount(sent, minlength=n_classes)
         rows.append({"name": pol.name, "policy": pol.policy, "safety_share": pol.safety_share, "alpha": pol.alpha,
                      "tau": pol.tau, "k": int(kk), "kept": int(len(idx)), "bytes": nbytes,
-                     "forecast": proxy(idx, sent, seed), "forecast_seeds": 1, "classes_kept": int((hist > 0).sum()),
+                     "forecast": forecast(i, seed), "forecast_seeds": 1, "classes_kept": int((hist > 0).sum()),
                      "covers_predicted": bool((hist[predicted] > 0).all())})
         say(f"auto: {pol.name} k={kk} ({nbytes} B): forecast {rows[-1]['forecast']:.4f}")
 
@@ -461,8 +528,7 @@ def search(
     finalists = [i for i, r in enumerate(rows) if r["forecast"] >= top - finalist_band]
     if finalist_seeds > 1:
         for i in finalists:
-            _, _, (idx, sent), _ = planned[i]
-            rows[i]["forecast"] = float(np.mean([proxy(idx, sent, seed + j) for j in range(finalist_seeds)]))
+            rows[i]["forecast"] = float(np.mean([forecast(i, seed + j) for j in range(finalist_seeds)]))
             rows[i]["forecast_seeds"] = finalist_seeds
             say(f"auto: finalist {rows[i]['name']} k={rows[i]['k']}: forecast {rows[i]['forecast']:.4f} "
                 f"({finalist_seeds} seeds)")

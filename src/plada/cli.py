@@ -64,6 +64,9 @@ def _select_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--safety-share", type=float, default=0.0, help="Safety-Net share s of the budget (0 = off)")
     g.add_argument("--alpha", type=float, default=0.5, help="Safety-Net exponent: quota ∝ N_c^alpha")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--holdout-folds", type=_positive, default=3,
+                   help="auto, when the teacher used all of train: cross-fit this many deciding teachers "
+                        "(1: one teacher without a 10%% slice)")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -138,7 +141,8 @@ def cmd_send(a: argparse.Namespace) -> dict:
 
     return send(a.target, a.pool, a.out, data=a.data, teacher=_teacher_cfg(a), keep=a.keep, count=a.count,
                 policy=a.policy, temperature=a.temperature, safety_share=a.safety_share, alpha=a.alpha, seed=a.seed,
-                progress=not a.json, budget_bytes=a.budget, engine=a.engine, actors=a.actors)
+                progress=not a.json, budget_bytes=a.budget, engine=a.engine, actors=a.actors,
+                holdout_folds=a.holdout_folds)
 
 
 def cmd_score(a: argparse.Namespace) -> dict:
@@ -174,7 +178,7 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     pay = out / f"{a.target}.plada"
     s = send(a.target, a.pool, pay, data=a.data, teacher=_teacher_cfg(a), keep=a.keep, count=a.count,
              policy=a.policy, temperature=a.temperature, safety_share=a.safety_share, alpha=a.alpha, seed=a.seed,
-             progress=not a.json, budget_bytes=a.budget)
+             progress=not a.json, budget_bytes=a.budget, holdout_folds=a.holdout_folds)
     r = receive(pay, a.pool, data=a.data, student=_student_cfg(a), test=a.target,
                 model_out=out / f"{a.target}-student.safetensors", progress=not a.json)
     return {"target": a.target, "pool_size": s["pool_size"], "kept": s["kept"],

@@ -6,6 +6,7 @@ receive: payload + pool -> fingerprint check -> labelled pool subset -> student 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import asdict, replace
@@ -22,6 +23,9 @@ from .shards import open_any
 from .student import StudentConfig, train_student
 from .teacher import TeacherConfig, train_teacher
 from .train import accuracy, predict
+
+# Deciding teachers when the sender's teacher used all of train (see _auto_choice).
+HOLDOUT_FOLDS = 3
 
 
 def send(
@@ -45,6 +49,7 @@ def send(
     proxy_res: int = 64,
     engine: str = "local",
     actors: int | None = None,
+    holdout_folds: int = HOLDOUT_FOLDS,
 ) -> dict:
     """Make a payload for `target` over `pool`; returns a report (teacher accuracy, bytes, class counts).
 
@@ -55,6 +60,8 @@ def send(
     teacher = teacher or TeacherConfig()
     if temperature <= 0:
         raise PladaError(f"temperature must be positive, got {temperature}")
+    if not isinstance(holdout_folds, int) or holdout_folds < 1:
+        raise PladaError(f"holdout_folds must be a positive integer, got {holdout_folds!r}")
     chunk_size()  # a bad PLADA_SCORE_CHUNK fails now, not after the teacher
     engines.check_engine(engine)
     out = Path(out)
@@ -82,7 +89,8 @@ def send(
                         "test_accuracy": tinfo.get("test_accuracy")}
         base = {"target": src.name, "keep": None, "temperature": temperature, "teacher": teacher_meta}
         choice = _auto_choice(train, test, pool, teacher, scores, base, budget_bytes, None if budget_bytes else k,
-                              temperature, seed, proxy, proxy_res, progress, engine=engine, actors=actors)
+                              temperature, seed, proxy, proxy_res, progress, engine=engine, actors=actors,
+                              folds=holdout_folds)
         idx, sel_labels, meta = choice.indices, choice.labels, {**base, **choice.meta()}
         auto_report = choice.summary()
         p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, sel_labels, meta)
@@ -120,12 +128,13 @@ def send(
 
 
 def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k, temperature, seed, proxy, proxy_res,
-                 progress, engine="local", actors=None):
+                 progress, engine="local", actors=None, folds=HOLDOUT_FOLDS):
     """Pick the policy with proxy students scored on target images the deciding teacher never saw.
 
-    A teacher trained on a subset (`--teacher-limit`) leaves the rest of train unseen: those are
-    the held-out images, and nothing is wasted. A teacher that used all of train is re-trained on
-    90% to decide; the policy is then re-applied to the full teacher's scores (`auto.reselect`).
+    A teacher trained on a subset (`--teacher-limit`) leaves the rest of train unseen: those are the
+    held-out images, and nothing is wasted. A teacher that used all of train is cross-fitted: `folds`
+    teachers each trained without one fold decide (`auto.Decider`; folds=1: one teacher without a 10%
+    slice), while sizes and the labels sent stay the full teacher's.
     """
     from . import auto
     from .features import cached_features, feature_model
@@ -134,38 +143,45 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
     pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress)
     seen = train.subset_indices(teacher.limit, teacher.seed)
     unseen = np.setdiff1d(np.arange(len(train)), seen)
-    decide_scores, refit = scores, False
-    if len(unseen) >= 200:
-        held_idx = np.sort(np.random.default_rng(seed).permutation(unseen)[:5000])
-        ref_idx = seen
-    else:
-        ref_idx, held_idx = auto.holdout_split(len(train), 0.1, seed)
-        fit = train.take(ref_idx)
-        cfg = replace(teacher, limit=None)
-        t90, _ = train_teacher(fit, None, cfg, cache_root() / "teachers", progress=progress)
-        decide_scores = engines.score(t90, pool, cache_root() / "scores", engine=engine, progress=progress,
-                                      actors=actors)
-        refit = True
-    held = train.take(held_idx)
-    ref = train.take(np.sort(np.random.default_rng(seed).permutation(ref_idx)[:5000]))
     key = "/".join((train.dataset, train.split, str(len(train))))
-    held_f = cached_features(fm, held.images, f"{key}/held/{seed}/{len(held)}", progress=progress)
-    ref_f = cached_features(fm, ref.images, f"{key}/ref/{seed}/{len(ref)}", progress=progress)
-    sizer = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, base_meta,
-                               groups=pool.groups()[0])
-    n_cls = len(train.class_names)
-    nearest = auto.nearest_target_key(np.asarray(pool_f), ref_f)
+
+    def feats(idx: np.ndarray, what: str) -> np.ndarray:
+        digest = hashlib.sha256(np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()[:16]
+        return np.asarray(cached_features(fm, np.asarray(train.images[idx]), f"{key}/{what}/{digest}",
+                                          progress=progress))
+
+    def ref_key(idx: np.ndarray) -> np.ndarray:  # nearest-target: compare with images the teacher trained on
+        return auto.nearest_target_key(np.asarray(pool_f), feats(_cap(idx, 5000, seed), "ref"))
+
     groups = pool.groups()[0]
-    choice = auto.search(labels=decide_scores.labels, energy=decide_scores.energy(temperature),
-                         entropy=decide_scores.entropy(), pool_feats=pool_f, heldout_feats=held_f,
-                         heldout_labels=held.labels, n_classes=n_cls, size_of=sizer, budget_bytes=budget_bytes, k=k,
-                         nearest_key=nearest, groups=groups, confidence=rate.confidence(decide_scores.logits),
-                         seed=seed)
-    if refit:
-        choice = auto.reselect(choice, labels=scores.labels, energy=scores.energy(temperature),
-                               entropy=scores.entropy(), n_classes=n_cls, size_of=sizer, nearest_key=nearest,
-                               groups=groups, confidence=rate.confidence(scores.logits))
-    return choice
+    deciders = None
+    if len(unseen) >= 200:
+        held_idx = _cap(unseen, 5000, seed)
+        nearest = ref_key(seen)
+    else:
+        splits = [(f, _cap(h, -(-5000 // folds), seed)) for f, h in auto.fold_split(len(train), folds, seed)]
+        held_idx = np.concatenate([h for _, h in splits])
+        nearest = ref_key(np.arange(len(train)))
+        deciders, at = [], 0
+        for fit_idx, h in splits:
+            cfg = replace(teacher, limit=None)
+            tj, _ = train_teacher(train.take(fit_idx), None, cfg, cache_root() / "teachers", progress=progress)
+            sj = engines.score(tj, pool, cache_root() / "scores", engine=engine, progress=progress, actors=actors)
+            deciders.append(auto.Decider(sj.labels, sj.energy(temperature), sj.entropy(), np.arange(at, at + len(h)),
+                                         rate.confidence(sj.logits), ref_key(fit_idx)))
+            at += len(h)
+    held_f = feats(held_idx, "held")
+    sizer = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, base_meta, groups=groups)
+    return auto.search(labels=scores.labels, energy=scores.energy(temperature), entropy=scores.entropy(),
+                       pool_feats=pool_f, heldout_feats=held_f, heldout_labels=train.labels[held_idx],
+                       n_classes=len(train.class_names), size_of=sizer, budget_bytes=budget_bytes, k=k,
+                       nearest_key=nearest, groups=groups, confidence=rate.confidence(scores.logits),
+                       deciders=deciders, seed=seed)
+
+
+def _cap(idx: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """At most `limit` of `idx`, a seeded sorted sample: more held-out or reference images buy little."""
+    return idx if len(idx) <= limit else np.sort(np.random.default_rng(seed).permutation(idx)[:limit])
 
 
 def receive(
