@@ -315,3 +315,50 @@ def test_whole_groups_choice_round_trips_through_reselect() -> None:
     with pytest.raises(PladaError, match="groups"):
         auto.reselect(ch, labels=w["labels"], energy=w["energy"], entropy=w["entropy"], n_classes=3,
                       size_of=size_of)
+
+
+def test_fold_split_holds_every_image_out_once() -> None:
+    splits = auto.fold_split(100, 3, seed=4)
+    held = np.concatenate([h for _, h in splits])
+    assert sorted(held.tolist()) == list(range(100)) and {len(h) for _, h in splits} <= {33, 34}
+    for fit, h in splits:
+        assert not set(fit) & set(h) and len(fit) + len(h) == 100
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, auto.fold_split(100, 3, seed=4), strict=True))
+    one = auto.fold_split(100, 1, seed=4)
+    assert len(one) == 1 and len(one[0][1]) == 10  # folds=1: the 10% slice of holdout_split
+    for bad in (0, 2.5):
+        with pytest.raises(PladaError, match="folds"):
+            auto.fold_split(100, bad)
+    with pytest.raises(PladaError, match="at least 5"):
+        auto.fold_split(4, 5)
+
+
+def test_deciders_forecast_pools_their_own_folds() -> None:
+    w = world(wrong_low_energy=True)
+    budget = smallest(w) + 80
+    near = auto.nearest_target_key(w["pool_feats"], w["target_feats"])
+    whole = auto.Decider(w["labels"], w["energy"], w["entropy"], np.arange(len(w["heldout_labels"])), nearest_key=near)
+    plain = run(w, budget_bytes=budget, finalist_seeds=1)
+    same = run(w, budget_bytes=budget, finalist_seeds=1, deciders=[whole])
+    assert plain.summary() == same.summary()  # one decider with the sender's own scores: the plain search
+
+    # Two deciders whose scores differ from the sender's: sizes stay the sender's, forecasts are theirs.
+    rng = np.random.default_rng(5)
+    halves = np.array_split(np.arange(len(w["heldout_labels"])), 2)
+    decs = [auto.Decider(w["labels"], w["energy"] + rng.normal(size=len(w["energy"])), w["entropy"], h,
+                         nearest_key=near) for h in halves]
+    ch = run(w, budget_bytes=budget, finalist_seeds=1, deciders=decs)
+    assert [(r["name"], r["k"], r["bytes"]) for r in ch.candidates] == \
+        [(r["name"], r["k"], r["bytes"]) for r in plain.candidates]
+    row = next(r for r in ch.candidates if r["chosen"])
+    hits = 0
+    for d in decs:
+        idx, sent = auto.select_policy(auto.Policy(row["policy"], row["safety_share"], row["alpha"]), row["k"],
+                                       labels=d.labels, energy=d.energy, entropy=d.entropy, n_classes=3,
+                                       nearest_key=near)
+        with auto.torch_threads(1):
+            wt, b = train_head(w["pool_feats"][idx], sent, 3, steps=STEPS, seed=0)
+        hits += int(((w["heldout_feats"][d.rows] @ wt.T + b).argmax(1) == w["heldout_labels"][d.rows]).sum())
+    assert row["forecast"] == hits / len(w["heldout_labels"])
+    with pytest.raises(PladaError, match="held-out rows"):
+        run(w, budget_bytes=budget, deciders=[auto.Decider(w["labels"], w["energy"], w["entropy"], np.array([999]))])

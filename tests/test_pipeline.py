@@ -158,6 +158,8 @@ def test_send_with_byte_budget(tiny_data: Path, cache: Path, tmp_path: Path, cap
     assert 0.0 <= sent["forecast_accuracy"] <= 1.0
     meta = payload.read(out).meta
     assert meta["auto"]["budget_bytes"] == 1000 and meta["policy"] != "auto"
+    # the teacher used all of train, so 3 cross-fitted teachers decided and every train image was held out once
+    assert meta["auto"]["heldout_images"] == 3 * 40  # tinytarget: 3 colours x 40 train images
     code, info, err = run(capsys, "inspect", str(out))
     assert code == 0 and info["meta"]["auto"]["forecast_accuracy"] == round(sent["forecast_accuracy"], 4)
     with pytest.raises(SystemExit) as exit_info:
