@@ -133,7 +133,11 @@ def manifest_text(paths: Sequence[str], hashes: Sequence[str]) -> bytes:
     """The canonical manifest: one `path<TAB>hash` line per image, in pool order."""
     if isinstance(paths, _Column) and isinstance(hashes, _Column) and paths._m is hashes._m:
         return paths._m.raw
-    return "".join(f"{p}\t{h}\n" for p, h in zip(paths, hashes, strict=True)).encode()
+    if len(paths) != len(hashes):
+        raise ValueError(f"{len(paths)} paths but {len(hashes)} hashes")
+    step = 65536  # joined a block at a time: one 14M-line join would first hold 14M line strings
+    return b"".join("".join(f"{paths[i]}\t{hashes[i]}\n" for i in range(a, min(a + step, len(paths)))).encode()
+                    for a in range(0, len(paths), step))
 
 
 def _check_order(buf: np.ndarray, starts: np.ndarray, stops: np.ndarray, where: object) -> None:

@@ -149,7 +149,7 @@ def build_pool(
     if len(res) != 1:
         raise PladaError(f"pool sources have different resolutions {sorted(res)}; build one pool per resolution")
     rows.sort(key=lambda r: r[0])
-    if len({r[0] for r in rows}) != len(rows):
+    if any(rows[i][0] == rows[i + 1][0] for i in range(len(rows) - 1)):  # sorted: a repeat is a neighbour
         raise PladaError("pool sources overlap: the same relative path appears twice")
     if canon is None:
         paths, hashes = [r[0] for r in rows], [r[1] for r in rows]
