@@ -3,16 +3,16 @@
     python -m benchmarks.auto_policy            # results/auto_policy.json, docs/AUTO_POLICY.md
     python -m benchmarks.auto_policy --quick    # small subset (also run by the test suite)
 
-Same pool, teachers, pool scores and frozen features as benchmarks.paper (its Config, caches and
-teacher recipe are reused, so a finished paper run makes this one cheap). Per target and byte budget
-(about 1, 5 and 20 KB): held-out = target train images the teacher did not train on; when the teacher
-used all of train, exactly what `plada send --budget` does: `folds` deciding teachers are fine-tuned,
-each without one fold of train, and every candidate is forecast on each fold by its own teacher's
-selection (`auto.Decider`); sizes and the labels sent are the full teacher's. The auto search picks a policy and keep size by the
-held-out accuracy of a proxy linear head; then every candidate of that search is measured on the test
-split with the paper's linear student (seed 0 for all; the leaders within `eval_band` of the best get
-the other `eval_seeds` too, and their accuracy is the mean), which gives the auto choice's accuracy,
-the best candidate in hindsight, and the forecast error.
+Same pool, teachers, pool scores and frozen features as benchmarks.paper (its Config, caches and teacher
+recipe are reused, so a finished paper run makes this one cheap). Per target and byte budget (about 1, 5
+and 20 KB): held-out = target train images the teacher did not train on; when the teacher used all of
+train, exactly what `plada send --budget` does: `folds` deciding teachers are fine-tuned, each without
+one fold of train, and every candidate is forecast on each fold by its own teacher's selection
+(`auto.Decider`); sizes and the labels sent are the full teacher's. The auto search picks a policy and
+keep size by the held-out accuracy of a proxy linear head; then every candidate of that search is
+measured on the test split with the paper's linear student (seed 0 for all; the leaders within
+`eval_band` of the best get the other `eval_seeds` too, and their accuracy is the mean), which gives the
+auto choice's accuracy, the best candidate in hindsight, and the forecast error.
 """
 
 from __future__ import annotations
@@ -85,12 +85,14 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
     gid = pool.groups()[0]
     fm = feature_model(cfg.student, cfg.student_res)
     pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}")
-    t1 = time.time()
+    key_s = [0.0]
 
     def ref_key(idx: np.ndarray, seed: int) -> np.ndarray:  # nearest-target: images the teacher trained on
-        return auto.nearest_target_key(pool_f, split_features(fm, train, src.root,
-                                                              subsample(idx, cfg.relevance_limit, seed),
-                                                              "auto-relevance"))
+        ref_f = split_features(fm, train, src.root, subsample(idx, cfg.relevance_limit, seed), "auto-relevance")
+        t = time.time()
+        key = auto.nearest_target_key(pool_f, ref_f)
+        key_s[0] += time.time() - t
+        return key
 
     deciders = None
     if refit:  # as plada send: cross-fitted deciding teachers, each scored on the fold it never saw
@@ -116,7 +118,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
         held = subsample(unseen, cfg.heldout_limit, cfg.search_seed)
         nearest = ref_key(seen, cfg.search_seed + 1)
         note = f"{len(held)} of the {len(unseen)} train images the teacher never saw"
-    nearest_s = round(time.time() - t1, 1)
+    nearest_s = round(key_s[0], 1)
     log(f"[{target}] held-out: {note}; nearest-target keys {nearest_s} s")
 
     test_f = np.asarray(cached_features(fm, test.images, split_key(src.root, "test", len(test))))
