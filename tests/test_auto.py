@@ -211,18 +211,6 @@ def test_nearest_target_key_matches_brute_force_and_is_chunked() -> None:
     assert auto.NEAREST not in {r["policy"] for r in run(w, k=30).candidates}  # and skipped without them
 
 
-def test_reselect_stays_in_budget_with_new_scores() -> None:
-    w = world()
-    budget = smallest(w) + 40
-    ch = run(w, budget_bytes=budget)
-    rng = np.random.default_rng(9)
-    new_labels = rng.integers(0, 3, len(w["labels"]))  # labels that compress worse than the old ones
-    size_of = auto.payload_sizer(FP, len(w["labels"]), names(3))
-    again = auto.reselect(ch, labels=new_labels, energy=w["energy"], entropy=w["entropy"], n_classes=3,
-                          size_of=size_of, nearest_key=auto.nearest_target_key(w["pool_feats"], w["target_feats"]))
-    assert again.payload_bytes <= budget and again.k <= ch.k and again.policy == ch.policy
-
-
 def test_holdout_split() -> None:
     fit, held = auto.holdout_split(1000, 0.1, seed=0, limit=50)
     assert len(held) == 50 and len(fit) == 950 and not set(fit) & set(held)
@@ -300,7 +288,7 @@ def test_whole_groups_candidates_are_whole_folders_within_budget() -> None:
     assert big[1.0] >= big[0.0]
 
 
-def test_whole_groups_choice_round_trips_through_reselect() -> None:
+def test_whole_groups_choice_round_trips_through_select_policy() -> None:
     w, groups, conf = grouped_world()
     budget = smallest(w) + 60
     size_of = auto.payload_sizer(FP, 600, names(3))
@@ -308,13 +296,12 @@ def test_whole_groups_choice_round_trips_through_reselect() -> None:
                      policies=[auto.Policy(auto.WHOLE_GROUPS, tau=1.0)], **w)
     assert ch.policy == auto.WHOLE_GROUPS and ch.tau == 1.0 and ch.meta()["tau"] == 1.0
     assert ch.payload_bytes <= budget and len(ch.indices) % 50 == 0
-    again = auto.reselect(ch, labels=w["labels"], energy=w["energy"], entropy=w["entropy"], n_classes=3,
-                          size_of=size_of, groups=groups, confidence=conf)
+    again = auto.select_policy(ch.rule, ch.k, labels=w["labels"], energy=w["energy"], entropy=w["entropy"],
+                               n_classes=3, groups=groups, confidence=conf)
     np.testing.assert_array_equal(again.indices, ch.indices)
     np.testing.assert_array_equal(again.labels, ch.labels)
     with pytest.raises(PladaError, match="groups"):
-        auto.reselect(ch, labels=w["labels"], energy=w["energy"], entropy=w["entropy"], n_classes=3,
-                      size_of=size_of)
+        auto.select_policy(ch.rule, ch.k, labels=w["labels"], energy=w["energy"], entropy=w["entropy"], n_classes=3)
 
 
 def test_fold_split_holds_every_image_out_once() -> None:

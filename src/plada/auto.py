@@ -263,7 +263,7 @@ def selector(
     seed: int = 0, nearest_key: np.ndarray | None = None, groups: np.ndarray | None = None,
     confidence: np.ndarray | None = None,
 ) -> Callable[[int], rate.Selection]:
-    """``k -> selection`` (kept indices and the labels to send) for one policy, the same in search and reselect.
+    """``k -> selection`` (kept indices and the labels to send) for one policy, shared by search and rebuilds.
 
     ``whole-groups`` needs the pool's folder per image (``groups``) and the teacher's confidence per
     image (``rate.confidence``); every other policy sends the teacher's own labels.
@@ -556,44 +556,3 @@ def search(
                 tau=pol.tau,
             )
     raise PladaError(f"no candidate fits the byte budget {budget_bytes} once its forecast is in the header")
-
-
-def reselect(
-    choice: AutoChoice, *, labels: np.ndarray, energy: np.ndarray, entropy: np.ndarray | None, n_classes: int,
-    size_of: SizeFn, nearest_key: np.ndarray | None = None, groups: np.ndarray | None = None,
-    confidence: np.ndarray | None = None,
-) -> AutoChoice:
-    """Apply a chosen policy to new teacher scores (e.g. a teacher refit on all of train), within the budget.
-
-    New pseudo-labels compress differently, so k shrinks (bisection below the chosen k) until the real
-    payload fits again; the forecast is carried over unchanged and is then only an estimate.
-    """
-    lab = np.asarray(labels).astype(np.int64, copy=False)
-    pol = choice.rule
-    make = selector(pol, labels=lab, energy=energy, entropy=entropy, n_classes=n_classes, seed=choice.seed,
-                    nearest_key=nearest_key, groups=groups, confidence=confidence)
-    cache: dict[int, tuple[rate.Selection, int]] = {}
-
-    def measure(kk: int) -> int | None:
-        if kk not in cache:
-            got = make(kk)
-            meta = _meta(pol, len(got.indices), choice.budget_bytes, choice.forecast, choice.heldout_images,
-                         choice.head_steps, choice.seed)
-            cache[kk] = (got, int(size_of(got.indices, got.labels, meta)))
-        ok = choice.budget_bytes is None or cache[kk][1] <= choice.budget_bytes
-        return cache[kk][1] if ok else None
-
-    kk = min(choice.k, len(lab))
-    if measure(kk) is None:
-        kk = _largest_fitting(measure, kk)
-        if kk is None:
-            raise PladaError(f"byte budget {choice.budget_bytes} is too small for even one image")
-    (idx, sent), nbytes = cache[kk]
-    if len(idx) == 0:
-        raise PladaError(f"the refit teacher's selection for {choice.name} keeps no image within the budget")
-    return AutoChoice(
-        name=choice.name, policy=choice.policy, safety_share=choice.safety_share, alpha=choice.alpha, k=int(kk),
-        forecast=choice.forecast, payload_bytes=nbytes, budget_bytes=choice.budget_bytes, seed=choice.seed,
-        heldout_images=choice.heldout_images, head_steps=choice.head_steps, indices=idx, labels=sent.copy(),
-        candidates=choice.candidates, tau=choice.tau,
-    )
