@@ -31,7 +31,7 @@ from benchmarks import paper
 from plada import auto, rate
 from plada.data import Split, cache_root
 from plada.errors import PladaError
-from plada.features import cached_features, feature_model, split_key
+from plada.features import cached_features, feature_model, rows_features, split_key
 from plada.pool import Pool
 from plada.score import score_pool
 from plada.teacher import train_teacher
@@ -68,9 +68,7 @@ def subsample(idx: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
 def split_features(fm, train: Split, src_root: Path, idx: np.ndarray, what: str) -> np.ndarray:
     """Features of some train rows, cached under a key naming exactly those rows."""
-    digest = hashlib.sha256(np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()[:16]
-    key = f"{split_key(src_root, 'train', len(train))}/{what}/{digest}"
-    return np.asarray(cached_features(fm, np.asarray(train.images[idx]), key, progress=False))
+    return rows_features(fm, train.images, idx, f"{split_key(src_root, 'train', len(train))}/{what}", progress=False)
 
 
 def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) -> dict:

@@ -50,3 +50,14 @@ def images_key(images: np.ndarray) -> str:
 def split_key(root: Path, split: str, n: int) -> str:
     """Key of a dataset split held in the decoded-source cache (whose folder name carries the source hash)."""
     return f"{Path(root).name}/{split}/{n}"
+
+
+def rows_features(fm: backbones.Classifier, images: np.ndarray, idx: np.ndarray, prefix: str,
+                  progress: bool = True) -> np.ndarray:
+    """Features of some rows of an image array, cached under a key naming exactly those rows.
+
+    Held-out and reference subsets change with seeds and folds; keying by the rows themselves means a
+    changed subset can never be served another subset's features.
+    """
+    digest = hashlib.sha256(np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()[:16]
+    return np.asarray(cached_features(fm, np.asarray(images[idx]), f"{prefix}/{digest}", progress=progress))

@@ -6,7 +6,6 @@ receive: payload + pool -> fingerprint check -> labelled pool subset -> student 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import asdict, replace
@@ -137,7 +136,7 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
     slice), while sizes and the labels sent stay the full teacher's.
     """
     from . import auto
-    from .features import cached_features, feature_model
+    from .features import cached_features, feature_model, rows_features
 
     fm = feature_model(proxy, proxy_res)
     pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress)
@@ -146,9 +145,7 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
     key = "/".join((train.dataset, train.split, str(len(train))))
 
     def feats(idx: np.ndarray, what: str) -> np.ndarray:
-        digest = hashlib.sha256(np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()[:16]
-        return np.asarray(cached_features(fm, np.asarray(train.images[idx]), f"{key}/{what}/{digest}",
-                                          progress=progress))
+        return rows_features(fm, train.images, idx, f"{key}/{what}", progress=progress)
 
     def ref_key(idx: np.ndarray) -> np.ndarray:  # nearest-target: compare with images the teacher trained on
         return auto.nearest_target_key(np.asarray(pool_f), feats(_cap(idx, 5000, seed), "ref"))
