@@ -22,7 +22,7 @@ import hashlib
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +32,9 @@ from plada import auto, rate
 from plada.data import Split, cache_root
 from plada.errors import PladaError
 from plada.features import cached_features, feature_model, rows_features, split_key
+from plada.pipeline import cross_fit
 from plada.pool import Pool
 from plada.score import score_pool
-from plada.teacher import train_teacher
 from plada.train import accuracy, train_head
 
 BUDGETS = (1000, 5000, 20000)
@@ -60,12 +60,6 @@ def quick_config(cfg: AutoConfig) -> AutoConfig:
     return cfg
 
 
-def subsample(idx: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    if len(idx) <= limit:
-        return idx
-    return np.sort(np.random.default_rng(seed).permutation(idx)[:limit])
-
-
 def split_features(fm, train: Split, src_root: Path, idx: np.ndarray, what: str) -> np.ndarray:
     """Features of some train rows, cached under a key naming exactly those rows."""
     return rows_features(fm, train.images, idx, f"{split_key(src_root, 'train', len(train))}/{what}", progress=False)
@@ -86,7 +80,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
     key_s = [0.0]
 
     def ref_key(idx: np.ndarray, seed: int) -> np.ndarray:  # nearest-target: images the teacher trained on
-        ref_f = split_features(fm, train, src.root, subsample(idx, cfg.relevance_limit, seed), "auto-relevance")
+        ref_f = split_features(fm, train, src.root, auto.subsample(idx, cfg.relevance_limit, seed), "auto-relevance")
         t = time.time()
         key = auto.nearest_target_key(pool_f, ref_f)
         key_s[0] += time.time() - t
@@ -94,26 +88,17 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
 
     deciders = None
     if refit:  # as plada send: cross-fitted deciding teachers, each scored on the fold it never saw
-        splits = [(f, subsample(h, -(-cfg.heldout_limit // cfg.folds), cfg.search_seed))
-                  for f, h in auto.fold_split(len(train), cfg.folds, cfg.search_seed)]
-        held = np.concatenate([h for _, h in splits])
+        held, deciders, secs = cross_fit(train, pool, tcfg, cfg.folds, cfg.search_seed,
+                                         lambda idx: ref_key(idx, cfg.search_seed + 1), held_limit=cfg.heldout_limit)
         nearest = ref_key(np.arange(len(train)), cfg.search_seed + 1)
-        deciders, at, secs = [], 0, []
-        for fit_idx, h in splits:
-            tj, dinfo = train_teacher(train.take(fit_idx), None, replace(tcfg, limit=None), cache_root() / "teachers")
-            sj = score_pool(tj, pool, cache_root() / "scores")
-            deciders.append(auto.Decider(sj.labels, sj.energy(), sj.entropy(), np.arange(at, at + len(h)),
-                                         rate.confidence(sj.logits), ref_key(fit_idx, cfg.search_seed + 1)))
-            at += len(h)
-            secs.append(dinfo["train_seconds"])
         what = "a seeded 10% slice" if cfg.folds == 1 else f"{cfg.folds} folds, each held out once"
         note = (f"the teacher trained on all {len(train)} train images, so (as `plada send` does) "
-                f"{len(splits)} deciding teacher(s) were fine-tuned without {what}; {len(held)} held-out images "
+                f"{cfg.folds} deciding teacher(s) were fine-tuned without {what}; {len(held)} held-out images "
                 "in all, each scored only by a teacher that never saw it; sizes and the labels sent are the "
                 "full teacher's")
-        log(f"[{target}] {len(splits)} deciding teacher(s): {secs} s")
+        log(f"[{target}] {cfg.folds} deciding teacher(s): {secs} s")
     else:
-        held = subsample(unseen, cfg.heldout_limit, cfg.search_seed)
+        held = auto.subsample(unseen, cfg.heldout_limit, cfg.search_seed)
         nearest = ref_key(seen, cfg.search_seed + 1)
         note = f"{len(held)} of the {len(unseen)} train images the teacher never saw"
     nearest_s = round(key_s[0], 1)

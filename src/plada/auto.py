@@ -228,6 +228,11 @@ def holdout_split(n: int, frac: float = 0.1, seed: int = 0, limit: int | None = 
     return np.sort(perm[m:]), np.sort(perm[:m])
 
 
+def subsample(idx: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """At most ``limit`` of ``idx``, a seeded sorted sample: more held-out or reference images buy little."""
+    return idx if len(idx) <= limit else np.sort(np.random.default_rng(seed).permutation(idx)[:limit])
+
+
 def fold_split(n: int, folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """(fit, held-out) index pairs for cross-fitting: ``folds`` seeded, near-equal parts, each held out once.
 
@@ -338,6 +343,12 @@ def _largest_fitting(measure: Callable[[int], int | None], hi_cap: int) -> int |
     return lo
 
 
+def _has_inputs(pol: Policy, nearest_key, entropy, groups, confidence) -> bool:
+    """Whether one teacher's scores hold what `pol` ranks by."""
+    return not ((pol.policy == NEAREST and nearest_key is None) or (pol.policy == "lowest-entropy" and entropy is None)
+                or (pol.policy == WHOLE_GROUPS and (groups is None or confidence is None)))
+
+
 def _check_inputs(labels, energy, entropy, pool_feats, heldout_feats, heldout_labels, n_classes) -> np.ndarray:
     if not isinstance(n_classes, int | np.integer) or n_classes < 1:
         raise PladaError(f"n_classes must be a positive integer, got {n_classes!r}")
@@ -438,13 +449,9 @@ def search(
     # 1. Sizes: per policy, the keep sizes whose real payload fits.
     planned: list[tuple[Policy, int, rate.Selection, int]] = []  # policy, k, selection, bytes
     for pol in policies:
-        if ((pol.policy == NEAREST and nearest_key is None) or (pol.policy == "lowest-entropy" and entropy is None)
-                or (pol.policy == WHOLE_GROUPS and (groups is None or confidence is None))):
-            continue  # the caller did not give what this policy ranks by
-        if deciders is not None and any((pol.policy == NEAREST and d.nearest_key is None)
-                                        or (pol.policy == "lowest-entropy" and d.entropy is None)
-                                        or (pol.policy == WHOLE_GROUPS and d.confidence is None) for d in deciders):
-            continue
+        if not _has_inputs(pol, nearest_key, entropy, groups, confidence) or any(
+                not _has_inputs(pol, d.nearest_key, d.entropy, groups, d.confidence) for d in deciders or ()):
+            continue  # the caller (or a decider) did not give what this policy ranks by
         make = selector(pol, labels=lab, energy=energy, entropy=entropy, n_classes=n_classes, seed=seed,
                         nearest_key=nearest_key, groups=groups, confidence=confidence)
         sel: dict[int, tuple[rate.Selection, int]] = {}

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import backbones, engines, payload, rate, select
-from .data import atomic_write, cache_root, load_source
+from .data import Split, atomic_write, cache_root, load_source
 from .errors import PladaError
 from .pool import Pool
 from .score import chunk_size
@@ -148,25 +149,17 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
         return rows_features(fm, train.images, idx, f"{key}/{what}", progress=progress)
 
     def ref_key(idx: np.ndarray) -> np.ndarray:  # nearest-target: compare with images the teacher trained on
-        return auto.nearest_target_key(np.asarray(pool_f), feats(_cap(idx, 5000, seed), "ref"))
+        return auto.nearest_target_key(np.asarray(pool_f), feats(auto.subsample(idx, 5000, seed), "ref"))
 
     groups = pool.groups()[0]
     deciders = None
     if len(unseen) >= 200:
-        held_idx = _cap(unseen, 5000, seed)
+        held_idx = auto.subsample(unseen, 5000, seed)
         nearest = ref_key(seen)
     else:
-        splits = [(f, _cap(h, -(-5000 // folds), seed)) for f, h in auto.fold_split(len(train), folds, seed)]
-        held_idx = np.concatenate([h for _, h in splits])
+        held_idx, deciders, _ = cross_fit(train, pool, teacher, folds, seed, ref_key, temperature=temperature,
+                                          engine=engine, actors=actors, progress=progress)
         nearest = ref_key(np.arange(len(train)))
-        deciders, at = [], 0
-        for fit_idx, h in splits:
-            cfg = replace(teacher, limit=None)
-            tj, _ = train_teacher(train.take(fit_idx), None, cfg, cache_root() / "teachers", progress=progress)
-            sj = engines.score(tj, pool, cache_root() / "scores", engine=engine, progress=progress, actors=actors)
-            deciders.append(auto.Decider(sj.labels, sj.energy(temperature), sj.entropy(), np.arange(at, at + len(h)),
-                                         rate.confidence(sj.logits), ref_key(fit_idx)))
-            at += len(h)
     held_f = feats(held_idx, "held")
     sizer = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, base_meta, groups=groups)
     return auto.search(labels=scores.labels, energy=scores.energy(temperature), entropy=scores.entropy(),
@@ -176,9 +169,32 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
                        deciders=deciders, seed=seed)
 
 
-def _cap(idx: np.ndarray, limit: int, seed: int) -> np.ndarray:
-    """At most `limit` of `idx`, a seeded sorted sample: more held-out or reference images buy little."""
-    return idx if len(idx) <= limit else np.sort(np.random.default_rng(seed).permutation(idx)[:limit])
+def cross_fit(
+    train: Split, pool: Pool, teacher: TeacherConfig, folds: int, seed: int,
+    ref_key: Callable[[np.ndarray], np.ndarray], held_limit: int = 5000, temperature: float = 1.0,
+    engine: str = "local", actors: int | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, list, list[float]]:
+    """(held-out train rows, one `auto.Decider` per fold, fine-tune seconds per fold teacher).
+
+    For a sending teacher that used all of train: each fold's teacher is the sender's recipe fitted
+    without that fold, and decides on at most `held_limit / folds` of the fold's images; `ref_key`
+    gives its nearest-target key from the rows it trained on.
+    """
+    from . import auto
+
+    per_fold = -(-held_limit // folds)
+    splits = [(f, auto.subsample(h, per_fold, seed)) for f, h in auto.fold_split(len(train), folds, seed)]
+    deciders, seconds, at = [], [], 0
+    for fit_idx, h in splits:
+        tj, info = train_teacher(train.take(fit_idx), None, replace(teacher, limit=None), cache_root() / "teachers",
+                                 progress=progress)
+        sj = engines.score(tj, pool, cache_root() / "scores", engine=engine, progress=progress, actors=actors)
+        deciders.append(auto.Decider(sj.labels, sj.energy(temperature), sj.entropy(), np.arange(at, at + len(h)),
+                                     rate.confidence(sj.logits), ref_key(fit_idx)))
+        seconds.append(info.get("train_seconds"))
+        at += len(h)
+    return np.concatenate([h for _, h in splits]), deciders, seconds
 
 
 def receive(
