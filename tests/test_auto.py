@@ -349,3 +349,63 @@ def test_deciders_forecast_pools_their_own_folds() -> None:
     assert row["forecast"] == hits / len(w["heldout_labels"])
     with pytest.raises(PladaError, match="held-out rows"):
         run(w, budget_bytes=budget, deciders=[auto.Decider(w["labels"], w["energy"], w["entropy"], np.array([999]))])
+
+
+def test_search_forecasts_do_not_depend_on_workers() -> None:
+    """Proxy heads trained two at a time give the table one at a time gives, bit for bit."""
+    w = world(wrong_low_energy=True)
+    budget = smallest(w) + 80
+    one = run(w, budget_bytes=budget, workers=1)
+    two = run(w, budget_bytes=budget, workers=2)
+    assert one.summary() == two.summary()
+
+
+def test_name_groups_from_file_names() -> None:
+    files = ["a/00001_00000.png", "a/00001_00006.png", "a/00002_00000.png", "b/00001_00000.png", "b/other.png",
+             "b/more.png"]
+    g = auto.name_groups(files, r"^(\d+)_")
+    assert g[0] == g[1] and len({g[0], g[2], g[3], g[4], g[5]}) == 5  # same track; class splits; no match: alone
+    whole = auto.name_groups(["a/x1.png", "a/x1b.png", "a/y.png"], r"x1")  # no capture group: the whole match
+    assert whole[0] == whole[1] != whole[2]
+    with pytest.raises(PladaError, match="regular expression"):
+        auto.name_groups(files, "(")
+
+
+def test_grouped_folds_keep_each_group_in_one_fold() -> None:
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), rng.integers(1, 9, 40))  # 40 groups of 1-8 images
+    rng.shuffle(groups)
+    n = len(groups)
+    splits = auto.fold_split(n, 3, seed=2, groups=groups)
+    held = np.concatenate([h for _, h in splits])
+    assert sorted(held.tolist()) == list(range(n))
+    for fit, h in splits:
+        assert not set(groups[fit]) & set(groups[h]) and len(fit) + len(h) == n
+        assert abs(len(h) - n / 3) <= 8  # greedy fill: parts differ by at most one group
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, auto.fold_split(n, 3, seed=2, groups=groups),
+                                                          strict=True))
+    (fit, h), = auto.fold_split(n, 1, seed=2, groups=groups)
+    assert not set(groups[fit]) & set(groups[h]) and 0.1 * n <= len(h) <= 0.1 * n + 8
+    with pytest.raises(PladaError, match="at least 3 held-out groups"):
+        auto.fold_split(6, 3, groups=np.array([0, 0, 0, 1, 1, 1]))
+    with pytest.raises(PladaError, match="one integer group id"):
+        auto.fold_split(6, 3, groups=np.arange(5))
+
+
+def test_train_heads_on_threads_equal_one_by_one() -> None:
+    """Threads share torch's global RNG, so a head must draw only from its own generators to stay exact."""
+    import torch
+
+    from plada.train import train_heads
+
+    rng = np.random.default_rng(1)
+    f = rng.standard_normal((3000, 1280)).astype(np.float32)
+    y = rng.integers(0, 43, 3000)
+    jobs = [((lambda s=s: f[s * 500:]), y[s * 500:], 43, 150, s) for s in range(4)]
+    state = torch.get_rng_state()
+    par = train_heads(jobs, workers=2)
+    assert torch.equal(state, torch.get_rng_state())  # the global generator was not drawn from
+    for (feats, lab, c, steps, s), (w2, b2) in zip(jobs, par, strict=True):
+        with auto.torch_threads(1):
+            w1, b1 = train_head(feats(), lab, c, steps=steps, seed=s)
+        assert np.array_equal(w1, w2) and np.array_equal(b1, b2)

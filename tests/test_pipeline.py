@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run
+from conftest import one_line, run
 
 from plada import payload
 from plada.cli import main
@@ -165,3 +165,30 @@ def test_send_with_byte_budget(tiny_data: Path, cache: Path, tmp_path: Path, cap
     with pytest.raises(SystemExit) as exit_info:
         main(["send", "tinytarget", "--pool", "tinypool", "-o", str(tmp_path / "c.plada"), "--budget", "ten"])
     assert exit_info.value.code == 2 and "not a size" in capsys.readouterr().err
+
+
+def test_send_holds_out_whole_groups(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--holdout-groups`: no deciding teacher trains on an image of a group it is scored on."""
+    from plada import auto
+
+    seen = []
+    real = auto.fold_split
+
+    def spy(n, folds, seed=0, groups=None):
+        seen.append((groups, real(n, folds, seed, groups)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(auto, "fold_split", spy)
+    args = ["send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "--teacher-res", "32",
+            "--teacher-epochs", "4", "--budget", "1KB"]
+    code, _, err = run(capsys, *args, "-o", str(tmp_path / "bad.plada"), "--holdout-groups", "(")
+    assert code == 2 and one_line(err) and "regular expression" in err and not seen  # refused before any work
+    out = tmp_path / "g.plada"
+    code, sent, err = run(capsys, *args, "-o", str(out), "--holdout-groups", r"^\d(\d)")  # tens digit of 000-039
+    assert code == 0, err
+    (groups, splits), = seen
+    assert len(np.unique(groups)) == 3 * 4  # 3 colours x 4 groups of 10 file names
+    for fit, held in splits:
+        assert not set(groups[fit]) & set(groups[held])
+    assert payload.read(out).meta["auto"]["heldout_images"] == 3 * 40

@@ -36,7 +36,7 @@ import torch
 
 from . import payload, rate, select
 from .errors import PladaError
-from .train import train_head
+from .train import train_heads
 
 NEAREST = "nearest-target"
 # The proxy trains exactly as the benchmark's linear student does (1000 steps). With 300 steps it ranked
@@ -233,20 +233,70 @@ def subsample(idx: np.ndarray, limit: int, seed: int) -> np.ndarray:
     return idx if len(idx) <= limit else np.sort(np.random.default_rng(seed).permutation(idx)[:limit])
 
 
-def fold_split(n: int, folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+def name_groups(files: Sequence[str], pattern: str) -> np.ndarray:
+    """Group id per target train image from its file name: images sharing a group are held out together.
+
+    Why: frames of one physical object (GTSRB keeps 5 frames of each sign's track, named TRACK_FRAME.png)
+    split across fit and held-out rows let the deciding teacher see the held-out object, while the test
+    split holds other objects; grouped folds make held-out images as new to the teacher as test images
+    are. The group is the class folder plus ``pattern``'s first capture group (else its whole match)
+    searched in the file's base name; a name it does not match is a group of its own.
+    """
+    import re
+
+    try:
+        rx = re.compile(pattern)
+    except (re.error, TypeError) as e:
+        raise PladaError(f"held-out group pattern {pattern!r} is not a valid regular expression: {e}") from None
+    keys = []
+    for i, f in enumerate(files):
+        cls, _, base = str(f).rpartition("/")
+        m = rx.search(base)
+        keys.append(f"{cls}\0{m.group(1) if m and rx.groups else m.group(0)}" if m else f"\1{i}")
+    _, ids = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
+    return ids.astype(np.int64).reshape(-1)
+
+
+def fold_split(n: int, folds: int, seed: int = 0, groups: np.ndarray | None = None
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(fit, held-out) index pairs for cross-fitting: ``folds`` seeded, near-equal parts, each held out once.
 
-    ``folds=1`` means no cross-fitting: one seeded 10% slice held out (``holdout_split``).
+    ``folds=1`` means no cross-fitting: one seeded 10% slice held out (``holdout_split``). With
+    ``groups`` (one id per image, see `name_groups`) whole groups go to one part: groups in seeded order,
+    each to the part holding the fewest images so far (the first that short), so parts stay near-equal
+    in images; ``folds=1`` then holds out groups until they reach 10% of the images.
     """
     if not isinstance(folds, int | np.integer) or folds < 1:
         raise PladaError(f"held-out folds must be a positive integer, got {folds!r}")
-    if folds == 1:
-        return [holdout_split(n, 0.1, seed)]
-    if n < folds:
-        raise PladaError(f"need at least {folds} target train images for {folds} folds, got {n}")
-    perm = np.random.default_rng(seed).permutation(n)
-    parts = np.array_split(perm, folds)
-    return [(np.sort(np.concatenate(parts[:j] + parts[j + 1:])), np.sort(parts[j])) for j in range(folds)]
+    if groups is None:
+        if folds == 1:
+            return [holdout_split(n, 0.1, seed)]
+        if n < folds:
+            raise PladaError(f"need at least {folds} target train images for {folds} folds, got {n}")
+        perm = np.random.default_rng(seed).permutation(n)
+        parts = np.array_split(perm, folds)
+        return [(np.sort(np.concatenate(parts[:j] + parts[j + 1:])), np.sort(parts[j])) for j in range(folds)]
+    g = np.asarray(groups)
+    if g.shape != (n,) or g.dtype.kind not in "iu":
+        raise PladaError(f"need one integer group id per target train image ({n}), got shape {g.shape}")
+    uniq, inv, counts = np.unique(g, return_inverse=True, return_counts=True)
+    need = 2 if folds == 1 else folds
+    if len(uniq) < need:
+        raise PladaError(f"need at least {need} held-out groups for {folds} fold(s), the train split has {len(uniq)}")
+    order = np.random.default_rng(seed).permutation(len(uniq))
+    part = np.empty(len(uniq), dtype=np.int64)
+    if folds == 1:  # groups in seeded order until 10% of the images are held out (at least one group)
+        held_groups = np.searchsorted(np.cumsum(counts[order]), max(1, round(0.1 * n))) + 1
+        part[order] = np.arange(len(uniq)) >= min(held_groups, len(uniq) - 1)
+        held = part[inv.reshape(-1)] == 0
+        return [(np.flatnonzero(~held), np.flatnonzero(held))]
+    sizes = np.zeros(folds, dtype=np.int64)
+    for u in order:
+        j = int(sizes.argmin())
+        part[u] = j
+        sizes[j] += counts[u]
+    which = part[inv.reshape(-1)]
+    return [(np.flatnonzero(which != j), np.flatnonzero(which == j)) for j in range(folds)]
 
 
 def policy_key(pol: Policy | str, energy: np.ndarray, entropy: np.ndarray | None = None, seed: int = 0,
@@ -397,6 +447,7 @@ def search(
     deciders: Sequence[Decider] | None = None,
     max_k: int | None = None,
     log: Callable[[str], None] | None = None,
+    workers: int | None = None,
 ) -> AutoChoice:
     """Try every candidate policy at every affordable keep size and return the one with the best forecast.
 
@@ -409,6 +460,7 @@ def search(
     proxy seeds (seed, seed+1, ...). With ``deciders`` (cross-fitting, see `Decider`) each candidate is
     forecast by the deciders' own selections for its rule, each scored on its own held-out rows;
     ``labels``/``energy``/... are then the sending teacher's, used for sizes and the selection sent.
+    ``workers``: proxy heads trained at once (default: one per CPU core); it changes no forecast.
     """
     if (budget_bytes is None) == (k is None):
         raise PladaError("give exactly one of a byte budget or a keep size")
@@ -490,40 +542,53 @@ def search(
         raise PladaError(f"byte budget {budget_bytes} is too small: even a payload keeping one image needs about "
                          f"{smallest} bytes (its header alone holds the pool fingerprint and class names)")
 
-    # 2. Forecast: a proxy student per distinct selection, scored on the held-out images.
+    # 2. Forecast: a proxy student per distinct selection, scored on the held-out images. Heads are trained
+    # in batches on ``workers`` threads (`train_heads`: the same weights as one at a time).
     runs: dict[tuple[bytes, int, int], int] = {}
     parts = [np.arange(len(heldout_labels))] if deciders is None else [np.asarray(d.rows) for d in deciders]
     makers: dict[tuple[Policy, int], Callable[[int], rate.Selection]] = {}
 
-    def hits(idx: np.ndarray, sent: np.ndarray, j: int, s: int) -> int:
-        key = (hashlib.sha256(idx.tobytes() + sent.tobytes()).digest(), j, s)
-        if key not in runs:
-            with torch_threads(1):
-                w, b = train_head(np.asarray(pool_feats[idx]), sent, n_classes, steps=head_steps, seed=s)
-            r = parts[j]
-            runs[key] = int(((heldout_feats[r] @ w.T + b).argmax(1) == heldout_labels[r]).sum())
-        return runs[key]
-
-    def forecast(i: int, s: int) -> float:
+    def proxies(i: int) -> list[tuple[int, rate.Selection]]:
+        """(held-out part, selection) pairs whose proxies make candidate i's forecast."""
         pol, kk, got, _ = planned[i]
         if deciders is None:
-            return hits(got.indices, got.labels, 0, s) / len(parts[0])
-        total = 0
+            return [(0, got)]
+        out = []
         for j, d in enumerate(deciders):
             if (pol, j) not in makers:
                 makers[pol, j] = selector(pol, labels=np.asarray(d.labels).astype(np.int64), energy=d.energy,
                                           entropy=d.entropy, n_classes=n_classes, seed=seed,
                                           nearest_key=d.nearest_key, groups=groups, confidence=d.confidence)
-            sel = makers[pol, j](kk)
-            total += hits(sel.indices, sel.labels, j, s) if len(sel.indices) else 0
-        return total / sum(len(r) for r in parts)
+            out.append((j, makers[pol, j](kk)))
+        return out
+
+    def run_key(sel: rate.Selection, j: int, s: int) -> tuple[bytes, int, int]:
+        return hashlib.sha256(sel.indices.tobytes() + sel.labels.tobytes()).digest(), j, s
+
+    def forecasts(items: Sequence[tuple[int, int]]) -> list[float]:
+        """Forecast of candidate i with proxy seed s, for each (i, s); new proxies trained together."""
+        plan = {(i, s): proxies(i) for i, s in dict.fromkeys(items)}
+        todo: dict[tuple[bytes, int, int], tuple[int, rate.Selection, int]] = {}
+        for (_, s), pairs in plan.items():
+            for j, sel in pairs:
+                key = run_key(sel, j, s)
+                if len(sel.indices) and key not in runs:
+                    todo.setdefault(key, (j, sel, s))
+        jobs = [((lambda idx=sel.indices: np.asarray(pool_feats[idx])), sel.labels, n_classes, head_steps, s)
+                for j, sel, s in todo.values()]
+        for key, (j, _, _), (w, b) in zip(todo, todo.values(), train_heads(jobs, workers), strict=True):
+            r = parts[j]
+            runs[key] = int(((heldout_feats[r] @ w.T + b).argmax(1) == heldout_labels[r]).sum())
+        total = sum(len(r) for r in parts)
+        return [sum(runs[run_key(sel, j, s)] for j, sel in plan[i, s] if len(sel.indices)) / total for i, s in items]
 
     rows: list[dict] = []
+    first = forecasts([(i, seed) for i in range(len(planned))])
     for i, (pol, kk, (idx, sent), nbytes) in enumerate(planned):
         hist = np.bincount(sent, minlength=n_classes)
         rows.append({"name": pol.name, "policy": pol.policy, "safety_share": pol.safety_share, "alpha": pol.alpha,
                      "tau": pol.tau, "k": int(kk), "kept": int(len(idx)), "bytes": nbytes,
-                     "forecast": forecast(i, seed), "forecast_seeds": 1, "classes_kept": int((hist > 0).sum()),
+                     "forecast": first[i], "forecast_seeds": 1, "classes_kept": int((hist > 0).sum()),
                      "covers_predicted": bool((hist[predicted] > 0).all())})
         say(f"auto: {pol.name} k={kk} ({nbytes} B): forecast {rows[-1]['forecast']:.4f}")
 
@@ -534,8 +599,10 @@ def search(
     top = max(r["forecast"] for r in rows)
     finalists = [i for i, r in enumerate(rows) if r["forecast"] >= top - finalist_band]
     if finalist_seeds > 1:
+        items = [(i, seed + j) for i in finalists for j in range(finalist_seeds)]
+        got = dict(zip(items, forecasts(items), strict=True))
         for i in finalists:
-            rows[i]["forecast"] = float(np.mean([forecast(i, seed + j) for j in range(finalist_seeds)]))
+            rows[i]["forecast"] = float(np.mean([got[i, seed + j] for j in range(finalist_seeds)]))
             rows[i]["forecast_seeds"] = finalist_seeds
             say(f"auto: finalist {rows[i]['name']} k={rows[i]['k']}: forecast {rows[i]['forecast']:.4f} "
                 f"({finalist_seeds} seeds)")

@@ -67,6 +67,9 @@ def _select_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--holdout-folds", type=_positive, default=3,
                    help="auto, when the teacher used all of train: cross-fit this many deciding teachers "
                         "(1: one teacher without a 10%% slice)")
+    g.add_argument("--holdout-groups", metavar="REGEX", default=None,
+                   help="auto: hold out train images of one object together; the group is the class plus REGEX's "
+                        "first capture group in the file name, e.g. '^(\\d+)_' for GTSRB's TRACK_FRAME.png")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -142,7 +145,7 @@ def cmd_send(a: argparse.Namespace) -> dict:
     return send(a.target, a.pool, a.out, data=a.data, teacher=_teacher_cfg(a), keep=a.keep, count=a.count,
                 policy=a.policy, temperature=a.temperature, safety_share=a.safety_share, alpha=a.alpha, seed=a.seed,
                 progress=not a.json, budget_bytes=a.budget, engine=a.engine, actors=a.actors,
-                holdout_folds=a.holdout_folds)
+                holdout_folds=a.holdout_folds, holdout_groups=a.holdout_groups)
 
 
 def cmd_score(a: argparse.Namespace) -> dict:
@@ -178,7 +181,8 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     pay = out / f"{a.target}.plada"
     s = send(a.target, a.pool, pay, data=a.data, teacher=_teacher_cfg(a), keep=a.keep, count=a.count,
              policy=a.policy, temperature=a.temperature, safety_share=a.safety_share, alpha=a.alpha, seed=a.seed,
-             progress=not a.json, budget_bytes=a.budget, holdout_folds=a.holdout_folds)
+             progress=not a.json, budget_bytes=a.budget, holdout_folds=a.holdout_folds,
+             holdout_groups=a.holdout_groups)
     r = receive(pay, a.pool, data=a.data, student=_student_cfg(a), test=a.target,
                 model_out=out / f"{a.target}-student.safetensors", progress=not a.json)
     return {"target": a.target, "pool_size": s["pool_size"], "kept": s["kept"],

@@ -210,7 +210,8 @@ class Source:
         sel = np.asarray(idx, dtype=np.int64)
         contiguous = sel[-1] - sel[0] + 1 == len(sel)
         images = self.images[sel[0] : sel[-1] + 1] if contiguous else self.images[sel]
-        return Split(self.name, split, images, np.asarray([lut[c] for c in cls], dtype=np.int64), names)
+        files = [self.paths[i].split("/", 1)[1] for i in idx]
+        return Split(self.name, split, images, np.asarray([lut[c] for c in cls], dtype=np.int64), names, files)
 
 
 @dataclass
@@ -222,6 +223,7 @@ class Split:
     images: np.ndarray
     labels: np.ndarray
     class_names: list[str]
+    files: list[str] | None = None  # "class/file" per row, where the source has names (held-out grouping)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -240,7 +242,8 @@ class Split:
 
     def take(self, idx: np.ndarray) -> Split:
         """The rows `idx`, loaded into memory."""
-        return Split(self.dataset, self.split, np.asarray(self.images[idx]), self.labels[idx], self.class_names)
+        files = None if self.files is None else [self.files[i] for i in np.asarray(idx)]
+        return Split(self.dataset, self.split, np.asarray(self.images[idx]), self.labels[idx], self.class_names, files)
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | Callable[[io.BufferedWriter], object]) -> None:

@@ -50,11 +50,13 @@ def send(
     engine: str = "local",
     actors: int | None = None,
     holdout_folds: int = HOLDOUT_FOLDS,
+    holdout_groups: str | None = None,
 ) -> dict:
     """Make a payload for `target` over `pool`; returns a report (teacher accuracy, bytes, class counts).
 
     `policy="auto"` (implied by `budget_bytes`) searches policies and keep sizes with proxy students
-    on held-out target images and sends the best forecast; see `plada.auto`. `engine` says where
+    on held-out target images and sends the best forecast; see `plada.auto`. `holdout_groups` (a regular
+    expression on train file names, `auto.name_groups`) holds images of one object out together. `engine` says where
     the pool is scored (`plada.engines`); the payload does not depend on it.
     """
     teacher = teacher or TeacherConfig()
@@ -62,6 +64,10 @@ def send(
         raise PladaError(f"temperature must be positive, got {temperature}")
     if not isinstance(holdout_folds, int) or holdout_folds < 1:
         raise PladaError(f"holdout_folds must be a positive integer, got {holdout_folds!r}")
+    if holdout_groups is not None:
+        from .auto import name_groups
+
+        name_groups([], holdout_groups)  # a bad pattern fails now, not after the teacher
     chunk_size()  # a bad PLADA_SCORE_CHUNK fails now, not after the teacher
     engines.check_engine(engine)
     out = Path(out)
@@ -90,7 +96,7 @@ def send(
         base = {"target": src.name, "keep": None, "temperature": temperature, "teacher": teacher_meta}
         choice = _auto_choice(train, test, pool, teacher, scores, base, budget_bytes, None if budget_bytes else k,
                               temperature, seed, proxy, proxy_res, progress, engine=engine, actors=actors,
-                              folds=holdout_folds)
+                              folds=holdout_folds, group_pattern=holdout_groups)
         idx, sel_labels, meta = choice.indices, choice.labels, {**base, **choice.meta()}
         auto_report = choice.summary()
         p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, sel_labels, meta)
@@ -128,13 +134,14 @@ def send(
 
 
 def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k, temperature, seed, proxy, proxy_res,
-                 progress, engine="local", actors=None, folds=HOLDOUT_FOLDS):
+                 progress, engine="local", actors=None, folds=HOLDOUT_FOLDS, group_pattern=None):
     """Pick the policy with proxy students scored on target images the deciding teacher never saw.
 
     A teacher trained on a subset (`--teacher-limit`) leaves the rest of train unseen: those are the
     held-out images, and nothing is wasted. A teacher that used all of train is cross-fitted: `folds`
     teachers each trained without one fold decide (`auto.Decider`; folds=1: one teacher without a 10%
-    slice), while sizes and the labels sent stay the full teacher's.
+    slice), while sizes and the labels sent stay the full teacher's. With `group_pattern`, held-out rows
+    share no group (`auto.name_groups`) with rows the deciding teacher trained on.
     """
     from . import auto
     from .features import cached_features, feature_model, rows_features
@@ -143,6 +150,12 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
     pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress)
     seen = train.subset_indices(teacher.limit, teacher.seed)
     unseen = np.setdiff1d(np.arange(len(train)), seen)
+    tgroups = None
+    if group_pattern is not None:
+        if train.files is None:
+            raise PladaError("--holdout-groups needs the train split's file names; this split has none")
+        tgroups = auto.name_groups(train.files, group_pattern)
+        unseen = unseen[~np.isin(tgroups[unseen], tgroups[seen])]  # a seen group's other images are not new
     key = "/".join((train.dataset, train.split, str(len(train))))
 
     def feats(idx: np.ndarray, what: str) -> np.ndarray:
@@ -158,7 +171,7 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
         nearest = ref_key(seen)
     else:
         held_idx, deciders, _ = cross_fit(train, pool, teacher, folds, seed, ref_key, temperature=temperature,
-                                          engine=engine, actors=actors, progress=progress)
+                                          engine=engine, actors=actors, progress=progress, groups=tgroups)
         nearest = ref_key(np.arange(len(train)))
     held_f = feats(held_idx, "held")
     sizer = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, base_meta, groups=groups)
@@ -173,18 +186,18 @@ def cross_fit(
     train: Split, pool: Pool, teacher: TeacherConfig, folds: int, seed: int,
     ref_key: Callable[[np.ndarray], np.ndarray], held_limit: int = 5000, temperature: float = 1.0,
     engine: str = "local", actors: int | None = None,
-    progress: bool = True,
+    progress: bool = True, groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list, list[float]]:
     """(held-out train rows, one `auto.Decider` per fold, fine-tune seconds per fold teacher).
 
     For a sending teacher that used all of train: each fold's teacher is the sender's recipe fitted
     without that fold, and decides on at most `held_limit / folds` of the fold's images; `ref_key`
-    gives its nearest-target key from the rows it trained on.
+    gives its nearest-target key from the rows it trained on; `groups` keeps each group in one fold.
     """
     from . import auto
 
     per_fold = -(-held_limit // folds)
-    splits = [(f, auto.subsample(h, per_fold, seed)) for f, h in auto.fold_split(len(train), folds, seed)]
+    splits = [(f, auto.subsample(h, per_fold, seed)) for f, h in auto.fold_split(len(train), folds, seed, groups)]
     deciders, seconds, at = [], [], 0
     for fit_idx, h in splits:
         tj, info = train_teacher(train.take(fit_idx), None, replace(teacher, limit=None), cache_root() / "teachers",
