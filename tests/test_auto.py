@@ -237,6 +237,8 @@ def test_auto_policy_quick_benchmark(tiny_data: Path, cache: Path, tmp_path: Pat
         assert 0 <= cell["auto"]["forecast"] <= 1 and 0 <= cell["auto"]["test_accuracy"] <= 1
         assert 0 <= cell["hindsight"]["test_accuracy"] <= 1
         assert cell["gap"] <= 1e-12  # the hindsight best is at least the auto choice
+        lo, hi = cell["gap_ci95"]
+        assert lo - 1e-9 <= cell["gap"] <= hi + 1e-9  # the interval holds the gap it is around
         assert all("test_accuracy" in c and c["bytes"] <= budget for c in cell["candidates"])
     assert res["config"]["budgets"] == [750, 1500, 5000]
     assert max(c["k"] for c in r["budgets"]["5000"]["candidates"]) == res["pool_size"]  # 5 KB holds the whole pool
@@ -409,3 +411,18 @@ def test_train_heads_on_threads_equal_one_by_one() -> None:
         with auto.torch_threads(1):
             w1, b1 = train_head(feats(), lab, c, steps=steps, seed=s)
         assert np.array_equal(w1, w2) and np.array_equal(b1, b2)
+
+
+def test_paired_bootstrap_interval() -> None:
+    from benchmarks.auto_policy import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    a = (rng.random(4000) < 0.6).astype(float)
+    assert paired_bootstrap(a, a) == [0.0, 0.0]  # same students: no gap, whatever the images
+    lo, hi = paired_bootstrap(a, np.zeros(4000))
+    assert lo < a.mean() < hi and hi - lo < 0.04  # about +-1.96 * sqrt(0.24 / 4000) = +-0.015
+    b = a.copy()
+    flip = rng.choice(4000, 200, replace=False)
+    b[flip] = 1 - b[flip]
+    lo, hi = paired_bootstrap(a, b)
+    assert lo <= (a - b).mean() <= hi
