@@ -35,7 +35,7 @@ from plada.features import cached_features, feature_model, rows_features, split_
 from plada.pipeline import cross_fit
 from plada.pool import Pool
 from plada.score import score_pool
-from plada.train import train_heads
+from plada.train import head_job, train_heads
 
 BUDGETS = (1000, 5000, 20000)
 
@@ -134,8 +134,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
         """Mean test accuracy over `seeds` of the linear student on each selection; heads trained together."""
         digests = [hashlib.sha256(sel.indices.tobytes() + sel.labels.tobytes()).digest() for sel in sels]
         todo = {(d, s): sel for d, sel in zip(digests, sels, strict=True) for s in seeds if (d, s) not in measured}
-        jobs = [((lambda idx=sel.indices: np.asarray(pool_f[idx])), sel.labels, n_cls, cfg.head_steps, s)
-                for (_, s), sel in todo.items()]
+        jobs = [head_job(pool_f, sel.indices, sel.labels, n_cls, cfg.head_steps, s) for (_, s), sel in todo.items()]
         for key, (w, b) in zip(todo, train_heads(jobs), strict=True):
             measured[key] = (test_f @ w.T + b).argmax(1) == test.labels
         return [float(np.mean([measured[d, s].mean() for s in seeds])) for d in digests]

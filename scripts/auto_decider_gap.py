@@ -34,7 +34,7 @@ from plada.data import cache_root
 from plada.features import cached_features, feature_model, split_key
 from plada.pipeline import cross_fit
 from plada.score import score_pool
-from plada.train import train_heads
+from plada.train import head_job, train_heads
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                                          n_classes=n_cls, seed=cfg.search_seed, nearest_key=d.nearest_key,
                                          groups=gid, confidence=d.confidence)
                 if len(sel.indices):
-                    jobs.append(((lambda idx=sel.indices: np.asarray(pool_f[idx])), sel.labels, n_cls,
-                                 cfg.proxy_steps, cfg.search_seed))
+                    jobs.append(head_job(pool_f, sel.indices, sel.labels, n_cls, cfg.proxy_steps, cfg.search_seed))
                     where.append((i, j))
         heads = train_heads(jobs)
         fc = np.zeros(len(rows))

@@ -36,7 +36,7 @@ import torch
 
 from . import payload, rate, select
 from .errors import PladaError
-from .train import train_heads
+from .train import head_job, train_heads
 
 NEAREST = "nearest-target"
 # The proxy trains exactly as the benchmark's linear student does (1000 steps). With 300 steps it ranked
@@ -574,8 +574,7 @@ def search(
                 key = run_key(sel, j, s)
                 if len(sel.indices) and key not in runs:
                     todo.setdefault(key, (j, sel, s))
-        jobs = [((lambda idx=sel.indices: np.asarray(pool_feats[idx])), sel.labels, n_classes, head_steps, s)
-                for j, sel, s in todo.values()]
+        jobs = [head_job(pool_feats, sel.indices, sel.labels, n_classes, head_steps, s) for _, sel, s in todo.values()]
         for key, (j, _, _), (w, b) in zip(todo, todo.values(), train_heads(jobs, workers), strict=True):
             r = parts[j]
             runs[key] = int(((heldout_feats[r] @ w.T + b).argmax(1) == heldout_labels[r]).sum())

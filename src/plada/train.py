@@ -158,6 +158,12 @@ def train_head(
 HeadJob = tuple[Callable[[], np.ndarray], np.ndarray, int, int, int]  # (features thunk, labels, classes, steps, seed)
 
 
+def head_job(feats: np.ndarray, rows: np.ndarray, labels: np.ndarray, n_classes: int, steps: int,
+             seed: int) -> HeadJob:
+    """A `train_heads` job on ``feats[rows]`` (a memory map, say), gathered only when a worker runs it."""
+    return (lambda: np.asarray(feats[rows])), labels, n_classes, steps, seed
+
+
 def train_heads(jobs: Sequence[HeadJob], workers: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """`train_head` for many jobs, ``workers`` at a time, each on one torch thread; results in job order.
 
