@@ -67,6 +67,13 @@ def split_features(fm, train: Split, src_root: Path, idx: np.ndarray, what: str)
     return rows_features(fm, train.images, idx, f"{split_key(src_root, 'train', len(train))}/{what}", progress=False)
 
 
+def relevance_key(fm, train: Split, src_root: Path, pool_f: np.ndarray, idx: np.ndarray,
+                  cfg: AutoConfig) -> np.ndarray:
+    """The nearest-target rank key from the train rows `idx` a teacher trained on (at most `relevance_limit`)."""
+    sub = auto.subsample(idx, cfg.relevance_limit, cfg.search_seed + 1)
+    return auto.nearest_target_key(pool_f, split_features(fm, train, src_root, sub, "auto-relevance"))
+
+
 def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) -> dict:
     t0 = time.time()
     src, train, test, tcfg, teacher, tinfo = paper.target_teacher(target, cfg, data)
@@ -85,19 +92,18 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
     pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}")
     key_s = [0.0]
 
-    def ref_key(idx: np.ndarray, seed: int) -> np.ndarray:  # nearest-target: images the teacher trained on
-        ref_f = split_features(fm, train, src.root, auto.subsample(idx, cfg.relevance_limit, seed), "auto-relevance")
+    def ref_key(idx: np.ndarray) -> np.ndarray:
         t = time.time()
-        key = auto.nearest_target_key(pool_f, ref_f)
+        key = relevance_key(fm, train, src.root, pool_f, idx, cfg)
         key_s[0] += time.time() - t
         return key
 
     deciders = None
     if refit:  # as plada send: cross-fitted deciding teachers, each scored on the fold it never saw
         held, deciders, secs = cross_fit(train, pool, tcfg, cfg.folds, cfg.search_seed,
-                                         lambda idx: ref_key(idx, cfg.search_seed + 1), held_limit=cfg.heldout_limit,
+                                         ref_key, held_limit=cfg.heldout_limit,
                                          groups=tgroups)
-        nearest = ref_key(np.arange(len(train)), cfg.search_seed + 1)
+        nearest = ref_key(np.arange(len(train)))
         what = "a seeded 10% slice" if cfg.folds == 1 else f"{cfg.folds} folds, each held out once"
         note = (f"the teacher trained on all {len(train)} train images, so (as `plada send` does) "
                 f"{cfg.folds} deciding teacher(s) were fine-tuned without {what}; {len(held)} held-out images "
@@ -109,7 +115,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
         log(f"[{target}] {cfg.folds} deciding teacher(s): {secs} s")
     else:
         held = auto.subsample(unseen, cfg.heldout_limit, cfg.search_seed)
-        nearest = ref_key(seen, cfg.search_seed + 1)
+        nearest = ref_key(seen)
         note = f"{len(held)} of the {len(unseen)} train images the teacher never saw"
     nearest_s = round(key_s[0], 1)
     log(f"[{target}] held-out: {note}; nearest-target keys {nearest_s} s")

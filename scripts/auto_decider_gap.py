@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import paper
-from benchmarks.auto_policy import AutoConfig, split_features
+from benchmarks.auto_policy import AutoConfig, relevance_key, split_features
 from plada import auto, rate
 from plada.data import cache_root
 from plada.features import cached_features, feature_model, split_key
@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}")
 
     def ref_key(idx: np.ndarray) -> np.ndarray:
-        sub = auto.subsample(idx, cfg.relevance_limit, cfg.search_seed + 1)
-        return auto.nearest_target_key(pool_f, split_features(fm, train, src.root, sub, "auto-relevance"))
+        return relevance_key(fm, train, src.root, pool_f, idx, cfg)
 
     held, deciders, _ = cross_fit(train, pool, tcfg, cfg.folds, cfg.search_seed, ref_key,
                                   held_limit=cfg.heldout_limit, groups=tgroups, progress=False)

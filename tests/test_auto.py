@@ -11,7 +11,7 @@ import pytest
 
 from plada import auto, payload, rate, select
 from plada.errors import PladaError
-from plada.train import train_head
+from plada.train import torch_threads, train_head
 
 FP = "ab" * 32
 STEPS = 60
@@ -114,7 +114,7 @@ def test_forecast_is_held_out_accuracy_and_best_policy_wins() -> None:
     assert chosen["forecast_seeds"] == 3  # the winner is always a finalist, re-forecast over seeds 0, 1, 2
     accs = []
     for s in range(3):
-        with auto.torch_threads(1):  # the search trains its heads on one thread; same data, seed, threads: same head
+        with torch_threads(1):  # the search trains its heads on one thread; same data, seed, threads: same head
             wt, b = train_head(w["pool_feats"][ch.indices], w["labels"][ch.indices], 3, steps=STEPS, seed=s)
         accs.append(float(((w["heldout_feats"] @ wt.T + b).argmax(1) == w["heldout_labels"]).mean()))
     assert ch.forecast == float(np.mean(accs))
@@ -345,7 +345,7 @@ def test_deciders_forecast_pools_their_own_folds() -> None:
         idx, sent = auto.select_policy(auto.Policy(row["policy"], row["safety_share"], row["alpha"]), row["k"],
                                        labels=d.labels, energy=d.energy, entropy=d.entropy, n_classes=3,
                                        nearest_key=near)
-        with auto.torch_threads(1):
+        with torch_threads(1):
             wt, b = train_head(w["pool_feats"][idx], sent, 3, steps=STEPS, seed=0)
         hits += int(((w["heldout_feats"][d.rows] @ wt.T + b).argmax(1) == w["heldout_labels"][d.rows]).sum())
     assert row["forecast"] == hits / len(w["heldout_labels"])
@@ -408,7 +408,7 @@ def test_train_heads_on_threads_equal_one_by_one() -> None:
     par = train_heads(jobs, workers=2)
     assert torch.equal(state, torch.get_rng_state())  # the global generator was not drawn from
     for (feats, lab, c, steps, s), (w2, b2) in zip(jobs, par, strict=True):
-        with auto.torch_threads(1):
+        with torch_threads(1):
             w1, b1 = train_head(feats(), lab, c, steps=steps, seed=s)
         assert np.array_equal(w1, w2) and np.array_equal(b1, b2)
 

@@ -26,13 +26,11 @@ while a small held-out set easily misses a rare class.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from . import payload, rate, select
 from .errors import PladaError
@@ -346,22 +344,6 @@ def select_policy(
     """The exact selection the search made for ``(pol, k)``, so a report can rebuild any row of the table."""
     return selector(pol, labels=labels, energy=energy, entropy=entropy, n_classes=n_classes, seed=seed,
                     nearest_key=nearest_key, groups=groups, confidence=confidence)(k)
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run a block on ``n`` torch threads, then restore the old count.
-
-    A proxy head is a tiny matrix product per step; with two threads on a busy two-core machine the
-    OpenMP hand-offs cost more than the arithmetic (measured: 14 s vs 1 s for one small search), and
-    one thread also makes forecasts reproducible across machines with different core counts.
-    """
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _largest_fitting(measure: Callable[[int], int | None], hi_cap: int) -> int | None:
