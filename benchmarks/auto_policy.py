@@ -2,6 +2,7 @@
 
     python -m benchmarks.auto_policy            # results/auto_policy.json, docs/AUTO_POLICY.md
     python -m benchmarks.auto_policy --quick    # small subset (also run by the test suite)
+    python -m benchmarks.auto_policy --send decider  # results/auto_policy_decider.json (plada send --auto-send decider)
 
 Same pool, teachers, pool scores and frozen features as benchmarks.paper (its Config, caches and teacher
 recipe are reused, so a finished paper run makes this one cheap). Per target and byte budget (about 1, 5
@@ -13,6 +14,10 @@ keep size by the held-out accuracy of a proxy linear head; then every candidate 
 measured on the test split with the paper's linear student (seed 0 for all; the leaders within
 `eval_band` of the best get the other `eval_seeds` too, and their accuracy is the mean), which gives the
 auto choice's accuracy, the best candidate in hindsight, and the forecast error.
+
+With `--send decider` the search's candidates are the deciding teachers' own selections (what `plada send
+--auto-send decider` sends); the hindsight best is still the best of the full teacher's selections (the
+fixed policies a user could pick), sized as the default search sizes them, so the gap means the same.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class AutoConfig(paper.Config):
     eval_band: float = 0.02  # candidates within this of the best first-seed accuracy get every eval seed
     folds: int = 3  # deciding teachers when the teacher used all of train (plada send --holdout-folds)
     search_seed: int = 0
+    send: str = "teacher"  # auto.search(send=): the full teacher's selections, or the deciding teachers' own
     # plada send --holdout-groups per target: GTSRB's train split is 5 frames of each sign's track (TRACK_FRAME.png)
     holdout_groups: dict[str, str] = field(default_factory=lambda: {"gtsrb32": r"^(\d+)_"})
 
@@ -107,8 +113,10 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
         what = "a seeded 10% slice" if cfg.folds == 1 else f"{cfg.folds} folds, each held out once"
         note = (f"the teacher trained on all {len(train)} train images, so (as `plada send` does) "
                 f"{cfg.folds} deciding teacher(s) were fine-tuned without {what}; {len(held)} held-out images "
-                "in all, each scored only by a teacher that never saw it; sizes and the labels sent are the "
-                "full teacher's")
+                "in all, each scored only by a teacher that never saw it; "
+                + ("each candidate is one deciding teacher's own selection, sized with its labels, forecast on its "
+                   "own fold and sent as it is" if cfg.send == "decider" else
+                   "sizes and the labels sent are the full teacher's"))
         if tgroups is not None:
             note += (f"; folds hold out whole groups ({len(np.unique(tgroups))} groups from file names by "
                      f"`--holdout-groups '{pattern}'`)")
@@ -132,9 +140,28 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
 
     def as_sent(row: dict) -> rate.Selection:
         pol = auto.Policy(row["policy"], row["safety_share"], row["alpha"], row["tau"])
+        if row.get("decider") is not None:  # a deciding teacher's own selection (--send decider)
+            d = deciders[row["decider"]]
+            return auto.select_policy(pol, row["k"], labels=d.labels, energy=d.energy, entropy=d.entropy,
+                                      n_classes=n_cls, seed=cfg.search_seed, nearest_key=d.nearest_key, groups=gid,
+                                      confidence=d.confidence)
         return auto.select_policy(pol, row["k"], labels=scores.labels, energy=energy, entropy=entropy,
                                   n_classes=n_cls, seed=cfg.search_seed, nearest_key=nearest, groups=gid,
                                   confidence=conf)
+
+    def fixed_rows(budget: int) -> list[dict]:
+        """The full teacher's candidates as the default search sizes them, unforecast: the hindsight field."""
+        def meta(pol: auto.Policy, kk: int) -> dict:
+            return auto.search_meta(pol, kk, budget, len(held), cfg.proxy_steps, cfg.search_seed)
+
+        plan = auto.plan_candidates(auto.DEFAULT_POLICIES, labels=scores.labels, energy=energy, entropy=entropy,
+                                    n_classes=n_cls, size_of=size_of, meta_for=meta, budget_bytes=budget,
+                                    nearest_key=nearest, groups=gid, confidence=conf, seed=cfg.search_seed)
+        return [{"name": c.policy.name, "policy": c.policy.policy, "safety_share": c.policy.safety_share,
+                 "alpha": c.policy.alpha, "tau": c.policy.tau, "decider": None, "k": int(c.k),
+                 "kept": int(len(c.selection.indices)), "bytes": c.bytes, "forecast": None, "forecast_seeds": 0,
+                 "classes_kept": int((np.bincount(c.selection.labels, minlength=n_cls) > 0).sum()),
+                 "chosen": False} for c in plan]
 
     def test_accuracies(sels: list[rate.Selection], seeds: tuple[int, ...]) -> list[float]:
         """Mean test accuracy over `seeds` of the linear student on each selection; heads trained together."""
@@ -157,13 +184,16 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
             ch = auto.search(labels=scores.labels, energy=energy, entropy=entropy, pool_feats=pool_f,
                              heldout_feats=held_f, heldout_labels=train.labels[held], n_classes=n_cls,
                              size_of=size_of, budget_bytes=int(budget), nearest_key=nearest, groups=gid,
-                             confidence=conf, deciders=deciders, head_steps=cfg.proxy_steps, seed=cfg.search_seed)
+                             confidence=conf, deciders=deciders, head_steps=cfg.proxy_steps, seed=cfg.search_seed,
+                             send=cfg.send if deciders else "teacher")
         except PladaError as e:
             cells[str(budget)] = {"error": str(e)}
             log(f"[{target}] {budget} B: {e}")
             continue
         search_s = round(time.time() - t1, 1)
         rows = ch.candidates
+        if ch.decider is not None or any(r.get("decider") is not None for r in rows):
+            rows = rows + fixed_rows(int(budget))
         sels = [as_sent(row) for row in rows]
         for row, acc in zip(rows, test_accuracies(sels, cfg.eval_seeds[:1]), strict=True):
             row["test_accuracy"], row["test_seeds"] = acc, 1
@@ -172,11 +202,13 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
         for i, acc in zip(leaders, test_accuracies([sels[i] for i in leaders], cfg.eval_seeds), strict=True):
             rows[i]["test_accuracy"], rows[i]["test_seeds"] = acc, len(cfg.eval_seeds)
         chosen = next(r for r in rows if r["chosen"])
-        best = max(rows, key=lambda r: (r["test_accuracy"], -r["bytes"]))
+        fixed = [r for r in rows if r.get("decider") is None]  # the full teacher's selections: fixed policies
+        best = max(fixed, key=lambda r: (r["test_accuracy"], -r["bytes"]))
+        best_any = max(rows, key=lambda r: (r["test_accuracy"], -r["bytes"]))
         ci = paired_bootstrap(per_image(sels[rows.index(chosen)], chosen["test_seeds"]),
                               per_image(sels[rows.index(best)], best["test_seeds"]))
         tops: dict[str, dict] = {}
-        for r in rows:  # each policy at its largest affordable size
+        for r in fixed:  # each policy at its largest affordable size
             if r["k"] > tops.get(r["name"], {"k": 0})["k"]:
                 tops[r["name"]] = r
         pick = ("name", "policy", "safety_share", "alpha", "k", "bytes", "forecast", "test_accuracy", "test_seeds",
@@ -188,6 +220,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
             "default": {k: tops["lowest-energy"][k] for k in pick} if "lowest-energy" in tops else None,
             "largest": {name: r["test_accuracy"] for name, r in tops.items()},
             "gap": chosen["test_accuracy"] - best["test_accuracy"],
+            "hindsight_any": {k: best_any[k] for k in (*pick, "decider")},
             "gap_ci95": ci,
             "forecast_error": ch.forecast - chosen["test_accuracy"],
             "search_seconds": search_s,
@@ -202,7 +235,8 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
                     "train_images": len(seen)},
         "heldout": {"images": len(held), "refit": refit, "note": note, "group_pattern": pattern,
                     "groups": None if tgroups is None else int(len(np.unique(tgroups)))},
-        "folds": cfg.folds if refit else None, "nearest_key_seconds": nearest_s,
+        "folds": cfg.folds if refit else None, "send": cfg.send if refit else "teacher",
+        "nearest_key_seconds": nearest_s,
         "pseudo_label_hist": np.bincount(scores.labels, minlength=n_cls).tolist(),
         "budgets": cells, "seconds": round(time.time() - t0, 1),
     }
@@ -253,7 +287,10 @@ def pts(x: float) -> str:
 
 def write_markdown(res: dict, path: Path) -> None:
     cfg = res["config"]
-    L = ["# Auto policy: the sender picks the selection for a byte budget", "",
+    title = "# Auto policy: the sender picks the selection for a byte budget"
+    if cfg.get("send") == "decider":
+        title += " (`--auto-send decider`: a deciding teacher's own selection is sent)"
+    L = [title, "",
          f"Command: `{res['command']}` — wall time {res['wall_seconds'] / 60:.1f} min on {res['machine']}.", "",
          f"Pool: `{cfg['pool']}` ({res['pool_size']:,} images); teachers, pool scores and features as in "
          "`benchmarks.paper`. For each target and byte budget, `plada.auto.search` tries every candidate policy "
@@ -268,9 +305,14 @@ def write_markdown(res: dict, path: Path) -> None:
          f"{100 * cfg['eval_band']:g} points of the best first-seed accuracy): *hindsight* is the best of them, "
          "*gap* = auto − hindsight, *forecast error* = forecast − auto's test accuracy, *default* = lowest energy "
          "at the largest size that fits. Where the teacher trained on all of train, the search decides with "
-         f"{cfg['folds']} cross-fitted teacher(s) (`auto.Decider`), as `plada send` does; sizes and labels sent are "
-         "the full teacher's. The search re-forecasts its "
-         f"finalists (within 2 points of the best proxy) over 3 proxy seeds. Accuracies in %.", "",
+         f"{cfg['folds']} cross-fitted teacher(s) (`auto.Decider`), as `plada send` does; "
+         + ("with `--send decider` (`plada send --auto-send decider`) the candidates are each deciding teacher's own "
+            "selections, each forecast on its own fold and sent as it is (its labels, not the full teacher's); "
+            "hindsight is still the best of the full teacher's selections (sized as the default search sizes "
+            "them), so gaps compare with the default run's. " if cfg.get("send") == "decider" else
+            "sizes and labels sent are the full teacher's. ")
+         + "The search re-forecasts its "
+         "finalists (within 2 points of the best proxy) over 3 proxy seeds. Accuracies in %.", "",
          "| target | budget | auto choice (k, bytes) | forecast | auto test | forecast error | hindsight best (k) | "
          "hindsight test | gap (95% CI) | default test | search s |",
          "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -284,7 +326,8 @@ def write_markdown(res: dict, path: Path) -> None:
             gaps.append(c["gap"])
             errs.append(c["forecast_error"])
             cis.append(c.get("gap_ci95"))
-            L.append(f"| {t} | {int(b):,} B | {a['name']} ({a['k']:,}, {a['payload_bytes']:,} B) | "
+            fold = f" [fold {a['decider']}]" if a.get("decider") is not None else ""
+            L.append(f"| {t} | {int(b):,} B | {a['name']}{fold} ({a['k']:,}, {a['payload_bytes']:,} B) | "
                      f"{pct(a['forecast'])} | {pct(a['test_accuracy'])} | {pts(c['forecast_error'])} | "
                      f"{h['name']} ({h['k']:,}) | "
                      f"{pct(h['test_accuracy'])} | {pts(c['gap'])}{ci_text(c)} | "
@@ -328,9 +371,10 @@ def write_markdown(res: dict, path: Path) -> None:
                   "|---|---|---|---|---|---|"]
             for row in c["candidates"]:
                 mark = " **(auto)**" if row["chosen"] else ""
+                fc = "– (full teacher, not a candidate)" if row["forecast"] is None else \
+                    f"{pct(row['forecast'])} ({row['forecast_seeds']})"
                 L.append(f"| {row['name']}{mark} | {row['k']:,} | {row['bytes']:,} | {row['classes_kept']} | "
-                         f"{pct(row['forecast'])} ({row['forecast_seeds']}) | {pct(row['test_accuracy'])} "
-                         f"({row['test_seeds']}) |")
+                         f"{fc} | {pct(row['test_accuracy'])} ({row['test_seeds']}) |")
             L.append("")
     path.parent.mkdir(parents=True, exist_ok=True)
     paper.write_keeping_discussion(path, L)
@@ -342,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", nargs="+", type=int, default=None, help="byte budgets (default 1000 5000 20000)")
     ap.add_argument("--eval-seeds", nargs="+", type=int, default=None, help="test-split student seeds (default 0 1 2)")
     ap.add_argument("--folds", type=int, default=None, help="deciding teachers when the teacher used all of train")
+    ap.add_argument("--send", choices=["teacher", "decider"], default=None,
+                    help="decider: candidates are the deciding teachers' own selections (plada send --auto-send "
+                         "decider); writes results/auto_policy_decider.json")
     ap.add_argument("--no-holdout-groups", action="store_true",
                     help="fold by image, not by object (GTSRB tracks are held out as whole groups by default)")
     a = ap.parse_args(argv)
@@ -354,16 +401,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg.folds = a.folds
     if a.no_holdout_groups:
         cfg.holdout_groups = {}
+    if a.send:
+        cfg.send = a.send
     out = Path(a.out_dir)
-    stem = "auto_policy_quick" if a.quick else "auto_policy"
+    variant = ("_decider" if cfg.send == "decider" else "") + (f"_folds{cfg.folds}" if a.folds else "")
+    stem = ("auto_policy_quick" if a.quick else "auto_policy") + variant
     res = paper.run_all("auto_policy", cfg, a, run_target,
                         extra_flags=(("--budgets", a.budgets), ("--eval-seeds", a.eval_seeds), ("--folds", a.folds),
-                                      ("--no-holdout-groups", a.no_holdout_groups or None)))
+                                      ("--no-holdout-groups", a.no_holdout_groups or None), ("--send", a.send)))
     if res is None:
         return 2
     res["fixed_policy_summary"] = fixed_policy_summary(res)
     path = paper.save_results(res, out, stem)
-    write_markdown(res, out / "docs" / ("AUTO_POLICY.md" if not a.quick else "AUTO_POLICY_quick.md"))
+    doc = "AUTO_POLICY" + variant.upper() + ("_quick" if a.quick else "")
+    write_markdown(res, out / "docs" / f"{doc}.md")
     print(f"wrote {path} and docs in {math.ceil(res['wall_seconds'])} s")
     return 0
 

@@ -249,6 +249,21 @@ def test_auto_policy_quick_benchmark(tiny_data: Path, cache: Path, tmp_path: Pat
     assert "python -m benchmarks.auto_policy --quick" in md and "tinytarget" in md and "Against the goals" in md
     assert "One fixed policy for every target" in md
 
+    # --send decider: candidates are the deciders' own selections; hindsight is still the full teacher's field
+    code = auto_policy.main(["--quick", "--data", str(tiny_data), "--pool", "tinypool", "--targets", "tinytarget",
+                             "--budgets", "1500", "--send", "decider", "--out-dir", str(tmp_path)])
+    assert code == 0
+    dres = json.loads((tmp_path / "results" / "auto_policy_quick_decider.json").read_text())
+    cell = dres["targets"]["tinytarget"]["budgets"]["1500"]
+    assert dres["targets"]["tinytarget"]["send"] == "decider" and cell["auto"]["decider"] in (0, 1, 2)
+    assert cell["auto"]["payload_bytes"] <= 1500
+    fixed = [c for c in cell["candidates"] if c["decider"] is None]
+    assert fixed and all(c["forecast"] is None and not c["chosen"] for c in fixed)
+    assert [(c["name"], c["k"]) for c in fixed] == [(c["name"], c["k"]) for c in r["budgets"]["1500"]["candidates"]]
+    assert cell["hindsight"]["test_accuracy"] == max(c["test_accuracy"] for c in fixed)
+    assert cell["hindsight_any"]["test_accuracy"] >= cell["auto"]["test_accuracy"]
+    assert "[fold " in (tmp_path / "docs" / "AUTO_POLICY_DECIDER_quick.md").read_text()
+
 
 def test_forecast_ties_go_to_more_images() -> None:
     """A tie carries no evidence, so the bigger labelled set wins it (not the smaller payload)."""
@@ -426,3 +441,77 @@ def test_paired_bootstrap_interval() -> None:
     b[flip] = 1 - b[flip]
     lo, hi = paired_bootstrap(a, b)
     assert lo <= (a - b).mean() <= hi
+
+
+def two_deciders(w: dict, seed: int = 5) -> list[auto.Decider]:
+    """Two fold teachers whose labels and energies differ from the sender's (and from each other's)."""
+    rng = np.random.default_rng(seed)
+    near = auto.nearest_target_key(w["pool_feats"], w["target_feats"])
+    halves = np.array_split(np.arange(len(w["heldout_labels"])), 2)
+    out = []
+    for h in halves:
+        lab = w["labels"].copy()
+        flip = rng.random(len(lab)) < 0.2
+        lab[flip] = (lab[flip] + 1) % w["n_classes"]
+        out.append(auto.Decider(lab, w["energy"] + rng.normal(size=len(lab)), w["entropy"], h, nearest_key=near))
+    return out
+
+
+def test_send_decider_sends_exactly_the_selection_it_forecast() -> None:
+    """send='decider': each candidate is one decider's own selection, sized with its own labels, forecast on
+    its own rows only, and the one chosen is sent as it is, with the fold named in the header."""
+    w = world(wrong_low_energy=True)
+    budget = smallest(w) + 80
+    decs = two_deciders(w)
+    near = decs[0].nearest_key
+    ch = run(w, budget_bytes=budget, finalist_seeds=1, deciders=decs, send="decider", nearest_key=near)
+    assert {r["decider"] for r in ch.candidates} == {0, 1} and ch.decider in (0, 1)
+    assert all(r["bytes"] <= budget for r in ch.candidates) and ch.payload_bytes <= budget
+    d = decs[ch.decider]
+    again = auto.select_policy(ch.rule, ch.k, labels=d.labels, energy=d.energy, entropy=d.entropy, n_classes=3,
+                               nearest_key=d.nearest_key)
+    assert np.array_equal(ch.indices, again.indices) and np.array_equal(ch.labels, again.labels)
+    assert not np.array_equal(ch.labels, w["labels"][ch.indices])  # the decider's labels, not the sender's
+    with torch_threads(1):
+        wt, b = train_head(w["pool_feats"][ch.indices], ch.labels, 3, steps=STEPS, seed=0)
+    hits = ((w["heldout_feats"][d.rows] @ wt.T + b).argmax(1) == w["heldout_labels"][d.rows]).sum()
+    assert ch.forecast == hits / len(d.rows)  # scored on its own fold only
+    meta = ch.meta()
+    assert meta["auto"]["labels_from_fold"] == ch.decider and meta["auto"]["heldout_images"] == len(d.rows)
+    size_of = auto.payload_sizer(FP, len(w["labels"]), names(3))
+    assert size_of(ch.indices, ch.labels, meta) == ch.payload_bytes  # sized with the header it will carry
+    # each decider's candidates are what plan_candidates makes of its scores
+    for j, dj in enumerate(decs):
+        plan = auto.plan_candidates(
+            auto.DEFAULT_POLICIES, labels=dj.labels, energy=dj.energy, entropy=dj.entropy, n_classes=3,
+            size_of=size_of, budget_bytes=budget, nearest_key=dj.nearest_key, seed=0, decider=j,
+            meta_for=lambda pol, kk, j=j: auto.search_meta(pol, kk, budget, len(decs[j].rows), STEPS, 0, j))
+        mine = [r for r in ch.candidates if r["decider"] == j]
+        assert [(c.policy.name, c.k) for c in plan] == [(r["name"].removesuffix(f" [fold {j}]"), r["k"]) for r in mine]
+        assert all(c.bytes == r["bytes"] for c, r in zip(plan, mine, strict=True) if not r["chosen"])
+    assert run(w, budget_bytes=budget, finalist_seeds=1, deciders=decs, send="decider",
+               nearest_key=near).summary() == ch.summary()  # deterministic
+
+
+def test_send_mode_is_checked() -> None:
+    w = world()
+    budget = smallest(w) + 80
+    with pytest.raises(PladaError, match="needs deciding teachers"):
+        run(w, budget_bytes=budget, send="decider")
+    with pytest.raises(PladaError, match="'teacher' or 'decider'"):
+        run(w, budget_bytes=budget, deciders=two_deciders(w), send="fold")
+
+
+def test_plan_candidates_is_the_default_searchs_table() -> None:
+    """The benchmark rebuilds the full teacher's field with plan_candidates: it must be the search's own."""
+    w = world(wrong_low_energy=True)
+    budget = smallest(w) + 80
+    ch = run(w, budget_bytes=budget, finalist_seeds=1)  # world() gives target_feats: nearest-target is in
+    size_of = auto.payload_sizer(FP, len(w["labels"]), names(3))
+    near = auto.nearest_target_key(w["pool_feats"], w["target_feats"])
+    plan = auto.plan_candidates(
+        auto.DEFAULT_POLICIES, labels=w["labels"], energy=w["energy"], entropy=w["entropy"], n_classes=3,
+        size_of=size_of, budget_bytes=budget, nearest_key=near, seed=0,
+        meta_for=lambda pol, kk: auto.search_meta(pol, kk, budget, len(w["heldout_labels"]), STEPS, 0))
+    assert [(c.policy.name, c.k) for c in plan] == [(r["name"], r["k"]) for r in ch.candidates]
+    assert all(c.bytes == r["bytes"] for c, r in zip(plan, ch.candidates, strict=True) if not r["chosen"])

@@ -162,6 +162,21 @@ def test_send_with_byte_budget(tiny_data: Path, cache: Path, tmp_path: Path, cap
     assert meta["auto"]["heldout_images"] == 3 * 40  # tinytarget: 3 colours x 40 train images
     code, info, err = run(capsys, "inspect", str(out))
     assert code == 0 and info["meta"]["auto"]["forecast_accuracy"] == round(sent["forecast_accuracy"], 4)
+    assert "labels_from_fold" not in meta["auto"]
+    # --auto-send decider: one deciding teacher's own selection and labels, forecast on its own fold (40 images)
+    dec = tmp_path / "d.plada"
+    code, sent, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
+                          "-o", str(dec), "--teacher-res", "32", "--teacher-epochs", "4", "--budget", "1KB",
+                          "--auto-send", "decider")
+    assert code == 0, err
+    p = payload.read(dec)
+    assert sent["payload_bytes"] == dec.stat().st_size <= 1000
+    assert p.meta["auto"]["labels_from_fold"] in (0, 1, 2) and p.meta["auto"]["heldout_images"] == 40
+    assert sent["auto"]["decider"] == p.meta["auto"]["labels_from_fold"]
+    assert sent["kept_per_class"] == np.bincount(p.labels, minlength=3).tolist()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["send", "tinytarget", "--pool", "tinypool", "-o", str(tmp_path / "e.plada"), "--auto-send", "fold"])
+    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["send", "tinytarget", "--pool", "tinypool", "-o", str(tmp_path / "c.plada"), "--budget", "ten"])
     assert exit_info.value.code == 2 and "not a size" in capsys.readouterr().err

@@ -108,6 +108,7 @@ class AutoChoice:
     labels: np.ndarray = field(repr=False)  # their pseudo-labels
     candidates: list[dict] = field(repr=False, default_factory=list)
     tau: float | None = None
+    decider: int | None = None  # send="decider": the deciding teacher (fold) whose selection and labels these are
 
     @property
     def rule(self) -> Policy:
@@ -116,7 +117,7 @@ class AutoChoice:
     def meta(self) -> dict:
         """Header fields describing this choice; merge over the caller's base meta when writing the payload."""
         return _meta(self.rule, self.k, self.budget_bytes, self.forecast, self.heldout_images, self.head_steps,
-                     self.seed)
+                     self.seed, self.decider)
 
     def summary(self) -> dict:
         """JSON-ready report (no arrays): what the CLI prints and the benchmarks store."""
@@ -124,7 +125,7 @@ class AutoChoice:
                 "tau": self.tau,
                 "k": self.k, "forecast": self.forecast, "payload_bytes": self.payload_bytes,
                 "budget_bytes": self.budget_bytes, "seed": self.seed, "heldout_images": self.heldout_images,
-                "head_steps": self.head_steps, "candidates": self.candidates}
+                "head_steps": self.head_steps, "decider": self.decider, "candidates": self.candidates}
 
 
 @dataclass(frozen=True)
@@ -146,21 +147,25 @@ class Decider:
 
 
 def _meta(pol: Policy, k: int, budget_bytes: int | None, forecast: float, heldout: int, steps: int,
-          seed: int) -> dict:
+          seed: int, decider: int | None = None) -> dict:
     rule = {"policy": pol.policy, "safety_share": pol.safety_share, "alpha": pol.alpha}
     if pol.tau is not None:
         rule["tau"] = pol.tau
-    return {
-        **rule,
-        "count": int(k),
-        "seed": int(seed),
-        "auto": {
-            "budget_bytes": budget_bytes,
-            "forecast_accuracy": round(float(forecast), FORECAST_DIGITS),
-            "heldout_images": int(heldout),
-            "proxy": f"linear head, {steps} steps",
-        },
+    auto = {
+        "budget_bytes": budget_bytes,
+        "forecast_accuracy": round(float(forecast), FORECAST_DIGITS),
+        "heldout_images": int(heldout),
+        "proxy": f"linear head, {steps} steps",
     }
+    if decider is not None:  # the labels are a deciding teacher's, not the full teacher's
+        auto["labels_from_fold"] = int(decider)
+    return {**rule, "count": int(k), "seed": int(seed), "auto": auto}
+
+
+def search_meta(pol: Policy, k: int, budget_bytes: int | None, heldout: int, steps: int = PROXY_STEPS,
+                seed: int = 0, decider: int | None = None) -> dict:
+    """The header fields `search` sizes a candidate with (forecast at its widest placeholder), for `plan_candidates`."""
+    return _meta(pol, k, budget_bytes, _FORECAST_PLACEHOLDER, heldout, steps, seed, decider)
 
 
 def payload_sizer(
@@ -375,6 +380,74 @@ def _largest_fitting(measure: Callable[[int], int | None], hi_cap: int) -> int |
     return lo
 
 
+@dataclass(frozen=True)
+class Planned:
+    """One candidate of a search: a rule at one keep size, the selection it makes and its exact payload bytes."""
+
+    policy: Policy
+    k: int
+    selection: rate.Selection
+    bytes: int
+    decider: int | None = None  # None: the sending teacher's selection; j: deciders[j]'s own
+
+
+def plan_candidates(
+    policies: Sequence[Policy], *, labels: np.ndarray, energy: np.ndarray, entropy: np.ndarray | None,
+    n_classes: int, size_of: SizeFn, meta_for: Callable[[Policy, int], dict], budget_bytes: int | None = None,
+    k: int | None = None, fractions: Sequence[float] = DEFAULT_FRACTIONS, nearest_key: np.ndarray | None = None,
+    groups: np.ndarray | None = None, confidence: np.ndarray | None = None, seed: int = 0,
+    max_k: int | None = None, decider: int | None = None, log: Callable[[str], None] | None = None,
+) -> list[Planned]:
+    """Per policy, the keep sizes whose real payload fits: the largest (by doubling and bisection) times ``fractions``.
+
+    One teacher's scores in, so a search sizes either the sending teacher's selections or each deciding
+    teacher's own (their labels code differently), and a benchmark can rebuild a search's table without
+    forecasting it. ``meta_for(pol, k)`` is the header the payload will carry (`search_meta`). Policies
+    whose inputs are missing (nearest key, entropy, groups, confidences) are skipped.
+    """
+    say = log or (lambda s: None)
+    lab = np.asarray(labels).astype(np.int64, copy=False)
+    n = len(lab)
+    hi_cap = n if max_k is None else max(1, min(n, int(max_k)))
+    planned: list[Planned] = []
+    for pol in policies:
+        if not _has_inputs(pol, nearest_key, entropy, groups, confidence):
+            continue
+        make = selector(pol, labels=lab, energy=energy, entropy=entropy, n_classes=n_classes, seed=seed,
+                        nearest_key=nearest_key, groups=groups, confidence=confidence)
+        sel: dict[int, tuple[rate.Selection, int]] = {}
+
+        def pick(kk: int, pol: Policy = pol, make=make, sel: dict = sel) -> rate.Selection:
+            if kk not in sel:
+                got = make(kk)
+                sel[kk] = (got, int(size_of(got.indices, got.labels, meta_for(pol, len(got.indices)))))
+            return sel[kk][0]
+
+        if budget_bytes is None:
+            sizes = [int(k)]
+        else:
+            def measure(kk: int, pick=pick, sel: dict = sel) -> int | None:
+                pick(kk)
+                return sel[kk][1] if sel[kk][1] <= budget_bytes else None
+
+            top = _largest_fitting(measure, hi_cap)
+            if top is None:
+                say(f"auto: {pol.name}: not even 1 image fits in {budget_bytes} bytes")
+                continue
+            sizes = sorted({max(1, int(top * f)) for f in fractions} | {top}, reverse=True)
+        for kk in sizes:
+            got = pick(kk)
+            nbytes = sel[kk][1]
+            if budget_bytes is not None and nbytes > budget_bytes:
+                continue  # a smaller k that is bigger on disk: possible in principle, never sent
+            if len(got.indices) == 0:
+                continue  # no whole folder fits in kk images
+            if any(c.policy == pol and len(c.selection.indices) == len(got.indices) for c in planned):
+                continue  # the same folders as a bigger kk (a policy's selections are nested)
+            planned.append(Planned(pol, kk, got, nbytes, decider))
+    return planned
+
+
 def _has_inputs(pol: Policy, nearest_key, entropy, groups, confidence) -> bool:
     """Whether one teacher's scores hold what `pol` ranks by."""
     return not ((pol.policy == NEAREST and nearest_key is None) or (pol.policy == "lowest-entropy" and entropy is None)
@@ -430,6 +503,7 @@ def search(
     max_k: int | None = None,
     log: Callable[[str], None] | None = None,
     workers: int | None = None,
+    send: str = "teacher",
 ) -> AutoChoice:
     """Try every candidate policy at every affordable keep size and return the one with the best forecast.
 
@@ -443,6 +517,13 @@ def search(
     forecast by the deciders' own selections for its rule, each scored on its own held-out rows;
     ``labels``/``energy``/... are then the sending teacher's, used for sizes and the selection sent.
     ``workers``: proxy heads trained at once (default: one per CPU core); it changes no forecast.
+
+    ``send="decider"`` (needs ``deciders``): the candidates are each deciding teacher's *own* selections,
+    sized with its labels and forecast on its own held-out rows only, and the one sent is the very
+    selection forecast (labels from a teacher that saw part of train). Why: single teachers differ by
+    about as much as rules do, so the deciders' ranking of rules need not hold for the full teacher's
+    selections (scripts/auto_decider_gap.py); this trades a teacher fitted on all of train for a forecast
+    of exactly what is sent.
     """
     if (budget_bytes is None) == (k is None):
         raise PladaError("give exactly one of a byte budget or a keep size")
@@ -450,7 +531,10 @@ def search(
     lab = _check_inputs(labels, energy, entropy, pool_feats, heldout_feats, heldout_labels, n_classes)
     heldout_labels = np.asarray(heldout_labels)
     n = len(lab)
-    hi_cap = n if max_k is None else max(1, min(n, int(max_k)))
+    if send not in ("teacher", "decider"):
+        raise PladaError(f"send must be 'teacher' or 'decider', got {send!r}")
+    if send == "decider" and not deciders:
+        raise PladaError("send='decider' needs deciding teachers (cross-fitting); none were given")
     if k is not None and not (isinstance(k, int | np.integer) and 1 <= k <= n):
         raise PladaError(f"keep size must be an integer between 1 and the pool size {n}, got {k!r}")
     if budget_bytes is not None and (not isinstance(budget_bytes, int | np.integer) or budget_bytes < 1):
@@ -474,50 +558,32 @@ def search(
             r = np.asarray(d.rows)
             if r.ndim != 1 or len(r) == 0 or r.dtype.kind not in "iu" or r.min() < 0 or r.max() >= len(heldout_labels):
                 raise PladaError(f"a decider's held-out rows must index the {len(heldout_labels)} held-out images")
-    predicted = np.bincount(lab, minlength=n_classes) > 0
     heldout = len(heldout_labels)
 
-    def meta_for(pol: Policy, kk: int, forecast: float = _FORECAST_PLACEHOLDER) -> dict:
-        return _meta(pol, kk, budget_bytes, forecast, heldout, head_steps, seed)
+    def held_of(decider: int | None) -> int:  # held-out images behind a candidate's forecast
+        return heldout if decider is None else len(deciders[decider].rows)
 
-    # 1. Sizes: per policy, the keep sizes whose real payload fits.
-    planned: list[tuple[Policy, int, rate.Selection, int]] = []  # policy, k, selection, bytes
-    for pol in policies:
-        if not _has_inputs(pol, nearest_key, entropy, groups, confidence) or any(
-                not _has_inputs(pol, d.nearest_key, d.entropy, groups, d.confidence) for d in deciders or ()):
-            continue  # the caller (or a decider) did not give what this policy ranks by
-        make = selector(pol, labels=lab, energy=energy, entropy=entropy, n_classes=n_classes, seed=seed,
-                        nearest_key=nearest_key, groups=groups, confidence=confidence)
-        sel: dict[int, tuple[rate.Selection, int]] = {}
+    def meta_for(pol: Policy, kk: int, decider: int | None = None, forecast: float = _FORECAST_PLACEHOLDER) -> dict:
+        return _meta(pol, kk, budget_bytes, forecast, held_of(decider), head_steps, seed, decider)
 
-        def pick(kk: int, pol: Policy = pol, make=make, sel: dict = sel) -> rate.Selection:
-            if kk not in sel:
-                got = make(kk)
-                sel[kk] = (got, int(size_of(got.indices, got.labels, meta_for(pol, len(got.indices)))))
-            return sel[kk][0]
-
-        if budget_bytes is None:
-            sizes = [int(k)]
-        else:
-            def measure(kk: int, pick=pick, sel: dict = sel) -> int | None:
-                pick(kk)
-                return sel[kk][1] if sel[kk][1] <= budget_bytes else None
-
-            top = _largest_fitting(measure, hi_cap)
-            if top is None:
-                say(f"auto: {pol.name}: not even 1 image fits in {budget_bytes} bytes")
-                continue
-            sizes = sorted({max(1, int(top * f)) for f in fractions} | {top}, reverse=True)
-        for kk in sizes:
-            got = pick(kk)
-            nbytes = sel[kk][1]
-            if budget_bytes is not None and nbytes > budget_bytes:
-                continue  # a smaller k that is bigger on disk: possible in principle, never sent
-            if len(got.indices) == 0:
-                continue  # no whole folder fits in kk images
-            if any(p2 == pol and len(q.indices) == len(got.indices) for p2, _, q, _ in planned):
-                continue  # the same folders as a bigger kk (a policy's selections are nested)
-            planned.append((pol, kk, got, nbytes))
+    # 1. Sizes: per policy, the keep sizes whose real payload fits; of the sending teacher's selections, or
+    # (send="decider") of each deciding teacher's own.
+    common = dict(n_classes=n_classes, size_of=size_of, budget_bytes=budget_bytes, k=k, fractions=fractions,
+                  groups=groups, seed=seed, max_k=max_k, log=say)
+    if send == "teacher":
+        usable = [p for p in policies
+                  if all(_has_inputs(p, d.nearest_key, d.entropy, groups, d.confidence) for d in deciders or ())]
+        planned = plan_candidates(usable, labels=lab, energy=energy, entropy=entropy, nearest_key=nearest_key,
+                                  confidence=confidence, meta_for=meta_for, **common)
+        predicted = [np.bincount(lab, minlength=n_classes) > 0]
+    else:
+        planned, predicted = [], []
+        for j, d in enumerate(deciders):
+            dl = np.asarray(d.labels).astype(np.int64)
+            planned += plan_candidates(policies, labels=dl, energy=d.energy, entropy=d.entropy,
+                                       nearest_key=d.nearest_key, confidence=d.confidence, decider=j,
+                                       meta_for=lambda pol, kk, j=j: meta_for(pol, kk, j), **common)
+            predicted.append(np.bincount(dl, minlength=n_classes) > 0)
     if not planned:
         smallest = min((int(size_of(np.array([0]), lab[:1], meta_for(p, 1))) for p in policies
                         if p.policy != NEAREST), default=None)
@@ -532,16 +598,18 @@ def search(
 
     def proxies(i: int) -> list[tuple[int, rate.Selection]]:
         """(held-out part, selection) pairs whose proxies make candidate i's forecast."""
-        pol, kk, got, _ = planned[i]
+        c = planned[i]
         if deciders is None:
-            return [(0, got)]
+            return [(0, c.selection)]
+        if c.decider is not None:  # a decider's own selection: forecast on its own held-out rows only
+            return [(c.decider, c.selection)]
         out = []
         for j, d in enumerate(deciders):
-            if (pol, j) not in makers:
-                makers[pol, j] = selector(pol, labels=np.asarray(d.labels).astype(np.int64), energy=d.energy,
-                                          entropy=d.entropy, n_classes=n_classes, seed=seed,
-                                          nearest_key=d.nearest_key, groups=groups, confidence=d.confidence)
-            out.append((j, makers[pol, j](kk)))
+            if (c.policy, j) not in makers:
+                makers[c.policy, j] = selector(c.policy, labels=np.asarray(d.labels).astype(np.int64),
+                                               energy=d.energy, entropy=d.entropy, n_classes=n_classes, seed=seed,
+                                               nearest_key=d.nearest_key, groups=groups, confidence=d.confidence)
+            out.append((j, makers[c.policy, j](c.k)))
         return out
 
     def run_key(sel: rate.Selection, j: int, s: int) -> tuple[bytes, int, int]:
@@ -560,18 +628,21 @@ def search(
         for key, (j, _, _), (w, b) in zip(todo, todo.values(), train_heads(jobs, workers), strict=True):
             r = parts[j]
             runs[key] = int(((heldout_feats[r] @ w.T + b).argmax(1) == heldout_labels[r]).sum())
-        total = sum(len(r) for r in parts)
-        return [sum(runs[run_key(sel, j, s)] for j, sel in plan[i, s] if len(sel.indices)) / total for i, s in items]
+        return [sum(runs[run_key(sel, j, s)] for j, sel in plan[i, s] if len(sel.indices))
+                / sum(len(parts[j]) for j, _ in plan[i, s]) for i, s in items]
 
     rows: list[dict] = []
     first = forecasts([(i, seed) for i in range(len(planned))])
-    for i, (pol, kk, (idx, sent), nbytes) in enumerate(planned):
-        hist = np.bincount(sent, minlength=n_classes)
-        rows.append({"name": pol.name, "policy": pol.policy, "safety_share": pol.safety_share, "alpha": pol.alpha,
-                     "tau": pol.tau, "k": int(kk), "kept": int(len(idx)), "bytes": nbytes,
-                     "forecast": first[i], "forecast_seeds": 1, "classes_kept": int((hist > 0).sum()),
-                     "covers_predicted": bool((hist[predicted] > 0).all())})
-        say(f"auto: {pol.name} k={kk} ({nbytes} B): forecast {rows[-1]['forecast']:.4f}")
+    for i, c in enumerate(planned):
+        hist = np.bincount(c.selection.labels, minlength=n_classes)
+        cover = predicted[0 if c.decider is None else c.decider]
+        name = c.policy.name if c.decider is None else f"{c.policy.name} [fold {c.decider}]"
+        rows.append({"name": name, "policy": c.policy.policy, "safety_share": c.policy.safety_share,
+                     "alpha": c.policy.alpha, "tau": c.policy.tau, "decider": c.decider, "k": int(c.k),
+                     "kept": int(len(c.selection.indices)), "bytes": c.bytes, "forecast": first[i],
+                     "forecast_seeds": 1, "classes_kept": int((hist > 0).sum()),
+                     "covers_predicted": bool((hist[cover] > 0).all())})
+        say(f"auto: {name} k={c.k} ({c.bytes} B): forecast {rows[-1]['forecast']:.4f}")
 
     # 2b. Finalists: one proxy seed ranks the field, but a single head's seed moves held-out accuracy by
     # 0.2-1.2 points (most at small k), about the gaps between the leaders; so every candidate within
@@ -598,16 +669,18 @@ def search(
     if covering and rows[best]["forecast"] - rows[covering[0]]["forecast"] <= margin:
         order = [covering[0]] + [i for i in order if i != covering[0]]
     for i in order:  # the real forecast can only shorten the header, but check rather than trust that
-        pol, kk, (idx, sent), _ = planned[i]
-        nbytes = int(size_of(idx, sent, meta_for(pol, len(idx), rows[i]["forecast"])))
+        c = planned[i]
+        idx, sent = c.selection
+        nbytes = int(size_of(idx, sent, meta_for(c.policy, len(idx), c.decider, rows[i]["forecast"])))
         if budget_bytes is None or nbytes <= budget_bytes:
             for j, r in enumerate(rows):
                 r["chosen"] = j == i
             rows[i]["bytes"] = nbytes  # the others stay as sized, with a placeholder forecast of maximal width
+            pol = c.policy
             return AutoChoice(
-                name=pol.name, policy=pol.policy, safety_share=pol.safety_share, alpha=pol.alpha, k=int(kk),
+                name=pol.name, policy=pol.policy, safety_share=pol.safety_share, alpha=pol.alpha, k=int(c.k),
                 forecast=rows[i]["forecast"], payload_bytes=nbytes, budget_bytes=budget_bytes, seed=seed,
-                heldout_images=heldout, head_steps=head_steps, indices=idx, labels=sent.copy(), candidates=rows,
-                tau=pol.tau,
+                heldout_images=held_of(c.decider), head_steps=head_steps, indices=idx, labels=sent.copy(),
+                candidates=rows, tau=pol.tau, decider=c.decider,
             )
     raise PladaError(f"no candidate fits the byte budget {budget_bytes} once its forecast is in the header")

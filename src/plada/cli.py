@@ -70,6 +70,9 @@ def _select_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--holdout-groups", metavar="REGEX", default=None,
                    help="auto: hold out train images of one object together; the group is the class plus REGEX's "
                         "first capture group in the file name, e.g. '^(\\d+)_' for GTSRB's TRACK_FRAME.png")
+    g.add_argument("--auto-send", default="teacher", choices=["teacher", "decider"],
+                   help="auto, when cross-fitting: send the full teacher's selection for the best rule (teacher), "
+                        "or the best deciding teacher's own selection and labels, the one its forecast measured")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -145,7 +148,7 @@ def cmd_send(a: argparse.Namespace) -> dict:
     return send(a.target, a.pool, a.out, data=a.data, teacher=_teacher_cfg(a), keep=a.keep, count=a.count,
                 policy=a.policy, temperature=a.temperature, safety_share=a.safety_share, alpha=a.alpha, seed=a.seed,
                 progress=not a.json, budget_bytes=a.budget, engine=a.engine, actors=a.actors,
-                holdout_folds=a.holdout_folds, holdout_groups=a.holdout_groups)
+                holdout_folds=a.holdout_folds, holdout_groups=a.holdout_groups, auto_send=a.auto_send)
 
 
 def cmd_score(a: argparse.Namespace) -> dict:
@@ -182,7 +185,7 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     s = send(a.target, a.pool, pay, data=a.data, teacher=_teacher_cfg(a), keep=a.keep, count=a.count,
              policy=a.policy, temperature=a.temperature, safety_share=a.safety_share, alpha=a.alpha, seed=a.seed,
              progress=not a.json, budget_bytes=a.budget, holdout_folds=a.holdout_folds,
-             holdout_groups=a.holdout_groups)
+             holdout_groups=a.holdout_groups, auto_send=a.auto_send)
     r = receive(pay, a.pool, data=a.data, student=_student_cfg(a), test=a.target,
                 model_out=out / f"{a.target}-student.safetensors", progress=not a.json)
     return {"target": a.target, "pool_size": s["pool_size"], "kept": s["kept"],

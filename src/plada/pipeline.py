@@ -51,13 +51,17 @@ def send(
     actors: int | None = None,
     holdout_folds: int = HOLDOUT_FOLDS,
     holdout_groups: str | None = None,
+    auto_send: str = "teacher",
 ) -> dict:
     """Make a payload for `target` over `pool`; returns a report (teacher accuracy, bytes, class counts).
 
     `policy="auto"` (implied by `budget_bytes`) searches policies and keep sizes with proxy students
     on held-out target images and sends the best forecast; see `plada.auto`. `holdout_groups` (a regular
-    expression on train file names, `auto.name_groups`) holds images of one object out together. `engine` says where
-    the pool is scored (`plada.engines`); the payload does not depend on it.
+    expression on train file names, `auto.name_groups`) holds images of one object out together.
+    `auto_send="decider"` sends the best deciding teacher's own selection and labels, the very selection its
+    forecast measured, instead of the full teacher's selection for the best rule (`auto.search(send=)`); it
+    only differs when the teacher used all of train. `engine` says where the pool is scored
+    (`plada.engines`); the payload does not depend on it.
     """
     teacher = teacher or TeacherConfig()
     if temperature <= 0:
@@ -68,6 +72,8 @@ def send(
         from .auto import name_groups
 
         name_groups([], holdout_groups)  # a bad pattern fails now, not after the teacher
+    if auto_send not in ("teacher", "decider"):
+        raise PladaError(f"auto_send must be 'teacher' or 'decider', got {auto_send!r}")
     chunk_size()  # a bad PLADA_SCORE_CHUNK fails now, not after the teacher
     engines.check_engine(engine)
     out = Path(out)
@@ -96,7 +102,7 @@ def send(
         base = {"target": src.name, "keep": None, "temperature": temperature, "teacher": teacher_meta}
         choice = _auto_choice(train, test, pool, teacher, scores, base, budget_bytes, None if budget_bytes else k,
                               temperature, seed, proxy, proxy_res, progress, engine=engine, actors=actors,
-                              folds=holdout_folds, group_pattern=holdout_groups)
+                              folds=holdout_folds, group_pattern=holdout_groups, send=auto_send)
         idx, sel_labels, meta = choice.indices, choice.labels, {**base, **choice.meta()}
         auto_report = choice.summary()
         p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, sel_labels, meta)
@@ -104,7 +110,7 @@ def send(
         return {"payload": str(out), "payload_bytes": nbytes, "kept": int(len(idx)), "pool_size": len(pool),
                 "teacher_accuracy": tinfo.get("test_accuracy"), "policy": choice.name,
                 "forecast_accuracy": choice.forecast,
-                "kept_per_class": select.class_histogram(labels, idx, len(train.class_names)).tolist(),
+                "kept_per_class": np.bincount(sel_labels, minlength=len(train.class_names)).tolist(),
                 "auto": auto_report, "seconds": round(time.time() - t0, 1)}
     key = select.rank_key(policy, scores.energy(temperature), scores.entropy(), seed=seed)
     idx = select.select(labels, key, k, len(train.class_names), safety_share=safety_share, alpha=alpha)
@@ -134,14 +140,15 @@ def send(
 
 
 def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k, temperature, seed, proxy, proxy_res,
-                 progress, engine="local", actors=None, folds=HOLDOUT_FOLDS, group_pattern=None):
+                 progress, engine="local", actors=None, folds=HOLDOUT_FOLDS, group_pattern=None, send="teacher"):
     """Pick the policy with proxy students scored on target images the deciding teacher never saw.
 
     A teacher trained on a subset (`--teacher-limit`) leaves the rest of train unseen: those are the
     held-out images, and nothing is wasted. A teacher that used all of train is cross-fitted: `folds`
     teachers each trained without one fold decide (`auto.Decider`; folds=1: one teacher without a 10%
     slice), while sizes and the labels sent stay the full teacher's. With `group_pattern`, held-out rows
-    share no group (`auto.name_groups`) with rows the deciding teacher trained on.
+    share no group (`auto.name_groups`) with rows the deciding teacher trained on. `send="decider"` sends
+    a deciding teacher's own selection (`auto.search`); without deciders the sending teacher is one already.
     """
     from . import auto
     from .features import cached_features, feature_model, rows_features
@@ -179,7 +186,7 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
                        pool_feats=pool_f, heldout_feats=held_f, heldout_labels=train.labels[held_idx],
                        n_classes=len(train.class_names), size_of=sizer, budget_bytes=budget_bytes, k=k,
                        nearest_key=nearest, groups=groups, confidence=rate.confidence(scores.logits),
-                       deciders=deciders, seed=seed)
+                       deciders=deciders, seed=seed, send=send if deciders else "teacher")
 
 
 def cross_fit(
