@@ -2,22 +2,23 @@
 
     python -m benchmarks.auto_policy            # results/auto_policy.json, docs/AUTO_POLICY.md
     python -m benchmarks.auto_policy --quick    # small subset (also run by the test suite)
-    python -m benchmarks.auto_policy --send decider  # results/auto_policy_decider.json (plada send --auto-send decider)
+    python -m benchmarks.auto_policy --send teacher --folds 3  # results/auto_policy_teacher_folds3.json
 
 Same pool, teachers, pool scores and frozen features as benchmarks.paper (its Config, caches and teacher
 recipe are reused, so a finished paper run makes this one cheap). Per target and byte budget (about 1, 5
 and 20 KB): held-out = target train images the teacher did not train on; when the teacher used all of
 train, exactly what `plada send --budget` does: `folds` deciding teachers are fine-tuned, each without
-one fold of train, and every candidate is forecast on each fold by its own teacher's selection
-(`auto.Decider`); sizes and the labels sent are the full teacher's. The auto search picks a policy and
+one fold of train (default: one teacher without a 10% slice), and the candidates are the deciding
+teachers' own selections, each forecast on its own held-out rows (`send="decider"`, the default of
+`plada send --auto-send`). The auto search picks a policy and
 keep size by the held-out accuracy of a proxy linear head; then every candidate of that search is
 measured on the test split with the paper's linear student (seed 0 for all; the leaders within
 `eval_band` of the best get the other `eval_seeds` too, and their accuracy is the mean), which gives the
 auto choice's accuracy, the best candidate in hindsight, and the forecast error.
 
-With `--send decider` the search's candidates are the deciding teachers' own selections (what `plada send
---auto-send decider` sends); the hindsight best is still the best of the full teacher's selections (the
-fixed policies a user could pick), sized as the default search sizes them, so the gap means the same.
+With `--send teacher` the candidates are the full teacher's selections instead, each forecast by every
+deciding teacher's selection for its rule on its own fold (`auto.Decider`). Either way the hindsight best is
+the best of the full teacher's selections (the fixed policies a user could pick), so gaps compare.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from plada import auto, rate
 from plada.data import Split, cache_root
 from plada.errors import PladaError
 from plada.features import cached_features, feature_model, rows_features, split_key
-from plada.pipeline import cross_fit
+from plada.pipeline import AUTO_SEND, HOLDOUT_FOLDS, cross_fit
 from plada.pool import Pool
 from plada.score import score_pool
 from plada.train import head_job, train_heads
@@ -53,9 +54,9 @@ class AutoConfig(paper.Config):
     proxy_steps: int = auto.PROXY_STEPS  # head steps of each proxy student in the search
     eval_seeds: tuple[int, ...] = (0, 1, 2)  # linear-student seeds on the test split (the first for all candidates)
     eval_band: float = 0.02  # candidates within this of the best first-seed accuracy get every eval seed
-    folds: int = 3  # deciding teachers when the teacher used all of train (plada send --holdout-folds)
+    folds: int = HOLDOUT_FOLDS  # deciding teachers when the teacher used all of train (plada send --holdout-folds)
     search_seed: int = 0
-    send: str = "teacher"  # auto.search(send=): the full teacher's selections, or the deciding teachers' own
+    send: str = AUTO_SEND  # auto.search(send=): the deciding teachers' own selections, or the full teacher's
     # plada send --holdout-groups per target: GTSRB's train split is 5 frames of each sign's track (TRACK_FRAME.png)
     holdout_groups: dict[str, str] = field(default_factory=lambda: {"gtsrb32": r"^(\d+)_"})
 
@@ -289,7 +290,7 @@ def write_markdown(res: dict, path: Path) -> None:
     cfg = res["config"]
     title = "# Auto policy: the sender picks the selection for a byte budget"
     if cfg.get("send") == "decider":
-        title += " (`--auto-send decider`: a deciding teacher's own selection is sent)"
+        title += " (a deciding teacher's own selection is sent)"
     L = [title, "",
          f"Command: `{res['command']}` — wall time {res['wall_seconds'] / 60:.1f} min on {res['machine']}.", "",
          f"Pool: `{cfg['pool']}` ({res['pool_size']:,} images); teachers, pool scores and features as in "
@@ -305,12 +306,13 @@ def write_markdown(res: dict, path: Path) -> None:
          f"{100 * cfg['eval_band']:g} points of the best first-seed accuracy): *hindsight* is the best of them, "
          "*gap* = auto − hindsight, *forecast error* = forecast − auto's test accuracy, *default* = lowest energy "
          "at the largest size that fits. Where the teacher trained on all of train, the search decides with "
-         f"{cfg['folds']} cross-fitted teacher(s) (`auto.Decider`), as `plada send` does; "
-         + ("with `--send decider` (`plada send --auto-send decider`) the candidates are each deciding teacher's own "
-            "selections, each forecast on its own fold and sent as it is (its labels, not the full teacher's); "
-            "hindsight is still the best of the full teacher's selections (sized as the default search sizes "
-            "them), so gaps compare with the default run's. " if cfg.get("send") == "decider" else
-            "sizes and labels sent are the full teacher's. ")
+         f"{cfg['folds']} deciding teacher(s) (`auto.Decider`: each fine-tuned without one fold; one: without a "
+         "10% slice), as `plada send` does; "
+         + ("the candidates are each deciding teacher's own selections (`plada send --auto-send decider`), each "
+            "forecast on its own held-out rows and sent as it is (its labels, not the full teacher's); hindsight "
+            "is the best of the full teacher's selections (the fixed policies, sized as `--auto-send teacher` "
+            "sizes them), so gaps compare across modes. " if cfg.get("send") == "decider" else
+            "sizes and labels sent are the full teacher's (`plada send --auto-send teacher`). ")
          + "The search re-forecasts its "
          "finalists (within 2 points of the best proxy) over 3 proxy seeds. Accuracies in %.", "",
          "| target | budget | auto choice (k, bytes) | forecast | auto test | forecast error | hindsight best (k) | "
@@ -387,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-seeds", nargs="+", type=int, default=None, help="test-split student seeds (default 0 1 2)")
     ap.add_argument("--folds", type=int, default=None, help="deciding teachers when the teacher used all of train")
     ap.add_argument("--send", choices=["teacher", "decider"], default=None,
-                    help="decider: candidates are the deciding teachers' own selections (plada send --auto-send "
-                         "decider); writes results/auto_policy_decider.json")
+                    help="what the search sends, as plada send --auto-send (default decider); a given value names "
+                         "the output, e.g. results/auto_policy_teacher.json")
     ap.add_argument("--no-holdout-groups", action="store_true",
                     help="fold by image, not by object (GTSRB tracks are held out as whole groups by default)")
     a = ap.parse_args(argv)
@@ -404,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.send:
         cfg.send = a.send
     out = Path(a.out_dir)
-    variant = ("_decider" if cfg.send == "decider" else "") + (f"_folds{cfg.folds}" if a.folds else "")
+    variant = (f"_{a.send}" if a.send else "") + (f"_folds{a.folds}" if a.folds else "")
     stem = ("auto_policy_quick" if a.quick else "auto_policy") + variant
     res = paper.run_all("auto_policy", cfg, a, run_target,
                         extra_flags=(("--budgets", a.budgets), ("--eval-seeds", a.eval_seeds), ("--folds", a.folds),

@@ -14,7 +14,8 @@ head, seed 0, as the forecast's first pass):
 
 If decider test ranks candidates like sender test, the held-out images are the problem (they are not like
 the test split); if it ranks them like the forecast, the deciding teachers are (their selections are not
-the sender's). Reads the cell's candidates from results/auto_policy.json; needs that run's caches.
+the sender's). Reads the cell's candidates from a --send teacher run
+(results/auto_policy_teacher_folds3.json); needs that run's caches.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="gtsrb32")
     ap.add_argument("--budgets", nargs="+", type=int, default=[5000, 20000])
-    ap.add_argument("--results", default="results/auto_policy.json", help="the auto_policy run to explain")
+    ap.add_argument("--results", default="results/auto_policy_teacher_folds3.json",
+                    help="the auto_policy run to explain: one that sent the full teacher's selection (--send teacher)")
     ap.add_argument("--data", default=None)
     ap.add_argument("--out", default=None, help="default: results/auto_decider_gap_<target>.json")
     a = ap.parse_args(argv)
@@ -68,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(cfg, k):
             setattr(cfg, k, tuple(v) if isinstance(getattr(cfg, k), tuple) else v)
     cfg.holdout_groups = res["config"].get("holdout_groups", {})  # runs before grouped folds had none
+    cfg.send = res["config"].get("send", "teacher")  # runs before --send sent the full teacher's selection
+    if cfg.send != "teacher":
+        print(f"{a.results} sent deciders' own selections; this script explains a --send teacher run", file=sys.stderr)
+        return 2
     pool = paper.get_pool(cfg.pool, a.data)
     src, train, test, tcfg, teacher, _ = paper.target_teacher(a.target, cfg, a.data)
     n_cls = len(train.class_names)

@@ -229,7 +229,8 @@ def test_auto_policy_quick_benchmark(tiny_data: Path, cache: Path, tmp_path: Pat
     assert code == 0
     res = json.loads((tmp_path / "results" / "auto_policy_quick.json").read_text())
     r = res["targets"]["tinytarget"]
-    assert r["heldout"]["refit"] and r["folds"] == 3  # the tiny teacher used all of train: 3 deciders, as in send
+    assert r["heldout"]["refit"] and r["folds"] == 1  # the tiny teacher used all of train: 1 decider, as in send
+    assert r["send"] == "decider"
     for budget in res["config"]["budgets"]:
         cell = r["budgets"][str(budget)]
         assert cell["auto"]["payload_bytes"] <= budget
@@ -249,20 +250,26 @@ def test_auto_policy_quick_benchmark(tiny_data: Path, cache: Path, tmp_path: Pat
     assert "python -m benchmarks.auto_policy --quick" in md and "tinytarget" in md and "Against the goals" in md
     assert "One fixed policy for every target" in md
 
-    # --send decider: candidates are the deciders' own selections; hindsight is still the full teacher's field
-    code = auto_policy.main(["--quick", "--data", str(tiny_data), "--pool", "tinypool", "--targets", "tinytarget",
-                             "--budgets", "1500", "--send", "decider", "--out-dir", str(tmp_path)])
-    assert code == 0
-    dres = json.loads((tmp_path / "results" / "auto_policy_quick_decider.json").read_text())
-    cell = dres["targets"]["tinytarget"]["budgets"]["1500"]
-    assert dres["targets"]["tinytarget"]["send"] == "decider" and cell["auto"]["decider"] in (0, 1, 2)
-    assert cell["auto"]["payload_bytes"] <= 1500
+    # the default sends the decider's own selection; hindsight is the full teacher's field (its rows unforecast)
+    cell = r["budgets"]["1500"]
+    assert cell["auto"]["decider"] == 0
     fixed = [c for c in cell["candidates"] if c["decider"] is None]
     assert fixed and all(c["forecast"] is None and not c["chosen"] for c in fixed)
-    assert [(c["name"], c["k"]) for c in fixed] == [(c["name"], c["k"]) for c in r["budgets"]["1500"]["candidates"]]
     assert cell["hindsight"]["test_accuracy"] == max(c["test_accuracy"] for c in fixed)
     assert cell["hindsight_any"]["test_accuracy"] >= cell["auto"]["test_accuracy"]
-    assert "[fold " in (tmp_path / "docs" / "AUTO_POLICY_DECIDER_quick.md").read_text()
+    assert "[fold 0]" in md
+
+    # --send teacher --folds 3: the full teacher's selections are the candidates (and the hindsight field)
+    code = auto_policy.main(["--quick", "--data", str(tiny_data), "--pool", "tinypool", "--targets", "tinytarget",
+                             "--budgets", "1500", "--send", "teacher", "--folds", "3", "--out-dir", str(tmp_path)])
+    assert code == 0
+    tres = json.loads((tmp_path / "results" / "auto_policy_quick_teacher_folds3.json").read_text())
+    tr = tres["targets"]["tinytarget"]
+    tcell = tr["budgets"]["1500"]
+    assert tr["send"] == "teacher" and tr["folds"] == 3 and tcell["auto"]["decider"] is None
+    assert all(c["decider"] is None and c["forecast"] is not None for c in tcell["candidates"])
+    assert {c["name"] for c in tcell["candidates"]} == {c["name"] for c in fixed}
+    assert (tmp_path / "docs" / "AUTO_POLICY_TEACHER_FOLDS3_quick.md").is_file()
 
 
 def test_forecast_ties_go_to_more_images() -> None:

@@ -156,24 +156,30 @@ def test_send_with_byte_budget(tiny_data: Path, cache: Path, tmp_path: Path, cap
     assert code == 0, err
     assert sent["payload_bytes"] == out.stat().st_size <= 1000
     assert 0.0 <= sent["forecast_accuracy"] <= 1.0
-    meta = payload.read(out).meta
-    assert meta["auto"]["budget_bytes"] == 1000 and meta["policy"] != "auto"
-    # the teacher used all of train, so 3 cross-fitted teachers decided and every train image was held out once
-    assert meta["auto"]["heldout_images"] == 3 * 40  # tinytarget: 3 colours x 40 train images
+    p = payload.read(out)
+    assert p.meta["auto"]["budget_bytes"] == 1000 and p.meta["policy"] != "auto"
+    # the teacher used all of train, so (default) one teacher without a 10% slice decided, and its own
+    # selection and labels were sent
+    assert p.meta["auto"]["heldout_images"] == 12  # tinytarget: 3 colours x 40 train images
+    assert p.meta["auto"]["labels_from_fold"] == 0 and sent["auto"]["decider"] == 0
+    # the full teacher would label nothing, so only the deciding teacher was fine-tuned; it is the one reported
+    assert len(list((cache / "teachers").iterdir())) == 1
+    assert 0 <= sent["teacher_accuracy"] <= 1 and p.meta["teacher"]["test_accuracy"] == sent["teacher_accuracy"]
+    assert sent["kept_per_class"] == np.bincount(p.labels, minlength=3).tolist()
     code, info, err = run(capsys, "inspect", str(out))
     assert code == 0 and info["meta"]["auto"]["forecast_accuracy"] == round(sent["forecast_accuracy"], 4)
-    assert "labels_from_fold" not in meta["auto"]
-    # --auto-send decider: one deciding teacher's own selection and labels, forecast on its own fold (40 images)
-    dec = tmp_path / "d.plada"
+    # --auto-send teacher --holdout-folds 3: 3 cross-fitted teachers decide, every train image is held out
+    # once, and the full teacher's selection is sent
+    full = tmp_path / "t.plada"
     code, sent, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
-                          "-o", str(dec), "--teacher-res", "32", "--teacher-epochs", "4", "--budget", "1KB",
-                          "--auto-send", "decider")
+                          "-o", str(full), "--teacher-res", "32", "--teacher-epochs", "4", "--budget", "1KB",
+                          "--auto-send", "teacher", "--holdout-folds", "3")
     assert code == 0, err
-    p = payload.read(dec)
-    assert sent["payload_bytes"] == dec.stat().st_size <= 1000
-    assert p.meta["auto"]["labels_from_fold"] in (0, 1, 2) and p.meta["auto"]["heldout_images"] == 40
-    assert sent["auto"]["decider"] == p.meta["auto"]["labels_from_fold"]
-    assert sent["kept_per_class"] == np.bincount(p.labels, minlength=3).tolist()
+    meta = payload.read(full).meta
+    assert sent["payload_bytes"] == full.stat().st_size <= 1000
+    assert meta["auto"]["heldout_images"] == 3 * 40 and "labels_from_fold" not in meta["auto"]
+    assert sent["auto"]["decider"] is None
+    assert len(list((cache / "teachers").iterdir())) == 1 + 1 + 3  # + the full teacher and 3 fold teachers
     with pytest.raises(SystemExit) as exit_info:
         main(["send", "tinytarget", "--pool", "tinypool", "-o", str(tmp_path / "e.plada"), "--auto-send", "fold"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
@@ -196,7 +202,7 @@ def test_send_holds_out_whole_groups(tiny_data: Path, cache: Path, tmp_path: Pat
 
     monkeypatch.setattr(auto, "fold_split", spy)
     args = ["send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "--teacher-res", "32",
-            "--teacher-epochs", "4", "--budget", "1KB"]
+            "--teacher-epochs", "4", "--budget", "1KB", "--holdout-folds", "3"]
     code, _, err = run(capsys, *args, "-o", str(tmp_path / "bad.plada"), "--holdout-groups", "(")
     assert code == 2 and one_line(err) and "regular expression" in err and not seen  # refused before any work
     out = tmp_path / "g.plada"
@@ -206,4 +212,13 @@ def test_send_holds_out_whole_groups(tiny_data: Path, cache: Path, tmp_path: Pat
     assert len(np.unique(groups)) == 3 * 4  # 3 colours x 4 groups of 10 file names
     for fit, held in splits:
         assert not set(groups[fit]) & set(groups[held])
-    assert payload.read(out).meta["auto"]["heldout_images"] == 3 * 40
+    assert payload.read(out).meta["auto"]["heldout_images"] == 40  # the sending decider's fold: 4 groups of 10
+
+
+def test_cli_defaults_are_the_librarys() -> None:
+    """The CLI does not import the pipeline to parse arguments, so its copies of the defaults are checked here."""
+    from plada import pipeline
+    from plada.cli import build_parser
+
+    a = build_parser().parse_args(["send", "t", "--pool", "p", "-o", "x.plada"])
+    assert (a.holdout_folds, a.auto_send) == (pipeline.HOLDOUT_FOLDS, pipeline.AUTO_SEND)

@@ -21,6 +21,12 @@ bigger labelled set is the better prior: on Flowers-5 at 20 KB the tie went to h
 top: if a candidate keeping every class the teacher ever predicts is within ``margin`` of the best,
 it is chosen instead, because a class missing from the payload can never be learnt by the receiver
 while a small held-out set easily misses a rare class.
+
+When the sending teacher saw all of train, teachers fitted without part of it decide (`Decider`), and
+``send`` says what is sent: a decider's own selection, the very one forecast (``"decider"``, what
+`plada send` does by default), or the full teacher's selection for the rule the deciders rank best
+(``"teacher"``). Single teachers differ on one rule by about as much as rules differ, so only the first
+forecasts what is sent (docs/AUTO_POLICY.md).
 """
 
 from __future__ import annotations
@@ -144,6 +150,7 @@ class Decider:
     rows: np.ndarray  # indices into the search's heldout_feats / heldout_labels
     confidence: np.ndarray | None = None
     nearest_key: np.ndarray | None = None  # from target images this teacher trained on (never its held-out)
+    test_accuracy: float | None = None  # of this teacher, where measured (a sender sending its labels reports it)
 
 
 def _meta(pol: Policy, k: int, budget_bytes: int | None, forecast: float, heldout: int, steps: int,

@@ -64,15 +64,16 @@ def _select_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--safety-share", type=float, default=0.0, help="Safety-Net share s of the budget (0 = off)")
     g.add_argument("--alpha", type=float, default=0.5, help="Safety-Net exponent: quota ∝ N_c^alpha")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--holdout-folds", type=_positive, default=3,
-                   help="auto, when the teacher used all of train: cross-fit this many deciding teachers "
-                        "(1: one teacher without a 10%% slice)")
+    g.add_argument("--holdout-folds", type=_positive, default=1,  # pipeline.HOLDOUT_FOLDS (a test checks)
+                   help="auto, when the teacher used all of train: fine-tune this many deciding teachers, each "
+                        "without one fold (1: one teacher without a 10%% slice)")
     g.add_argument("--holdout-groups", metavar="REGEX", default=None,
                    help="auto: hold out train images of one object together; the group is the class plus REGEX's "
                         "first capture group in the file name, e.g. '^(\\d+)_' for GTSRB's TRACK_FRAME.png")
-    g.add_argument("--auto-send", default="teacher", choices=["teacher", "decider"],
-                   help="auto, when cross-fitting: send the full teacher's selection for the best rule (teacher), "
-                        "or the best deciding teacher's own selection and labels, the one its forecast measured")
+    g.add_argument("--auto-send", default="decider", choices=["teacher", "decider"],  # pipeline.AUTO_SEND
+                   help="auto, when the teacher used all of train: send the best deciding teacher's own selection "
+                        "and labels, the one its forecast measured (decider), or the full teacher's selection for "
+                        "the rule the deciders rank best (teacher)")
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
