@@ -179,7 +179,7 @@ def _unseen_rows(train: Split, teacher: TeacherConfig, group_pattern: str | None
 
 
 def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k, temperature, seed, proxy, proxy_res,
-                 progress, engine="local", actors=None, folds=HOLDOUT_FOLDS, tgroups=None, seen=None, unseen=None,
+                 progress, *, seen, unseen, tgroups=None, engine="local", actors=None, folds=HOLDOUT_FOLDS,
                  send=AUTO_SEND):
     """Pick the policy with proxy students scored on target images the deciding teacher never saw.
 
@@ -188,8 +188,8 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
     teachers each trained without one fold decide (`auto.Decider`; folds=1: one teacher without a 10%
     slice). `send="decider"` sends a deciding teacher's own selection (`auto.search`), and `scores` (the
     full teacher's) may then be None; `"teacher"` sends the full teacher's selection for the best rule.
-    Held-out rows share no group (`tgroups`, `auto.name_groups`) with rows the deciding teacher trained on.
-    Returns (choice, deciders or None).
+    `seen`/`unseen`/`tgroups` come from `_unseen_rows`: held-out rows share no group with rows the deciding
+    teacher trained on. Returns (choice, deciders or None).
     """
     from . import auto
     from .features import cached_features, feature_model, rows_features
