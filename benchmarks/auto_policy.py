@@ -158,11 +158,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
         plan = auto.plan_candidates(auto.DEFAULT_POLICIES, labels=scores.labels, energy=energy, entropy=entropy,
                                     n_classes=n_cls, size_of=size_of, meta_for=meta, budget_bytes=budget,
                                     nearest_key=nearest, groups=gid, confidence=conf, seed=cfg.search_seed)
-        return [{"name": c.policy.name, "policy": c.policy.policy, "safety_share": c.policy.safety_share,
-                 "alpha": c.policy.alpha, "tau": c.policy.tau, "decider": None, "k": int(c.k),
-                 "kept": int(len(c.selection.indices)), "bytes": c.bytes, "forecast": None, "forecast_seeds": 0,
-                 "classes_kept": int((np.bincount(c.selection.labels, minlength=n_cls) > 0).sum()),
-                 "chosen": False} for c in plan]
+        return [{**c.row(n_cls), "forecast": None, "forecast_seeds": 0, "chosen": False} for c in plan]
 
     def test_accuracies(sels: list[rate.Selection], seeds: tuple[int, ...]) -> list[float]:
         """Mean test accuracy over `seeds` of the linear student on each selection; heads trained together."""
@@ -193,7 +189,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
             continue
         search_s = round(time.time() - t1, 1)
         rows = ch.candidates
-        if ch.decider is not None or any(r.get("decider") is not None for r in rows):
+        if any(r["decider"] is not None for r in rows):  # deciders' own selections: add the full teacher's
             rows = rows + fixed_rows(int(budget))
         sels = [as_sent(row) for row in rows]
         for row, acc in zip(rows, test_accuracies(sels, cfg.eval_seeds[:1]), strict=True):

@@ -397,6 +397,17 @@ class Planned:
     bytes: int
     decider: int | None = None  # None: the sending teacher's selection; j: deciders[j]'s own
 
+    @property
+    def name(self) -> str:
+        return self.policy.name if self.decider is None else f"{self.policy.name} [fold {self.decider}]"
+
+    def row(self, n_classes: int) -> dict:
+        """Its row in a search's table, before any forecast (the search adds its forecast, a benchmark its test)."""
+        kept = np.bincount(self.selection.labels, minlength=n_classes) > 0
+        return {"name": self.name, "policy": self.policy.policy, "safety_share": self.policy.safety_share,
+                "alpha": self.policy.alpha, "tau": self.policy.tau, "decider": self.decider, "k": int(self.k),
+                "kept": int(len(self.selection.indices)), "bytes": self.bytes, "classes_kept": int(kept.sum())}
+
 
 def plan_candidates(
     policies: Sequence[Policy], *, labels: np.ndarray, energy: np.ndarray, entropy: np.ndarray | None,
@@ -641,15 +652,11 @@ def search(
     rows: list[dict] = []
     first = forecasts([(i, seed) for i in range(len(planned))])
     for i, c in enumerate(planned):
-        hist = np.bincount(c.selection.labels, minlength=n_classes)
+        kept = np.bincount(c.selection.labels, minlength=n_classes) > 0
         cover = predicted[0 if c.decider is None else c.decider]
-        name = c.policy.name if c.decider is None else f"{c.policy.name} [fold {c.decider}]"
-        rows.append({"name": name, "policy": c.policy.policy, "safety_share": c.policy.safety_share,
-                     "alpha": c.policy.alpha, "tau": c.policy.tau, "decider": c.decider, "k": int(c.k),
-                     "kept": int(len(c.selection.indices)), "bytes": c.bytes, "forecast": first[i],
-                     "forecast_seeds": 1, "classes_kept": int((hist > 0).sum()),
-                     "covers_predicted": bool((hist[cover] > 0).all())})
-        say(f"auto: {name} k={c.k} ({c.bytes} B): forecast {rows[-1]['forecast']:.4f}")
+        rows.append({**c.row(n_classes), "forecast": first[i], "forecast_seeds": 1,
+                     "covers_predicted": bool(kept[cover].all())})
+        say(f"auto: {c.name} k={c.k} ({c.bytes} B): forecast {rows[-1]['forecast']:.4f}")
 
     # 2b. Finalists: one proxy seed ranks the field, but a single head's seed moves held-out accuracy by
     # 0.2-1.2 points (most at small k), about the gaps between the leaders; so every candidate within
