@@ -3,6 +3,7 @@
     python -m benchmarks.auto_policy            # results/auto_policy.json, docs/AUTO_POLICY.md
     python -m benchmarks.auto_policy --quick    # small subset (also run by the test suite)
     python -m benchmarks.auto_policy --send teacher --folds 3  # results/auto_policy_teacher_folds3.json
+    python -m benchmarks.auto_policy --targets flowers5 gtsrb32 --search-seed 1  # results/auto_policy_seed1.json
 
 Same pool, teachers, pool scores and frozen features as benchmarks.paper (its Config, caches and teacher
 recipe are reused, so a finished paper run makes this one cheap). Per target and byte budget (about 1, 5
@@ -387,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--send", choices=["teacher", "decider"], default=None,
                     help="what the search sends, as plada send --auto-send (default decider); a given value names "
                          "the output, e.g. results/auto_policy_teacher.json")
+    ap.add_argument("--search-seed", type=int, default=None,
+                    help="seed of held-out slice, folds and proxies (default 0); a given value names the output")
     ap.add_argument("--no-holdout-groups", action="store_true",
                     help="fold by image, not by object (GTSRB tracks are held out as whole groups by default)")
     a = ap.parse_args(argv)
@@ -401,12 +404,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg.holdout_groups = {}
     if a.send:
         cfg.send = a.send
+    if a.search_seed is not None:
+        cfg.search_seed = a.search_seed
     out = Path(a.out_dir)
-    variant = (f"_{a.send}" if a.send else "") + (f"_folds{a.folds}" if a.folds else "")
+    variant = (f"_{a.send}" if a.send else "") + (f"_folds{a.folds}" if a.folds else "") + (
+        f"_seed{a.search_seed}" if a.search_seed is not None else "")
     stem = ("auto_policy_quick" if a.quick else "auto_policy") + variant
     res = paper.run_all("auto_policy", cfg, a, run_target,
                         extra_flags=(("--budgets", a.budgets), ("--eval-seeds", a.eval_seeds), ("--folds", a.folds),
-                                      ("--no-holdout-groups", a.no_holdout_groups or None), ("--send", a.send)))
+                                      ("--no-holdout-groups", a.no_holdout_groups or None), ("--send", a.send),
+                                     ("--search-seed", None if a.search_seed is None else str(a.search_seed))))
     if res is None:
         return 2
     res["fixed_policy_summary"] = fixed_policy_summary(res)

@@ -261,15 +261,17 @@ def test_auto_policy_quick_benchmark(tiny_data: Path, cache: Path, tmp_path: Pat
 
     # --send teacher --folds 3: the full teacher's selections are the candidates (and the hindsight field)
     code = auto_policy.main(["--quick", "--data", str(tiny_data), "--pool", "tinypool", "--targets", "tinytarget",
-                             "--budgets", "1500", "--send", "teacher", "--folds", "3", "--out-dir", str(tmp_path)])
+                             "--budgets", "1500", "--send", "teacher", "--folds", "3", "--search-seed", "0",
+                             "--out-dir", str(tmp_path)])
     assert code == 0
-    tres = json.loads((tmp_path / "results" / "auto_policy_quick_teacher_folds3.json").read_text())
+    tres = json.loads((tmp_path / "results" / "auto_policy_quick_teacher_folds3_seed0.json").read_text())
+    assert tres["command"].endswith("--send teacher --search-seed 0")
     tr = tres["targets"]["tinytarget"]
     tcell = tr["budgets"]["1500"]
     assert tr["send"] == "teacher" and tr["folds"] == 3 and tcell["auto"]["decider"] is None
     assert all(c["decider"] is None and c["forecast"] is not None for c in tcell["candidates"])
     assert {c["name"] for c in tcell["candidates"]} == {c["name"] for c in fixed}
-    assert (tmp_path / "docs" / "AUTO_POLICY_TEACHER_FOLDS3_quick.md").is_file()
+    assert (tmp_path / "docs" / "AUTO_POLICY_TEACHER_FOLDS3_SEED0_quick.md").is_file()
 
 
 def test_forecast_ties_go_to_more_images() -> None:
