@@ -222,3 +222,19 @@ def test_cli_defaults_are_the_librarys() -> None:
 
     a = build_parser().parse_args(["send", "t", "--pool", "p", "-o", "x.plada"])
     assert (a.holdout_folds, a.auto_send) == (pipeline.HOLDOUT_FOLDS, pipeline.AUTO_SEND)
+
+
+def test_cached_teacher_gets_its_test_accuracy_once(tiny_data: Path, cache: Path) -> None:
+    """A fold teacher trained without a test split is measured on test later without being retrained."""
+    from plada.data import load_source
+    from plada.teacher import TeacherConfig, train_teacher
+
+    src = load_source("tinytarget", tiny_data, progress=False)
+    train, test = src.split("train"), src.split("test")
+    cfg = TeacherConfig(res=32, epochs=1)
+    _, info = train_teacher(train, None, cfg, cache / "teachers", progress=False)
+    assert "test_accuracy" not in info
+    _, again = train_teacher(train, test, cfg, cache / "teachers", progress=False)
+    assert 0 <= again["test_accuracy"] <= 1 and again["train_seconds"] == info["train_seconds"]
+    _, stored = train_teacher(train, None, cfg, cache / "teachers", progress=False)
+    assert stored["test_accuracy"] == again["test_accuracy"]  # kept with the teacher

@@ -242,8 +242,8 @@ def cross_fit(
     For a sending teacher that used all of train: each fold's teacher is the sender's recipe fitted
     without that fold, and decides on at most `held_limit / folds` of the fold's images; `ref_key`
     gives its nearest-target key from the rows it trained on; `groups` keeps each group in one fold.
-    With `test`, each fold teacher's test accuracy is measured (`Decider.test_accuracy`): a sender that
-    sends a fold teacher's labels reports that teacher.
+    With `test`, each fold teacher's test accuracy is measured once (cached with the teacher,
+    `Decider.test_accuracy`): a sender that sends a fold teacher's labels reports that teacher.
     """
     from . import auto
 
@@ -251,13 +251,11 @@ def cross_fit(
     splits = [(f, auto.subsample(h, per_fold, seed)) for f, h in auto.fold_split(len(train), folds, seed, groups)]
     deciders, seconds, at = [], [], 0
     for fit_idx, h in splits:
-        tj, info = train_teacher(train.take(fit_idx), None, replace(teacher, limit=None), cache_root() / "teachers",
+        tj, info = train_teacher(train.take(fit_idx), test, replace(teacher, limit=None), cache_root() / "teachers",
                                  progress=progress)
         sj = engines.score(tj, pool, cache_root() / "scores", engine=engine, progress=progress, actors=actors)
-        acc = None if test is None else accuracy(predict(tj, test.images, desc="fold teacher eval",
-                                                          progress=progress), test.labels)
         deciders.append(auto.Decider(sj.labels, sj.energy(temperature), sj.entropy(), np.arange(at, at + len(h)),
-                                     rate.confidence(sj.logits), ref_key(fit_idx), acc))
+                                     rate.confidence(sj.logits), ref_key(fit_idx), info.get("test_accuracy")))
         seconds.append(info.get("train_seconds"))
         at += len(h)
     return np.concatenate([h for _, h in splits]), deciders, seconds

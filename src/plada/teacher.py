@@ -40,7 +40,9 @@ class TeacherConfig:
 def train_teacher(
     train: Split, test: Split | None, cfg: TeacherConfig, cache: Path, progress: bool = True
 ) -> tuple[backbones.Classifier, dict]:
-    """Fine-tune (or linear-probe) a teacher, or load the cached one; info has its test accuracy."""
+    """Fine-tune (or linear-probe) a teacher, or load the cached one; info has its test accuracy.
+
+    A cached teacher first trained without a test split gets its test accuracy measured once and stored."""
     if cfg.mode not in MODES:
         raise PladaError(f"unknown teacher mode '{cfg.mode}' (have: {', '.join(MODES)})")
     key = hashlib.sha256(
@@ -51,7 +53,11 @@ def train_teacher(
     wpath, ipath = d / "teacher.safetensors", d / "teacher.json"
     if wpath.is_file() and ipath.is_file():
         model, _, _ = backbones.load(wpath)
-        return model, json.loads(ipath.read_text())
+        info = json.loads(ipath.read_text())
+        if test is not None and "test_accuracy" not in info:
+            info["test_accuracy"] = _test_accuracy(model, train, test, progress)
+            write_json_atomic(ipath, info)
+        return model, info
     d.mkdir(parents=True, exist_ok=True)
     sub = train.subset(cfg.limit, cfg.seed)
     torch.manual_seed(cfg.seed)  # the fresh head's init must be seeded too
@@ -64,10 +70,13 @@ def train_teacher(
         fit_linear(model, sub.images, sub.labels, seed=cfg.seed, progress=progress)
     info = {"config": asdict(cfg), "train_images": len(sub), "train_seconds": round(time.time() - t0, 1)}
     if test is not None:
-        if test.class_names != train.class_names:
-            raise PladaError("target train and test splits have different class folders")
-        info["test_accuracy"] = accuracy(predict(model, test.images, desc="teacher eval", progress=progress),
-                                         test.labels)
+        info["test_accuracy"] = _test_accuracy(model, train, test, progress)
     backbones.save(model, wpath, train.class_names, info)
     write_json_atomic(ipath, info)
     return model, info
+
+
+def _test_accuracy(model: backbones.Classifier, train: Split, test: Split, progress: bool) -> float:
+    if test.class_names != train.class_names:
+        raise PladaError("target train and test splits have different class folders")
+    return accuracy(predict(model, test.images, desc="teacher eval", progress=progress), test.labels)
