@@ -73,25 +73,38 @@ def corpus() -> tuple[list[tuple[bytes, np.ndarray | None]], list[float]]:
     return seeds, weights
 
 
-def split(data: bytes) -> tuple[dict, list[bytes]]:
-    _, _, hlen = PREFIX.unpack_from(data)
-    header = json.loads(data[PREFIX.size : PREFIX.size + hlen])
+ZHEADER = getattr(P, "ZHEADER_VERSIONS", {})  # format versions 3 and 4: the header is a zstd frame
+
+
+def split(data: bytes) -> tuple[dict, list[bytes], int]:
+    """Header (inflated if compressed), sections, and the file's format version."""
+    _, version, hlen = PREFIX.unpack_from(data)
+    stored = data[PREFIX.size : PREFIX.size + hlen]
+    if version in ZHEADER:
+        d = zstd.ZstdCompressionDict(P.HEADER_DICT, dict_type=zstd.DICT_TYPE_RAWCONTENT)
+        stored = zstd.ZstdDecompressor(dict_data=d).decompress(stored)
+    header = json.loads(stored)
     blobs, pos = [], PREFIX.size + hlen
     for sec in header["sections"]:
         blobs.append(data[pos : pos + sec["length"]])
         pos += sec["length"]
-    return header, blobs
+    return header, blobs, version
 
 
 def pack(header: dict | bytes, blobs: list[bytes], fix_lengths: bool = True, hlen: int | None = None,
          version: int = 1) -> bytes:
-    """Header and sections with a fresh, valid checksum: damage that the checksum does not stop."""
+    """Header and sections with a fresh, valid checksum: damage that the checksum does not stop.
+
+    Versions 3 and 4 get the (damaged) header compressed, so the damage reaches the JSON checks through
+    the compressed path too."""
     if isinstance(header, dict):
         if fix_lengths and isinstance(header.get("sections"), list):
             for sec, blob in zip(header["sections"], blobs, strict=False):
                 if isinstance(sec, dict):
                     sec["length"] = len(blob)
         header = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    if version in ZHEADER:
+        header = P._compress_header(header, 3)
     body = PREFIX.pack(P.MAGIC, version, len(header) if hlen is None else hlen) + header + b"".join(blobs)
     return body + hashlib.sha256(body).digest()
 
@@ -123,7 +136,7 @@ def bytes_mutation(r: random.Random, data: bytes) -> tuple[str, bytes]:
 
 
 def header_mutation(r: random.Random, data: bytes) -> tuple[str, bytes]:
-    header, blobs = split(data)
+    header, blobs, version = split(data)
     kind = r.choice(["field", "field", "section", "keys", "raw", "hlen", "version", "nesting", "names"])
     fix = True
     if kind == "field":
@@ -158,7 +171,7 @@ def header_mutation(r: random.Random, data: bytes) -> tuple[str, bytes]:
         header["meta"] = "META"
         raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
         raw = raw.replace(b'"META"', b"[" * depth + b"]" * depth)
-        return "header-" + kind, pack(raw, blobs)
+        return "header-" + kind, pack(raw, blobs, version=version)
     elif kind == "raw":
         raw = bytearray(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
         for _ in range(r.choice([1, 3])):
@@ -166,18 +179,18 @@ def header_mutation(r: random.Random, data: bytes) -> tuple[str, bytes]:
             raw[pos : pos + 1] = r.choice([b"", b"\x00", b"\xff", b"{", b'"', b",", b"NaN", b"1e999", b"-",
                                            r.randbytes(1)])
         raw = raw.replace(b'"count"', b'"count":0,"count"') if r.random() < 0.1 else raw
-        return "header-" + kind, pack(bytes(raw), blobs)
+        return "header-" + kind, pack(bytes(raw), blobs, version=version)
     elif kind == "hlen":
         raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
         return "header-" + kind, pack(raw, blobs, hlen=r.choice([0, 1, len(raw) - 1, len(raw) + 1, 2**20 + 1,
-                                                                  2**32 - 1, r.randrange(2**32)]))
+                                                                  2**32 - 1, r.randrange(2**32)]), version=version)
     elif kind == "version":
-        return "header-" + kind, pack(header, blobs, version=r.choice([0, 2, 255, 65535]))
-    return "header-" + kind, pack(header, blobs, fix_lengths=fix)
+        return "header-" + kind, pack(header, blobs, version=r.choice([0, 1, 2, 3, 4, 5, 255, 65535]))
+    return "header-" + kind, pack(header, blobs, fix_lengths=fix, version=version)
 
 
 def section_mutation(r: random.Random, data: bytes) -> tuple[str, bytes]:
-    header, blobs = split(data)
+    header, blobs, version = split(data)
     if not blobs:
         return "section-none", data
     i = r.randrange(len(blobs))
@@ -199,7 +212,7 @@ def section_mutation(r: random.Random, data: bytes) -> tuple[str, bytes]:
         blobs[i] = b""
     else:
         blobs[i] = blobs[i] + blobs[i]
-    return "section-" + kind, pack(header, blobs)
+    return "section-" + kind, pack(header, blobs, version=version)
 
 
 def bombs(max_count: int) -> list[bytes]:

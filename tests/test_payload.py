@@ -47,9 +47,21 @@ def make(pool_size: int, k: int, n_classes: int = 10, seed: int = 0, meta: dict 
     return P.Payload(FP, pool_size, names, idx, labels, {"policy": "test"} if meta is None else meta)
 
 
+def layout(info: dict) -> int:
+    """The format version a file's sections follow (1 or 2), whether or not its header is compressed."""
+    return P.ZHEADER_VERSIONS.get(info["format_version"], info["format_version"])
+
+
+def unzip_header(stored: bytes) -> bytes:
+    d = zstd.ZstdCompressionDict(P.HEADER_DICT, dict_type=zstd.DICT_TYPE_RAWCONTENT)
+    return zstd.ZstdDecompressor(dict_data=d).decompress(stored)
+
+
 def unpack(data: bytes) -> tuple[dict, list[bytes]]:
-    _, _, hlen = PREFIX.unpack_from(data)
-    header = json.loads(data[PREFIX.size : PREFIX.size + hlen])
+    """Header (inflated when compressed) and sections; `pack` writes them back with a plain header."""
+    _, version, hlen = PREFIX.unpack_from(data)
+    stored = data[PREFIX.size : PREFIX.size + hlen]
+    header = json.loads(unzip_header(stored) if version in P.ZHEADER_VERSIONS else stored)
     blobs, pos = [], PREFIX.size + hlen
     for sec in header["sections"]:
         blobs.append(data[pos : pos + sec["length"]])
@@ -150,7 +162,7 @@ def test_round_trip_property(p: P.Payload, zstd_only: bool) -> None:
     assert q.class_names == p.class_names and q.meta == p.meta and q.pool_size == p.pool_size
     info = P.describe(data)
     assert info["total_bytes"] == len(data) and info["count"] == p.count
-    if info["format_version"] == 1:
+    if layout(info) == 1:
         assert info["sections"][1]["codec"] == ("u8-zstd" if len(p.class_names) <= 256 else "u16-zstd")
     else:
         assert not zstd_only and [s["codec"] for s in info["sections"]] == ["ctx-range"]
@@ -210,7 +222,7 @@ def test_codec_choice_dense_bitmap_sparse_gap() -> None:
     assert s_info["sections"][0]["codec"] == "gap-zstd"
     assert s_info["sections"][0]["entries"] == 10
     for info, data in ((d_info, P.encode(dense, codecs=ZSTD)), (s_info, P.encode(sparse, codecs=ZSTD))):
-        assert info["format_version"] == 1 and info["total_bytes"] == len(data)
+        assert layout(info) == 1 and info["total_bytes"] == len(data)
         assert 14 + info["header_bytes"] + sum(s["stored_bytes"] for s in info["sections"]) + 32 == len(data)
         assert info["pool_fingerprint"] == FP and info["class_count"] == 10
 
@@ -370,7 +382,7 @@ def test_every_single_bit_flip(small: tuple[P.Payload, bytes]) -> None:
             msg = reject(bytes(bad))
             if pos < 8:
                 assert "bad magic" in msg
-            elif pos < 10:
+            elif pos < 10 and int.from_bytes(bad[8:10], "little") not in P.READABLE_VERSIONS:
                 assert msg.startswith("unsupported payload format version")
             else:
                 assert msg == "payload checksum mismatch (corrupted or truncated)"
@@ -390,7 +402,7 @@ def test_error_messages(small: tuple[P.Payload, bytes]) -> None:
     assert reject(b"GIF89a" + bytes(100)) == "not a .plada payload (bad magic)"
     assert reject(data[:5]).startswith("payload truncated")
     version7 = data[:8] + struct.pack("<H", 7) + data[10:]
-    assert reject(version7) == "unsupported payload format version 7 (this plada reads versions 1, 2)"
+    assert reject(version7) == "unsupported payload format version 7 (this plada reads versions 1, 2, 3, 4)"
     header, blobs = unpack(data)
     assert "missing ['groups']" in reject(pack(header, blobs, version=2))  # a v1 header is not a v2 one
     with pytest.raises(PayloadError, match="must be bytes"):
@@ -720,10 +732,10 @@ def test_smallest_codec_wins() -> None:
         data = P.encode(p, groups=groups)
         assert len(data) == min(sizes.values())
         info = P.describe(data, groups=groups)
-        winner = "ctx-range" if info["format_version"] == 2 else info["sections"][0]["codec"]
+        winner = "ctx-range" if layout(info) == 2 else info["sections"][0]["codec"]
         assert sizes[winner] == len(data)
         if min(sizes["gap-zstd"], sizes.get("bitmap-zstd", 1 << 60)) <= sizes["ctx-range"]:
-            assert info["format_version"] == 1  # ties go to the older format
+            assert layout(info) == 1  # ties go to the older format
         assert P.decode(data, groups=groups) == p
     with pytest.raises(PladaError, match="codecs"):
         P.encode(make(100, 5), codecs=("rle",))
@@ -735,7 +747,7 @@ def test_grouped_payload_needs_the_same_grouping(tmp_path) -> None:
     p, gid = grouped_payload()
     data = P.encode(p, groups=gid)
     info = P.describe(data, groups=gid)
-    assert info["format_version"] == 2 and info["groups"]["count"] == 400
+    assert layout(info) == 2 and info["groups"]["count"] == 400
     assert [(s["name"], s["codec"], s["entries"]) for s in info["sections"]] == [("joint", "ctx-range", 1200)]
     assert 14 + info["header_bytes"] + info["sections"][0]["stored_bytes"] + 32 == len(data)
     assert P.decode(data, groups=gid) == p
@@ -759,7 +771,7 @@ def test_joint_payload_without_groups() -> None:
     p = make(10_000, 100, seed=3)
     data = P.encode(p)
     info = P.describe(data)
-    assert info["format_version"] == 2 and info["groups"] is None
+    assert layout(info) == 2 and info["groups"] is None
     assert P.decode(data) == p == P.decode(data, groups=np.arange(10_000) // 7)  # groups are not needed
     assert P.encode(p, groups=np.full(10_000, 4)) == data  # one folder codes like no folders
     assert P.encode(P.decode(data)) == data
@@ -871,3 +883,97 @@ def test_groups_never_make_a_payload_bigger(k: int, seed: int) -> None:
     with_groups = P.encode(p, groups=groups)
     assert len(with_groups) <= len(P.encode(p))
     assert P.decode(with_groups, groups=groups) == p
+
+
+# ---------------------------------------------------------------------------------------------- compressed headers
+
+
+def auto_like(n_classes: int = 43, k: int = 200, seed: int = 0) -> P.Payload:
+    """A payload shaped like `plada send --budget`'s: GTSRB-style class names and the auto policy's meta."""
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(120_000, k, replace=False))
+    meta = {"alpha": -0.2, "auto": {"budget_bytes": 1000, "forecast_accuracy": 0.0412, "heldout_images": 655,
+                                    "labels_from_fold": 0, "proxy": "linear head, 1000 steps"},
+            "count": k, "keep": None, "policy": "lowest-energy", "safety_share": 0.1, "seed": 0, "target": "gtsrb32",
+            "teacher": {"mode": "finetune", "model": "efficientnet-lite0", "res": 64, "test_accuracy": 0.7103},
+            "temperature": 1.0}
+    names = tuple(f"{i:05d}" for i in range(n_classes))
+    return P.Payload(FP, 120_000, names, idx, rng.integers(0, n_classes, k), meta)
+
+
+def test_header_dictionary_is_frozen() -> None:
+    """Compressed headers decode only with these exact bytes: an edit would misread every version 3/4 file."""
+    assert hashlib.sha256(P.HEADER_DICT).hexdigest() == P.HEADER_DICT_SHA256
+    assert P.HEADER_DICT_SHA256 == "7edc60d81e3c65c55dd3a79ab2e43f136cbb6490b1b8abc95f91a9c18dd8ee75"
+
+
+def test_compressed_header_is_smaller_and_round_trips() -> None:
+    p = auto_like()
+    plain = len(json.dumps(unpack(P.encode(p))[0], sort_keys=True, separators=(",", ":")).encode())
+    for codecs, want in ((None, 4), (ZSTD, 3)):
+        data = P.encode(p, codecs=codecs)
+        info = P.describe(data)
+        assert info["format_version"] == want and info["header_codec"] == "zstd-dict"
+        assert info["header_bytes"] < 300 < plain  # a 1 KB budget's header shrinks to under a third
+        assert 14 + info["header_bytes"] + sum(s["stored_bytes"] for s in info["sections"]) + 32 == len(data)
+        assert P.decode(data) == p and P.peek_header(data)["meta"] == p.meta
+        assert P.encode(P.decode(data), codecs=codecs) == data
+
+
+def test_plain_header_when_compression_does_not_pay() -> None:
+    """Whichever header makes the smaller file is written; equal sizes keep the plain one (older readers)."""
+    for p in (auto_like(), make(300, 40, n_classes=5, seed=7), make(50, 3, n_classes=1, meta={})):
+        data = P.encode(p)
+        header, _ = unpack(data)
+        plain = len(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+        packed = len(P._compress_header(json.dumps(header, sort_keys=True, separators=(",", ":")).encode(), 19))
+        info = P.describe(data)
+        assert info["header_bytes"] == min(plain, packed)
+        assert (info["format_version"] in P.ZHEADER_VERSIONS) == (packed < plain)
+
+
+def _zheader_file(stored: bytes, blobs: list[bytes], version: int = 3) -> bytes:
+    body = PREFIX.pack(P.MAGIC, version, len(stored)) + stored + b"".join(blobs)
+    return body + hashlib.sha256(body).digest()
+
+
+def test_hostile_compressed_headers(small: tuple[P.Payload, bytes]) -> None:
+    header, blobs = unpack(small[1])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    good = P._compress_header(text, 19)
+    assert P.decode(_zheader_file(good, blobs)) == small[0]
+    bomb = P._compress_header(text[:-1] + b" " * 50_000_000 + b"}", 3)
+    assert len(bomb) < 10_000
+    cases = [
+        (bomb, "declares 50000", None),
+        (_patch_content_size(good, 300), "compressed header section is corrupt", None),
+        (z(text, content_size=False), "does not declare", None),
+        (good + b"\x00", "corrupt", None),
+        (good[:-1], "corrupt", None),
+        (text, "not a zstd frame", None),
+        (b"", "not a zstd frame", None),
+        (P._compress_header(b"\xff" + text, 19), "UTF-8", None),
+        (P._compress_header(text[:-1], 19), "not valid JSON", None),
+        (good, re.escape("missing ['groups']"), 4),  # a version 1 header in a version 4 file
+    ]
+    tracemalloc.start()
+    try:
+        for stored, match, version in cases:
+            reject(_zheader_file(stored, blobs, version or 3), match)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20_000_000  # the 50 MB bomb was never inflated
+
+
+@settings(max_examples=200, deadline=1000)
+@given(raw=st.binary(max_size=400), compress=st.booleans(), version=st.sampled_from([3, 4]))
+def test_fuzzed_compressed_headers(small: tuple[P.Payload, bytes], raw: bytes, compress: bool, version: int) -> None:
+    _, blobs = unpack(small[1])
+    stored = P._compress_header(raw, 3) if compress else raw
+    try:
+        result = P.decode(_zheader_file(stored, blobs, version))
+    except PayloadError as e:
+        assert "\n" not in str(e)
+    else:
+        assert result.count == 40
