@@ -1,6 +1,6 @@
 """Why does the auto search miss on GTSRB? Split the forecast's error into its two possible causes.
 
-    python scripts/auto_decider_gap.py --target gtsrb32 --budgets 1000 5000 20000
+    PYTHONPATH=. python scripts/auto_decider_gap.py --target gtsrb32 --budgets 1000 5000 20000
     # writes results/auto_decider_gap_gtsrb32.json
 
 The forecast of a candidate rule is a proxy trained on a *deciding* (fold) teacher's selection and scored on

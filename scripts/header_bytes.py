@@ -7,7 +7,7 @@ and as `plada send` does (the pool's folders as groups): the file now, its store
 with the same header left as plain JSON (the file minus the stored header plus the JSON's length, since
 the sections are the same bytes either way).
 
-    PLADA_CACHE=... PLADA_DATA=... python scripts/header_bytes.py
+    PYTHONPATH=. PLADA_CACHE=... PLADA_DATA=... python scripts/header_bytes.py
 """
 
 from __future__ import annotations
