@@ -56,6 +56,7 @@ class AutoConfig(paper.Config):
     eval_seeds: tuple[int, ...] = (0, 1, 2)  # linear-student seeds on the test split (the first for all candidates)
     eval_band: float = 0.02  # candidates within this of the best first-seed accuracy get every eval seed
     folds: int = HOLDOUT_FOLDS  # deciding teachers when the teacher used all of train (plada send --holdout-folds)
+    holdout_fraction: float = auto.HOLDOUT_FRACTION  # the slice one deciding teacher goes without (folds=1)
     search_seed: int = 0
     send: str = AUTO_SEND  # auto.search(send=): the deciding teachers' own selections, or the full teacher's
     # plada send --holdout-groups per target: GTSRB's train split is 5 frames of each sign's track (TRACK_FRAME.png)
@@ -110,9 +111,10 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
     if refit:  # as plada send: cross-fitted deciding teachers, each scored on the fold it never saw
         held, deciders, secs = cross_fit(train, pool, tcfg, cfg.folds, cfg.search_seed,
                                          ref_key, held_limit=cfg.heldout_limit,
-                                         groups=tgroups)
+                                         groups=tgroups, holdout_fraction=cfg.holdout_fraction)
         nearest = ref_key(np.arange(len(train)))
-        what = "a seeded 10% slice" if cfg.folds == 1 else f"{cfg.folds} folds, each held out once"
+        what = (f"a seeded {cfg.holdout_fraction:.0%} slice" if cfg.folds == 1
+                else f"{cfg.folds} folds, each held out once")
         note = (f"the teacher trained on all {len(train)} train images, so (as `plada send` does) "
                 f"{cfg.folds} deciding teacher(s) were fine-tuned without {what}; {len(held)} held-out images "
                 "in all, each scored only by a teacher that never saw it; "
@@ -304,7 +306,7 @@ def write_markdown(res: dict, path: Path) -> None:
          "*gap* = auto − hindsight, *forecast error* = forecast − auto's test accuracy, *default* = lowest energy "
          "at the largest size that fits. Where the teacher trained on all of train, the search decides with "
          f"{cfg['folds']} deciding teacher(s) (`auto.Decider`: each fine-tuned without one fold; one: without a "
-         "10% slice), as `plada send` does; "
+         f"{cfg.get('holdout_fraction', 0.1):.0%} slice), as `plada send` does; "
          + ("the candidates are each deciding teacher's own selections (`plada send --auto-send decider`), each "
             "forecast on its own held-out rows and sent as it is (its labels, not the full teacher's); hindsight "
             "is the best of the full teacher's selections (the fixed policies, sized as `--auto-send teacher` "
@@ -385,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", nargs="+", type=int, default=None, help="byte budgets (default 1000 5000 20000)")
     ap.add_argument("--eval-seeds", nargs="+", type=int, default=None, help="test-split student seeds (default 0 1 2)")
     ap.add_argument("--folds", type=int, default=None, help="deciding teachers when the teacher used all of train")
+    ap.add_argument("--holdout-fraction", type=float, default=None,
+                    help="slice of train one deciding teacher goes without (default 0.1); a given value names "
+                         "the output")
     ap.add_argument("--send", choices=["teacher", "decider"], default=None,
                     help="what the search sends, as plada send --auto-send (default decider); a given value names "
                          "the output, e.g. results/auto_policy_teacher.json")
@@ -402,17 +407,22 @@ def main(argv: list[str] | None = None) -> int:
         cfg.folds = a.folds
     if a.no_holdout_groups:
         cfg.holdout_groups = {}
+    if a.holdout_fraction is not None:
+        cfg.holdout_fraction = a.holdout_fraction
     if a.send:
         cfg.send = a.send
     if a.search_seed is not None:
         cfg.search_seed = a.search_seed
     out = Path(a.out_dir)
     variant = (f"_{a.send}" if a.send else "") + (f"_folds{a.folds}" if a.folds else "") + (
+        f"_holdout{round(100 * a.holdout_fraction)}" if a.holdout_fraction is not None else "") + (
         f"_seed{a.search_seed}" if a.search_seed is not None else "")
     stem = ("auto_policy_quick" if a.quick else "auto_policy") + variant
     res = paper.run_all("auto_policy", cfg, a, run_target,
                         extra_flags=(("--budgets", a.budgets), ("--eval-seeds", a.eval_seeds), ("--folds", a.folds),
                                       ("--no-holdout-groups", a.no_holdout_groups or None), ("--send", a.send),
+                                     ("--holdout-fraction", None if a.holdout_fraction is None
+                                      else str(a.holdout_fraction)),
                                      ("--search-seed", None if a.search_seed is None else str(a.search_seed))))
     if res is None:
         return 2

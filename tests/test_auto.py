@@ -414,6 +414,13 @@ def test_grouped_folds_keep_each_group_in_one_fold() -> None:
                                                           strict=True))
     (fit, h), = auto.fold_split(n, 1, seed=2, groups=groups)
     assert not set(groups[fit]) & set(groups[h]) and 0.1 * n <= len(h) <= 0.1 * n + 8
+    (fit, h2), = auto.fold_split(n, 1, seed=2, groups=groups, frac=0.25)  # a bigger slice: more whole groups
+    assert not set(groups[fit]) & set(groups[h2]) and 0.25 * n <= len(h2) <= 0.25 * n + 8
+    assert set(h) <= set(h2)  # the same seeded group order, filled further
+    assert len(auto.fold_split(100, 1, seed=4, frac=0.3)[0][1]) == 30
+    for bad in (0, 1, 1.5, -0.1):
+        with pytest.raises(PladaError, match="fraction"):
+            auto.fold_split(n, 1, groups=groups, frac=bad)
     with pytest.raises(PladaError, match="at least 3 held-out groups"):
         auto.fold_split(6, 3, groups=np.array([0, 0, 0, 1, 1, 1]))
     with pytest.raises(PladaError, match="one integer group id"):

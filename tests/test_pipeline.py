@@ -196,8 +196,8 @@ def test_send_holds_out_whole_groups(tiny_data: Path, cache: Path, tmp_path: Pat
     seen = []
     real = auto.fold_split
 
-    def spy(n, folds, seed=0, groups=None):
-        seen.append((groups, real(n, folds, seed, groups)))
+    def spy(n, folds, seed=0, groups=None, frac=auto.HOLDOUT_FRACTION):
+        seen.append((groups, real(n, folds, seed, groups, frac=frac)))
         return seen[-1][1]
 
     monkeypatch.setattr(auto, "fold_split", spy)
@@ -213,15 +213,27 @@ def test_send_holds_out_whole_groups(tiny_data: Path, cache: Path, tmp_path: Pat
     for fit, held in splits:
         assert not set(groups[fit]) & set(groups[held])
     assert payload.read(out).meta["auto"]["heldout_images"] == 40  # the sending decider's fold: 4 groups of 10
+    # one deciding teacher without a quarter of train: whole groups until 25% of the 120 images are held out
+    one = tmp_path / "q.plada"
+    args1 = [a if a != "3" else "1" for a in args]
+    code, sent, err = run(capsys, *args1, "-o", str(one), "--holdout-groups", r"^\d(\d)", "--holdout-fraction", "0.25")
+    assert code == 0, err
+    (groups, [(fit, held)]) = seen[-1]
+    assert len(held) == 30 and not set(groups[fit]) & set(groups[held])
+    assert payload.read(one).meta["auto"]["heldout_images"] == 30
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args1, "-o", str(tmp_path / "bad.plada"), "--holdout-fraction", "1"])
+    assert exit_info.value.code == 2 and "not a fraction" in capsys.readouterr().err
 
 
 def test_cli_defaults_are_the_librarys() -> None:
     """The CLI does not import the pipeline to parse arguments, so its copies of the defaults are checked here."""
-    from plada import pipeline
+    from plada import auto, pipeline
     from plada.cli import build_parser
 
     a = build_parser().parse_args(["send", "t", "--pool", "p", "-o", "x.plada"])
     assert (a.holdout_folds, a.auto_send) == (pipeline.HOLDOUT_FOLDS, pipeline.AUTO_SEND)
+    assert a.holdout_fraction == auto.HOLDOUT_FRACTION
 
 
 def test_cached_teacher_gets_its_test_accuracy_once(tiny_data: Path, cache: Path) -> None:

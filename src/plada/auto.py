@@ -48,6 +48,8 @@ NEAREST = "nearest-target"
 # images, it put a Safety-Net selection 1.8 points above one that scored 3.3 points better on test.
 PROXY_STEPS = 1000
 WHOLE_GROUPS = "whole-groups"  # plada.rate: whole pool folders, minority labels moved to the majority below tau
+# Share of train the one deciding teacher (folds=1) does not see: its forecast's sample against its labels' quality.
+HOLDOUT_FRACTION = 0.1
 FORECAST_DIGITS = 4
 # Widest value ``round(x, FORECAST_DIGITS)`` can print as for x in [0, 1]; used while sizing, before the
 # forecast is known. The header is zstd-compressed (payload format versions 3 and 4), so the real forecast's
@@ -270,20 +272,22 @@ def name_groups(files: Sequence[str], pattern: str) -> np.ndarray:
     return ids.astype(np.int64).reshape(-1)
 
 
-def fold_split(n: int, folds: int, seed: int = 0, groups: np.ndarray | None = None
+def fold_split(n: int, folds: int, seed: int = 0, groups: np.ndarray | None = None, frac: float = HOLDOUT_FRACTION
                ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(fit, held-out) index pairs for cross-fitting: ``folds`` seeded, near-equal parts, each held out once.
 
-    ``folds=1`` means no cross-fitting: one seeded 10% slice held out (``holdout_split``). With
+    ``folds=1`` means no cross-fitting: one seeded slice of ``frac`` held out (``holdout_split``). With
     ``groups`` (one id per image, see `name_groups`) whole groups go to one part: groups in seeded order,
     each to the part holding the fewest images so far (the first that short), so parts stay near-equal
-    in images; ``folds=1`` then holds out groups until they reach 10% of the images.
+    in images; ``folds=1`` then holds out groups until they reach ``frac`` of the images.
     """
     if not isinstance(folds, int | np.integer) or folds < 1:
         raise PladaError(f"held-out folds must be a positive integer, got {folds!r}")
+    if not 0 < frac < 1:
+        raise PladaError(f"held-out fraction must be in (0, 1), got {frac!r}")
     if groups is None:
         if folds == 1:
-            return [holdout_split(n, 0.1, seed)]
+            return [holdout_split(n, frac, seed)]
         if n < folds:
             raise PladaError(f"need at least {folds} target train images for {folds} folds, got {n}")
         perm = np.random.default_rng(seed).permutation(n)
@@ -298,8 +302,8 @@ def fold_split(n: int, folds: int, seed: int = 0, groups: np.ndarray | None = No
         raise PladaError(f"need at least {need} held-out groups for {folds} fold(s), the train split has {len(uniq)}")
     order = np.random.default_rng(seed).permutation(len(uniq))
     part = np.empty(len(uniq), dtype=np.int64)
-    if folds == 1:  # groups in seeded order until 10% of the images are held out (at least one group)
-        held_groups = np.searchsorted(np.cumsum(counts[order]), max(1, round(0.1 * n))) + 1
+    if folds == 1:  # groups in seeded order until ``frac`` of the images are held out (at least one group)
+        held_groups = np.searchsorted(np.cumsum(counts[order]), max(1, round(frac * n))) + 1
         part[order] = np.arange(len(uniq)) >= min(held_groups, len(uniq) - 1)
         held = part[inv.reshape(-1)] == 0
         return [(np.flatnonzero(~held), np.flatnonzero(held))]

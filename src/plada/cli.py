@@ -67,6 +67,8 @@ def _select_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--holdout-folds", type=_positive, default=1,  # pipeline.HOLDOUT_FOLDS (a test checks)
                    help="auto, when the teacher used all of train: fine-tune this many deciding teachers, each "
                         "without one fold (1: one teacher without a 10%% slice)")
+    g.add_argument("--holdout-fraction", type=_open_fraction, default=0.1,  # auto.HOLDOUT_FRACTION (a test checks)
+                   help="auto, with one deciding teacher: the share of train it goes without and decides on")
     g.add_argument("--holdout-groups", metavar="REGEX", default=None,
                    help="auto: hold out train images of one object together; the group is the class plus REGEX's "
                         "first capture group in the file name, e.g. '^(\\d+)_' for GTSRB's TRACK_FRAME.png")
@@ -81,6 +83,16 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engine", default="local", choices=["local", "ray"],
                    help="where the pool is scored: this process, or a Ray actor pool ($RAY_ADDRESS, else local)")
     g.add_argument("--actors", type=_positive, default=None, help="ray: actors (default: one per GPU, else one)")
+
+
+def _open_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"not a fraction strictly between 0 and 1: {text!r}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -149,7 +161,8 @@ def cmd_send(a: argparse.Namespace) -> dict:
     return send(a.target, a.pool, a.out, data=a.data, teacher=_teacher_cfg(a), keep=a.keep, count=a.count,
                 policy=a.policy, temperature=a.temperature, safety_share=a.safety_share, alpha=a.alpha, seed=a.seed,
                 progress=not a.json, budget_bytes=a.budget, engine=a.engine, actors=a.actors,
-                holdout_folds=a.holdout_folds, holdout_groups=a.holdout_groups, auto_send=a.auto_send)
+                holdout_folds=a.holdout_folds,
+                holdout_fraction=a.holdout_fraction, holdout_groups=a.holdout_groups, auto_send=a.auto_send)
 
 
 def cmd_score(a: argparse.Namespace) -> dict:
@@ -186,7 +199,7 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     s = send(a.target, a.pool, pay, data=a.data, teacher=_teacher_cfg(a), keep=a.keep, count=a.count,
              policy=a.policy, temperature=a.temperature, safety_share=a.safety_share, alpha=a.alpha, seed=a.seed,
              progress=not a.json, budget_bytes=a.budget, holdout_folds=a.holdout_folds,
-             holdout_groups=a.holdout_groups, auto_send=a.auto_send)
+             holdout_fraction=a.holdout_fraction, holdout_groups=a.holdout_groups, auto_send=a.auto_send)
     r = receive(pay, a.pool, data=a.data, student=_student_cfg(a), test=a.target,
                 model_out=out / f"{a.target}-student.safetensors", progress=not a.json)
     return {"target": a.target, "pool_size": s["pool_size"], "kept": s["kept"],

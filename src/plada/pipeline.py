@@ -57,12 +57,14 @@ def send(
     holdout_folds: int = HOLDOUT_FOLDS,
     holdout_groups: str | None = None,
     auto_send: str = AUTO_SEND,
+    holdout_fraction: float | None = None,
 ) -> dict:
     """Make a payload for `target` over `pool`; returns a report (teacher accuracy, bytes, class counts).
 
     `policy="auto"` (implied by `budget_bytes`) searches policies and keep sizes with proxy students
     on held-out target images and sends the best forecast; see `plada.auto`. `holdout_groups` (a regular
-    expression on train file names, `auto.name_groups`) holds images of one object out together.
+    expression on train file names, `auto.name_groups`) holds images of one object out together;
+    `holdout_fraction` is the share of train one deciding teacher goes without (default `auto.HOLDOUT_FRACTION`).
     `auto_send="decider"` (default) sends the best deciding teacher's own selection and labels, the very
     selection its forecast measured (the header's `auto.labels_from_fold` says which; `teacher` there stays
     the full teacher's recipe and test accuracy); `"teacher"` sends the full teacher's selection for the rule
@@ -74,6 +76,8 @@ def send(
         raise PladaError(f"temperature must be positive, got {temperature}")
     if not isinstance(holdout_folds, int) or holdout_folds < 1:
         raise PladaError(f"holdout_folds must be a positive integer, got {holdout_folds!r}")
+    if holdout_fraction is not None and not (isinstance(holdout_fraction, int | float) and 0 < holdout_fraction < 1):
+        raise PladaError(f"holdout_fraction must be a number strictly between 0 and 1, got {holdout_fraction!r}")
     if holdout_groups is not None:
         from .auto import name_groups
 
@@ -102,7 +106,7 @@ def send(
         return _send_auto(src, train, test, pool, teacher, out, t0, budget_bytes=budget_bytes,
                           k=None if budget_bytes else k, temperature=temperature, seed=seed, proxy=proxy,
                           proxy_res=proxy_res, progress=progress, engine=engine, actors=actors, folds=holdout_folds,
-                          group_pattern=holdout_groups, send=auto_send)
+                          group_pattern=holdout_groups, send=auto_send, holdout_fraction=holdout_fraction)
     model, tinfo = train_teacher(train, test, teacher, cache_root() / "teachers", progress=progress)
     scores = engines.score(model, pool, cache_root() / "scores", engine=engine, progress=progress, actors=actors)
     labels = scores.labels
@@ -134,7 +138,7 @@ def send(
 
 
 def _send_auto(src, train, test, pool, teacher, out, t0, *, budget_bytes, k, temperature, seed, proxy, proxy_res,
-               progress, engine, actors, folds, group_pattern, send) -> dict:
+               progress, engine, actors, folds, group_pattern, send, holdout_fraction=None) -> dict:
     """`send` for policy auto. When deciding teachers will label the payload (`send="decider"` and a teacher
     that uses all of train), the full teacher would label nothing, so it is neither fine-tuned nor scored:
     the report's teacher accuracy is then the sending decider's."""
@@ -148,7 +152,7 @@ def _send_auto(src, train, test, pool, teacher, out, t0, *, budget_bytes, k, tem
     base = {"target": src.name, "keep": None, "temperature": temperature, "teacher": teacher_meta}
     choice, deciders = _auto_choice(train, test, pool, teacher, scores, base, budget_bytes, k, temperature, seed, proxy,
                                     proxy_res, progress, engine=engine, actors=actors, folds=folds, tgroups=tgroups,
-                                    seen=seen, unseen=unseen, send=send)
+                                    seen=seen, unseen=unseen, send=send, holdout_fraction=holdout_fraction)
     idx, sel_labels, meta = choice.indices, choice.labels, {**base, **choice.meta()}
     p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, sel_labels, meta)
     nbytes = payload.write(out, p, groups=pool.groups()[0])
@@ -180,7 +184,7 @@ def _unseen_rows(train: Split, teacher: TeacherConfig, group_pattern: str | None
 
 def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k, temperature, seed, proxy, proxy_res,
                  progress, *, seen, unseen, tgroups=None, engine="local", actors=None, folds=HOLDOUT_FOLDS,
-                 send=AUTO_SEND):
+                 send=AUTO_SEND, holdout_fraction=None):
     """Pick the policy with proxy students scored on target images the deciding teacher never saw.
 
     A teacher trained on a subset (`--teacher-limit`) leaves the rest of train unseen: those are the
@@ -212,7 +216,7 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
     else:
         held_idx, deciders, _ = cross_fit(train, pool, teacher, folds, seed, ref_key, temperature=temperature,
                                           engine=engine, actors=actors, progress=progress, groups=tgroups,
-                                          test=test if scores is None else None)
+                                          test=test if scores is None else None, holdout_fraction=holdout_fraction)
         nearest = ref_key(np.arange(len(train))) if send == "teacher" else None  # deciders carry their own
         if scores is None and len(deciders) == 1:  # the one decider is the sending teacher: its accuracy goes in
             base_meta["teacher"]["test_accuracy"] = deciders[0].test_accuracy  # the header (sized below with it)
@@ -236,6 +240,7 @@ def cross_fit(
     ref_key: Callable[[np.ndarray], np.ndarray], held_limit: int = 5000, temperature: float = 1.0,
     engine: str = "local", actors: int | None = None,
     progress: bool = True, groups: np.ndarray | None = None, test: Split | None = None,
+    holdout_fraction: float | None = None,
 ) -> tuple[np.ndarray, list, list[float]]:
     """(held-out train rows, one `auto.Decider` per fold, fine-tune seconds per fold teacher).
 
@@ -244,11 +249,14 @@ def cross_fit(
     gives its nearest-target key from the rows it trained on; `groups` keeps each group in one fold.
     With `test`, each fold teacher's test accuracy is measured once (cached with the teacher,
     `Decider.test_accuracy`): a sender that sends a fold teacher's labels reports that teacher.
+    `holdout_fraction` is the slice one teacher (folds=1) goes without (default `auto.HOLDOUT_FRACTION`).
     """
     from . import auto
 
     per_fold = -(-held_limit // folds)
-    splits = [(f, auto.subsample(h, per_fold, seed)) for f, h in auto.fold_split(len(train), folds, seed, groups)]
+    frac = auto.HOLDOUT_FRACTION if holdout_fraction is None else holdout_fraction
+    splits = [(f, auto.subsample(h, per_fold, seed))
+              for f, h in auto.fold_split(len(train), folds, seed, groups, frac=frac)]
     deciders, seconds, at = [], [], 0
     for fit_idx, h in splits:
         tj, info = train_teacher(train.take(fit_idx), test, replace(teacher, limit=None), cache_root() / "teachers",
