@@ -56,7 +56,8 @@ class AutoConfig(paper.Config):
     eval_seeds: tuple[int, ...] = (0, 1, 2)  # linear-student seeds on the test split (the first for all candidates)
     eval_band: float = 0.02  # candidates within this of the best first-seed accuracy get every eval seed
     folds: int = HOLDOUT_FOLDS  # deciding teachers when the teacher used all of train (plada send --holdout-folds)
-    holdout_fraction: float = auto.HOLDOUT_FRACTION  # the slice one deciding teacher goes without (folds=1)
+    # the slice one deciding teacher goes without (folds=1); None: auto.default_holdout_fraction, as plada send
+    holdout_fraction: float | None = None
     search_seed: int = 0
     send: str = AUTO_SEND  # auto.search(send=): the deciding teachers' own selections, or the full teacher's
     # plada send --holdout-groups per target: GTSRB's train split is 5 frames of each sign's track (TRACK_FRAME.png)
@@ -109,12 +110,15 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
 
     deciders = None
     if refit:  # as plada send: cross-fitted deciding teachers, each scored on the fold it never saw
+        frac = cfg.holdout_fraction  # as plada send: one teacher's default slice depends on whether groups are held out
+        if frac is None and cfg.folds == 1:
+            frac = auto.default_holdout_fraction(tgroups is not None)
         held, deciders, secs = cross_fit(train, pool, tcfg, cfg.folds, cfg.search_seed,
                                          ref_key, held_limit=cfg.heldout_limit,
-                                         groups=tgroups, holdout_fraction=cfg.holdout_fraction)
+                                         groups=tgroups, holdout_fraction=frac)
         nearest = ref_key(np.arange(len(train)))
-        what = (f"a seeded {cfg.holdout_fraction:.0%} slice" if cfg.folds == 1
-                else f"{cfg.folds} folds, each held out once")
+        what = (f"a seeded {frac:.0%} slice" if cfg.folds == 1 else f"its own of {cfg.folds} disjoint seeded "
+                f"{frac:.0%} slices" if frac is not None else f"{cfg.folds} folds, each held out once")
         note = (f"the teacher trained on all {len(train)} train images, so (as `plada send` does) "
                 f"{cfg.folds} deciding teacher(s) were fine-tuned without {what}; {len(held)} held-out images "
                 "in all, each scored only by a teacher that never saw it; "
@@ -305,8 +309,11 @@ def write_markdown(res: dict, path: Path) -> None:
          f"{100 * cfg['eval_band']:g} points of the best first-seed accuracy): *hindsight* is the best of them, "
          "*gap* = auto − hindsight, *forecast error* = forecast − auto's test accuracy, *default* = lowest energy "
          "at the largest size that fits. Where the teacher trained on all of train, the search decides with "
-         f"{cfg['folds']} deciding teacher(s) (`auto.Decider`: each fine-tuned without one fold; one: without a "
-         f"{cfg.get('holdout_fraction', 0.1):.0%} slice), as `plada send` does; "
+         f"{cfg['folds']} deciding teacher(s) (`auto.Decider`: "
+         + (f"each fine-tuned without its own seeded {cfg['holdout_fraction']:.0%} slice of train"
+            if cfg.get("holdout_fraction") is not None else
+            "one: fine-tuned without a seeded 10% slice of train, 20% when whole groups are held out; more: each "
+            "without one fold") + "), as `plada send` does; "
          + ("the candidates are each deciding teacher's own selections (`plada send --auto-send decider`), each "
             "forecast on its own held-out rows and sent as it is (its labels, not the full teacher's); hindsight "
             "is the best of the full teacher's selections (the fixed policies, sized as `--auto-send teacher` "

@@ -348,6 +348,34 @@ def test_fold_split_holds_every_image_out_once() -> None:
         auto.fold_split(4, 5)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_fold_split_disjoint_slices(grouped: bool) -> None:
+    """``frac`` with several folds: each teacher goes without its own slice; the first is the one-teacher slice."""
+    rng = np.random.default_rng(3)
+    groups = rng.permutation(np.repeat(np.arange(60), rng.integers(1, 6, 60))) if grouped else None
+    n = 100 if groups is None else len(groups)
+    slices = auto.fold_split(n, 3, seed=5, groups=groups, frac=0.2)
+    (fit1, held1), = auto.fold_split(n, 1, seed=5, groups=groups, frac=0.2)
+    assert np.array_equal(slices[0][1], held1) and np.array_equal(slices[0][0], fit1)  # its teacher is shared
+    seen: set[int] = set()
+    for j, (fit, held) in enumerate(slices):
+        assert len(fit) + len(held) == n and not set(fit) & set(held) and not seen & set(held)
+        seen |= set(held.tolist())
+        if grouped:
+            assert not set(groups[fit]) & set(groups[held])
+            assert 0.2 * n * (j + 1) <= len(seen) <= 0.2 * n * (j + 1) + 5  # slice ends within one group
+        else:
+            assert len(held) == 20
+    assert len(seen) < n  # unlike cross-fitting, the rest of train is never held out
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(slices, auto.fold_split(n, 3, seed=5, groups=groups,
+                                                                                    frac=0.2), strict=True))
+    with pytest.raises(PladaError, match="leave no train image"):
+        auto.fold_split(n, 5, seed=5, groups=groups, frac=0.2)
+    with pytest.raises(PladaError, match="need at least 4 groups" if grouped else "need more than 6"):
+        auto.fold_split(8 if grouped else 5, 3, groups=np.array([0, 0, 0, 1, 1, 1, 2, 2]) if grouped else None,
+                        frac=0.3)
+
+
 def test_deciders_forecast_pools_their_own_folds() -> None:
     w = world(wrong_low_energy=True)
     budget = smallest(w) + 80
@@ -412,16 +440,20 @@ def test_grouped_folds_keep_each_group_in_one_fold() -> None:
         assert abs(len(h) - n / 3) <= 8  # greedy fill: parts differ by at most one group
     assert all(np.array_equal(a[1], b[1]) for a, b in zip(splits, auto.fold_split(n, 3, seed=2, groups=groups),
                                                           strict=True))
-    (fit, h), = auto.fold_split(n, 1, seed=2, groups=groups)
+    (fit, h), = auto.fold_split(n, 1, seed=2, groups=groups, frac=0.1)
     assert not set(groups[fit]) & set(groups[h]) and 0.1 * n <= len(h) <= 0.1 * n + 8
     (fit, h2), = auto.fold_split(n, 1, seed=2, groups=groups, frac=0.25)  # a bigger slice: more whole groups
     assert not set(groups[fit]) & set(groups[h2]) and 0.25 * n <= len(h2) <= 0.25 * n + 8
     assert set(h) <= set(h2)  # the same seeded group order, filled further
+    (fit, hd), = auto.fold_split(n, 1, seed=2, groups=groups)  # default with groups: the larger grouped slice
+    f = auto.GROUPED_HOLDOUT_FRACTION
+    assert f > auto.HOLDOUT_FRACTION and f * n <= len(hd) <= f * n + 8 and set(h) <= set(hd)
+    assert len(auto.fold_split(100, 1, seed=4)[0][1]) == round(100 * auto.HOLDOUT_FRACTION)  # by image
     assert len(auto.fold_split(100, 1, seed=4, frac=0.3)[0][1]) == 30
     for bad in (0, 1, 1.5, -0.1):
         with pytest.raises(PladaError, match="fraction"):
             auto.fold_split(n, 1, groups=groups, frac=bad)
-    with pytest.raises(PladaError, match="at least 3 held-out groups"):
+    with pytest.raises(PladaError, match="at least 3 groups"):
         auto.fold_split(6, 3, groups=np.array([0, 0, 0, 1, 1, 1]))
     with pytest.raises(PladaError, match="one integer group id"):
         auto.fold_split(6, 3, groups=np.arange(5))

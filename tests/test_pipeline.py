@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,8 @@ def test_energy_sign() -> None:
          "data folder not found"),
         (["receive", "missing.plada", "--pool", "tinypool"], "payload not found"),
         (["inspect", "missing.plada"], "payload not found"),
+        (["send", "tinytarget", "--pool", "tinypool", "-o", "x.plada", "--budget", "1KB", "--holdout-folds", "5",
+          "--holdout-fraction", "0.2"], "leave no train image"),
     ],
 )
 def test_bad_input_one_line(argv: list[str], message: str, cache: Path, tmp_path: Path, monkeypatch) -> None:
@@ -196,7 +199,7 @@ def test_send_holds_out_whole_groups(tiny_data: Path, cache: Path, tmp_path: Pat
     seen = []
     real = auto.fold_split
 
-    def spy(n, folds, seed=0, groups=None, frac=auto.HOLDOUT_FRACTION):
+    def spy(n, folds, seed=0, groups=None, frac=None):
         seen.append((groups, real(n, folds, seed, groups, frac=frac)))
         return seen[-1][1]
 
@@ -213,14 +216,16 @@ def test_send_holds_out_whole_groups(tiny_data: Path, cache: Path, tmp_path: Pat
     for fit, held in splits:
         assert not set(groups[fit]) & set(groups[held])
     assert payload.read(out).meta["auto"]["heldout_images"] == 40  # the sending decider's fold: 4 groups of 10
-    # one deciding teacher without a quarter of train: whole groups until 25% of the 120 images are held out
-    one = tmp_path / "q.plada"
+    # one deciding teacher, grouped: by default without auto.GROUPED_HOLDOUT_FRACTION (20%) of train, i.e. whole
+    # groups of 10 until 24 of the 120 images are held out: 30 (10% would hold out 20); --holdout-fraction overrides
     args1 = [a if a != "3" else "1" for a in args]
-    code, sent, err = run(capsys, *args1, "-o", str(one), "--holdout-groups", r"^\d(\d)", "--holdout-fraction", "0.25")
-    assert code == 0, err
-    (groups, [(fit, held)]) = seen[-1]
-    assert len(held) == 30 and not set(groups[fit]) & set(groups[held])
-    assert payload.read(one).meta["auto"]["heldout_images"] == 30
+    for extra, want in (((), 30), (("--holdout-fraction", "0.4"), 50)):
+        one = tmp_path / f"q{want}.plada"
+        code, sent, err = run(capsys, *args1, "-o", str(one), "--holdout-groups", r"^\d(\d)", *extra)
+        assert code == 0, err
+        (groups, [(fit, held)]) = seen[-1]
+        assert len(held) == want and not set(groups[fit]) & set(groups[held])
+        assert payload.read(one).meta["auto"]["heldout_images"] == want
     with pytest.raises(SystemExit) as exit_info:
         main([*args1, "-o", str(tmp_path / "bad.plada"), "--holdout-fraction", "1"])
     assert exit_info.value.code == 2 and "not a fraction" in capsys.readouterr().err
@@ -233,7 +238,10 @@ def test_cli_defaults_are_the_librarys() -> None:
 
     a = build_parser().parse_args(["send", "t", "--pool", "p", "-o", "x.plada"])
     assert (a.holdout_folds, a.auto_send) == (pipeline.HOLDOUT_FOLDS, pipeline.AUTO_SEND)
-    assert a.holdout_fraction == auto.HOLDOUT_FRACTION
+    assert a.holdout_fraction is None  # auto.default_holdout_fraction decides, as for the library's default
+    assert inspect.signature(pipeline.send).parameters["holdout_fraction"].default is None
+    assert auto.default_holdout_fraction(False) == auto.HOLDOUT_FRACTION
+    assert auto.default_holdout_fraction(True) == auto.GROUPED_HOLDOUT_FRACTION
 
 
 def test_cached_teacher_gets_its_test_accuracy_once(tiny_data: Path, cache: Path) -> None:

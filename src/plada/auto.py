@@ -50,6 +50,16 @@ PROXY_STEPS = 1000
 WHOLE_GROUPS = "whole-groups"  # plada.rate: whole pool folders, minority labels moved to the majority below tau
 # Share of train the one deciding teacher (folds=1) does not see: its forecast's sample against its labels' quality.
 HOLDOUT_FRACTION = 0.1
+# The same when whole groups are held out (--holdout-groups). A group's images are near-duplicates (GTSRB: 5 frames
+# of one sign track), so 10% of GTSRB's images is only ~130 independent objects and the forecast could not tell
+# candidates 3 points apart; 20% was within 1 point of the hindsight best in more cells over three seeds
+# (docs/AUTO_POLICY.md, "Held-out slice"), while Flowers-5 (no groups) did worse at 20% than at 10%.
+GROUPED_HOLDOUT_FRACTION = 0.2
+
+
+def default_holdout_fraction(grouped: bool) -> float:
+    """The slice one deciding teacher goes without: larger when groups, not images, are the independent units."""
+    return GROUPED_HOLDOUT_FRACTION if grouped else HOLDOUT_FRACTION
 FORECAST_DIGITS = 4
 # Widest value ``round(x, FORECAST_DIGITS)`` can print as for x in [0, 1]; used while sizing, before the
 # forecast is known. The header is zstd-compressed (payload format versions 3 and 4), so the real forecast's
@@ -272,22 +282,42 @@ def name_groups(files: Sequence[str], pattern: str) -> np.ndarray:
     return ids.astype(np.int64).reshape(-1)
 
 
-def fold_split(n: int, folds: int, seed: int = 0, groups: np.ndarray | None = None, frac: float = HOLDOUT_FRACTION
+def fold_split(n: int, folds: int, seed: int = 0, groups: np.ndarray | None = None, frac: float | None = None
                ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(fit, held-out) index pairs for cross-fitting: ``folds`` seeded, near-equal parts, each held out once.
+    """(fit, held-out) index pairs, one per deciding teacher: seeded, disjoint held-out parts.
 
-    ``folds=1`` means no cross-fitting: one seeded slice of ``frac`` held out (``holdout_split``). With
-    ``groups`` (one id per image, see `name_groups`) whole groups go to one part: groups in seeded order,
-    each to the part holding the fewest images so far (the first that short), so parts stay near-equal
-    in images; ``folds=1`` then holds out groups until they reach ``frac`` of the images.
+    Without ``frac``, ``folds > 1`` is cross-fitting: ``folds`` near-equal parts, each held out once. With
+    ``frac`` (always for ``folds=1``, where it defaults to `default_holdout_fraction`, larger with
+    ``groups``), each of ``folds`` teachers goes without its own slice of ``frac`` of the images, the
+    slices following one another in one seeded order, so the first slice is the ``folds=1`` slice (its
+    teacher is shared) and the rest of train is never held out. Why several slices: teachers fitted on
+    different images differ in what their selections teach by as much as rules differ
+    (scripts/gap_decomposition.py), and only a teacher's own held-out images can say which is better.
+    With ``groups`` (one id per image, see `name_groups`) whole groups go to one part: for cross-fitting,
+    groups in seeded order, each to the part holding the fewest images so far (the first that short), so
+    parts stay near-equal in images; for slices, groups in seeded order until each slice's end reaches
+    its multiple of ``frac`` of the images.
     """
     if not isinstance(folds, int | np.integer) or folds < 1:
         raise PladaError(f"held-out folds must be a positive integer, got {folds!r}")
-    if not 0 < frac < 1:
-        raise PladaError(f"held-out fraction must be in (0, 1), got {frac!r}")
+    if frac is None and folds == 1:
+        frac = default_holdout_fraction(groups is not None)
+    if frac is not None:
+        if not 0 < frac < 1:
+            raise PladaError(f"held-out fraction must be in (0, 1), got {frac!r}")
+        if folds * frac >= 1:
+            raise PladaError(f"{folds} held-out slices of {frac:g} of train each leave no train image to fit on")
     if groups is None:
-        if folds == 1:
-            return [holdout_split(n, frac, seed)]
+        if frac is not None:
+            fit0, held0 = holdout_split(n, frac, seed)
+            if folds == 1:
+                return [(fit0, held0)]
+            m = len(held0)  # holdout_split's slice size, so slice 0 is its slice
+            if folds * m >= n:
+                raise PladaError(f"need more than {folds * m} target train images for {folds} slices of {m}")
+            perm = np.random.default_rng(seed).permutation(n)
+            return [(np.sort(np.concatenate([perm[:j * m], perm[(j + 1) * m:]])), np.sort(perm[j * m:(j + 1) * m]))
+                    for j in range(folds)]
         if n < folds:
             raise PladaError(f"need at least {folds} target train images for {folds} folds, got {n}")
         perm = np.random.default_rng(seed).permutation(n)
@@ -297,16 +327,24 @@ def fold_split(n: int, folds: int, seed: int = 0, groups: np.ndarray | None = No
     if g.shape != (n,) or g.dtype.kind not in "iu":
         raise PladaError(f"need one integer group id per target train image ({n}), got shape {g.shape}")
     uniq, inv, counts = np.unique(g, return_inverse=True, return_counts=True)
-    need = 2 if folds == 1 else folds
+    need = folds + 1 if frac is not None else folds
     if len(uniq) < need:
-        raise PladaError(f"need at least {need} held-out groups for {folds} fold(s), the train split has {len(uniq)}")
+        raise PladaError(f"need at least {need} groups for {folds} held-out part(s), the train split has {len(uniq)}")
     order = np.random.default_rng(seed).permutation(len(uniq))
+    if frac is not None:  # slice j: the next groups in seeded order, until (j + 1) * frac of the images
+        cum = np.cumsum(counts[order])
+        ends = [min(int(np.searchsorted(cum, max(1, round((j + 1) * frac * n)))) + 1, len(uniq) - 1)
+                for j in range(folds)]
+        starts = [0, *ends[:-1]]
+        if any(e <= s for s, e in zip(starts, ends, strict=True)):
+            raise PladaError(f"{folds} held-out slices of {frac:g} of train need more groups than the "
+                             f"{len(uniq)} the train split has")
+        pos = np.empty(len(uniq), dtype=np.int64)
+        pos[order] = np.arange(len(uniq))
+        at = pos[inv.reshape(-1)]
+        return [(np.flatnonzero((at < s) | (at >= e)), np.flatnonzero((at >= s) & (at < e)))
+                for s, e in zip(starts, ends, strict=True)]
     part = np.empty(len(uniq), dtype=np.int64)
-    if folds == 1:  # groups in seeded order until ``frac`` of the images are held out (at least one group)
-        held_groups = np.searchsorted(np.cumsum(counts[order]), max(1, round(frac * n))) + 1
-        part[order] = np.arange(len(uniq)) >= min(held_groups, len(uniq) - 1)
-        held = part[inv.reshape(-1)] == 0
-        return [(np.flatnonzero(~held), np.flatnonzero(held))]
     sizes = np.zeros(folds, dtype=np.int64)
     for u in order:
         j = int(sizes.argmin())

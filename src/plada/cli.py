@@ -67,8 +67,10 @@ def _select_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--holdout-folds", type=_positive, default=1,  # pipeline.HOLDOUT_FOLDS (a test checks)
                    help="auto, when the teacher used all of train: fine-tune this many deciding teachers, each "
                         "without one fold (1: one teacher without a 10%% slice)")
-    g.add_argument("--holdout-fraction", type=_open_fraction, default=0.1,  # auto.HOLDOUT_FRACTION (a test checks)
-                   help="auto, with one deciding teacher: the share of train it goes without and decides on")
+    g.add_argument("--holdout-fraction", type=_open_fraction, default=None,  # auto.default_holdout_fraction
+                   help="auto: the share of train each deciding teacher goes without and decides on (one "
+                        "teacher: default 0.1, 0.2 with --holdout-groups, whose groups are near-duplicates; with "
+                        "--holdout-folds N, N disjoint slices of this share instead of N folds)")
     g.add_argument("--holdout-groups", metavar="REGEX", default=None,
                    help="auto: hold out train images of one object together; the group is the class plus REGEX's "
                         "first capture group in the file name, e.g. '^(\\d+)_' for GTSRB's TRACK_FRAME.png")

@@ -64,7 +64,9 @@ def send(
     `policy="auto"` (implied by `budget_bytes`) searches policies and keep sizes with proxy students
     on held-out target images and sends the best forecast; see `plada.auto`. `holdout_groups` (a regular
     expression on train file names, `auto.name_groups`) holds images of one object out together;
-    `holdout_fraction` is the share of train one deciding teacher goes without (default `auto.HOLDOUT_FRACTION`).
+    `holdout_fraction` is the share of train each deciding teacher goes without (one teacher: default 0.1, or
+    0.2 with `holdout_groups`, `auto.default_holdout_fraction`; with `holdout_folds` > 1 it makes the folds
+    disjoint slices of that share, `auto.fold_split`, instead of a partition of train).
     `auto_send="decider"` (default) sends the best deciding teacher's own selection and labels, the very
     selection its forecast measured (the header's `auto.labels_from_fold` says which; `teacher` there stays
     the full teacher's recipe and test accuracy); `"teacher"` sends the full teacher's selection for the rule
@@ -78,6 +80,9 @@ def send(
         raise PladaError(f"holdout_folds must be a positive integer, got {holdout_folds!r}")
     if holdout_fraction is not None and not (isinstance(holdout_fraction, int | float) and 0 < holdout_fraction < 1):
         raise PladaError(f"holdout_fraction must be a number strictly between 0 and 1, got {holdout_fraction!r}")
+    if holdout_fraction is not None and holdout_folds * holdout_fraction >= 1:
+        raise PladaError(f"{holdout_folds} held-out slices of {holdout_fraction:g} of train each leave no train image "
+                         "for the deciding teachers to fit on")
     if holdout_groups is not None:
         from .auto import name_groups
 
@@ -190,8 +195,9 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
     A teacher trained on a subset (`--teacher-limit`) leaves the rest of train unseen: those are the
     held-out images, and nothing is wasted. A teacher that used all of train is cross-fitted: `folds`
     teachers each trained without one fold decide (`auto.Decider`; folds=1: one teacher without a 10%
-    slice). `send="decider"` sends a deciding teacher's own selection (`auto.search`), and `scores` (the
-    full teacher's) may then be None; `"teacher"` sends the full teacher's selection for the best rule.
+    slice, 20% of whole groups; with `holdout_fraction`, each fold is a slice of that share). `send="decider"`
+    sends a deciding teacher's own selection (`auto.search`), and `scores` (the full teacher's) may then be None;
+    `"teacher"` sends the full teacher's selection for the best rule.
     `seen`/`unseen`/`tgroups` come from `_unseen_rows`: held-out rows share no group with rows the deciding
     teacher trained on. Returns (choice, deciders or None).
     """
@@ -249,14 +255,14 @@ def cross_fit(
     gives its nearest-target key from the rows it trained on; `groups` keeps each group in one fold.
     With `test`, each fold teacher's test accuracy is measured once (cached with the teacher,
     `Decider.test_accuracy`): a sender that sends a fold teacher's labels reports that teacher.
-    `holdout_fraction` is the slice one teacher (folds=1) goes without (default `auto.HOLDOUT_FRACTION`).
+    `holdout_fraction` is the slice each teacher goes without (`auto.fold_split`; for folds=1 the default is
+    `auto.default_holdout_fraction`: 0.1, or 0.2 with `groups`; for more folds none means a partition).
     """
     from . import auto
 
     per_fold = -(-held_limit // folds)
-    frac = auto.HOLDOUT_FRACTION if holdout_fraction is None else holdout_fraction
     splits = [(f, auto.subsample(h, per_fold, seed))
-              for f, h in auto.fold_split(len(train), folds, seed, groups, frac=frac)]
+              for f, h in auto.fold_split(len(train), folds, seed, groups, frac=holdout_fraction)]
     deciders, seconds, at = [], [], 0
     for fit_idx, h in splits:
         tj, info = train_teacher(train.take(fit_idx), test, replace(teacher, limit=None), cache_root() / "teachers",
