@@ -13,9 +13,10 @@ and its fine-tune's luck; no forecast can see it, since the full teacher has no 
 candidate" is the best test accuracy among the search's own candidates (test seeds as the benchmark ran
 them: 3 for those near the best, 1 for the rest), so the choice term is a regret against hindsight too.
 
-Reads benchmark result files (no training, a second):
+Reads benchmark result files (no training, a second); without arguments, every decider-mode run made since
+payload headers are compressed (the table in docs/AUTO_POLICY.md's discussion):
 
-    python scripts/gap_decomposition.py results/auto_policy.json results/auto_policy_seed1.json ...
+    python scripts/gap_decomposition.py --out results/gap_decomposition.json
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+RUNS = ["auto_policy.json", "auto_policy_seed1.json", "auto_policy_holdout10_seed2_gtsrb32.json",
+        "auto_policy_holdout20_gtsrb32.json", "auto_policy_holdout20_seed1_gtsrb32.json",
+        "auto_policy_holdout20_seed2_gtsrb32.json", "auto_policy_holdout20_flowers5.json",
+        "auto_policy_folds2_holdout20_gtsrb32.json", "auto_policy_folds2_holdout20_seed1_gtsrb32.json",
+        "auto_policy_folds2_holdout20_seed2_gtsrb32.json", "auto_policy_folds2_holdout10_flowers5.json",
+        "auto_policy_folds2_holdout10_seed1_flowers5.json"]
 
 
 def cells(path: Path) -> list[dict]:
@@ -60,9 +68,11 @@ def cells(path: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("results", nargs="+", type=Path, help="results/auto_policy*.json from benchmarks.auto_policy")
+    ap.add_argument("results", nargs="*", type=Path, help="results/auto_policy*.json from benchmarks.auto_policy "
+                    "(default: the runs in RUNS)")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
     a = ap.parse_args(argv)
+    a.results = a.results or [Path(__file__).resolve().parents[1] / "results" / f for f in RUNS]
     missing = [str(p) for p in a.results if not p.is_file()]
     if missing:
         print(f"error: no such results file: {', '.join(missing)}", file=sys.stderr)
