@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     for (target, frac, deciders), rs in sorted(by.items()):
         g = np.array([[r["gap"], r["choice"], r["teacher"]] for r in rs]) * 100
         print(f"| {target} | {frac:g} | {deciders} | {len(rs)} | {int((g[:, 0] >= -1).sum())} | "
-              f"{g[:, 0].mean():+.2f} | {g[:, 1].mean():+.2f} | {g[:, 2].mean():+.2f} | {g[:, 2].std(ddof=1):.2f} |")
+              f"{g[:, 0].mean():+.2f} | {g[:, 1].mean():+.2f} | {g[:, 2].mean():+.2f} | "
+              f"{f'{g[:, 2].std(ddof=1):.2f}' if len(g) > 1 else '–'} |")
     if a.out:
         a.out.write_text(json.dumps(rows, indent=1) + "\n")
         print(f"\nwrote {a.out}")
