@@ -117,8 +117,8 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
                                          ref_key, held_limit=cfg.heldout_limit,
                                          groups=tgroups, holdout_fraction=frac)
         nearest = ref_key(np.arange(len(train)))
-        what = (f"a seeded {frac:.0%} slice" if cfg.folds == 1 else f"its own of {cfg.folds} disjoint seeded "
-                f"{frac:.0%} slices" if frac is not None else f"{cfg.folds} folds, each held out once")
+        what = (f"a seeded {frac:.0%} slice" if cfg.folds == 1 else f"{cfg.folds} disjoint seeded {frac:.0%} "
+                "slices (one each)" if frac is not None else f"{cfg.folds} folds, each held out once")
         note = (f"the teacher trained on all {len(train)} train images, so (as `plada send` does) "
                 f"{cfg.folds} deciding teacher(s) were fine-tuned without {what}; {len(held)} held-out images "
                 "in all, each scored only by a teacher that never saw it; "
