@@ -56,10 +56,6 @@ HOLDOUT_FRACTION = 0.1
 # 1 KB at every seed (docs/AUTO_POLICY.md, discussion); Flowers-5 (no groups) did worse at 20% than at 10%.
 GROUPED_HOLDOUT_FRACTION = 0.2
 
-
-def default_holdout_fraction(grouped: bool) -> float:
-    """The slice one deciding teacher goes without: larger when groups, not images, are the independent units."""
-    return GROUPED_HOLDOUT_FRACTION if grouped else HOLDOUT_FRACTION
 FORECAST_DIGITS = 4
 # Widest value ``round(x, FORECAST_DIGITS)`` can print as for x in [0, 1]; used while sizing, before the
 # forecast is known. The header is zstd-compressed (payload format versions 3 and 4), so the real forecast's
@@ -234,6 +230,11 @@ def nearest_target_key(pool_feats: np.ndarray, target_feats: np.ndarray, chunk: 
     if np.isnan(key).any():
         raise PladaError("pool features contain NaN; recompute the feature cache")
     return key
+
+
+def default_holdout_fraction(grouped: bool) -> float:
+    """The slice one deciding teacher goes without: larger when groups, not images, are the independent units."""
+    return GROUPED_HOLDOUT_FRACTION if grouped else HOLDOUT_FRACTION
 
 
 def holdout_split(n: int, frac: float = 0.1, seed: int = 0, limit: int | None = 5000) -> tuple[np.ndarray, np.ndarray]:

@@ -66,7 +66,7 @@ def _select_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--holdout-folds", type=_positive, default=1,  # pipeline.HOLDOUT_FOLDS (a test checks)
                    help="auto, when the teacher used all of train: fine-tune this many deciding teachers, each "
-                        "without one fold (1: one teacher without a 10%% slice)")
+                        "without one fold (1: one teacher without a slice, see --holdout-fraction)")
     g.add_argument("--holdout-fraction", type=_open_fraction, default=None,  # auto.default_holdout_fraction
                    help="auto: the share of train each deciding teacher goes without and decides on (one "
                         "teacher: default 0.1, 0.2 with --holdout-groups, whose groups are near-duplicates; with "
