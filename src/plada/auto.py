@@ -283,6 +283,15 @@ def name_groups(files: Sequence[str], pattern: str) -> np.ndarray:
     return ids.astype(np.int64).reshape(-1)
 
 
+def check_slices(folds: int, frac: float) -> None:
+    """Refuse ``folds`` disjoint held-out slices of ``frac`` that leave nothing to fit on (`fold_split`'s rule,
+    callable before any teacher trains)."""
+    if not 0 < frac < 1:
+        raise PladaError(f"held-out fraction must be in (0, 1), got {frac!r}")
+    if folds * frac >= 1:
+        raise PladaError(f"{folds} held-out slices of {frac:g} of train each leave no train image to fit on")
+
+
 def fold_split(n: int, folds: int, seed: int = 0, groups: np.ndarray | None = None, frac: float | None = None
                ) -> list[tuple[np.ndarray, np.ndarray]]:
     """(fit, held-out) index pairs, one per deciding teacher: seeded, disjoint held-out parts.
@@ -304,10 +313,7 @@ def fold_split(n: int, folds: int, seed: int = 0, groups: np.ndarray | None = No
     if frac is None and folds == 1:
         frac = default_holdout_fraction(groups is not None)
     if frac is not None:
-        if not 0 < frac < 1:
-            raise PladaError(f"held-out fraction must be in (0, 1), got {frac!r}")
-        if folds * frac >= 1:
-            raise PladaError(f"{folds} held-out slices of {frac:g} of train each leave no train image to fit on")
+        check_slices(folds, frac)
     if groups is None:
         if frac is not None:
             fit0, held0 = holdout_split(n, frac, seed)

@@ -80,12 +80,11 @@ def send(
         raise PladaError(f"holdout_folds must be a positive integer, got {holdout_folds!r}")
     if holdout_fraction is not None and not (isinstance(holdout_fraction, int | float) and 0 < holdout_fraction < 1):
         raise PladaError(f"holdout_fraction must be a number strictly between 0 and 1, got {holdout_fraction!r}")
-    if holdout_fraction is not None and holdout_folds * holdout_fraction >= 1:
-        raise PladaError(f"{holdout_folds} held-out slices of {holdout_fraction:g} of train each leave no train image "
-                         "for the deciding teachers to fit on")
-    if holdout_groups is not None:
-        from .auto import name_groups
+    from .auto import check_slices, name_groups
 
+    if holdout_fraction is not None:
+        check_slices(holdout_folds, holdout_fraction)  # fails now, not after the teacher
+    if holdout_groups is not None:
         name_groups([], holdout_groups)  # a bad pattern fails now, not after the teacher
     if auto_send not in ("teacher", "decider"):
         raise PladaError(f"auto_send must be 'teacher' or 'decider', got {auto_send!r}")
