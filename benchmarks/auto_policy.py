@@ -3,13 +3,15 @@
     python -m benchmarks.auto_policy            # results/auto_policy.json, docs/AUTO_POLICY.md
     python -m benchmarks.auto_policy --quick    # small subset (also run by the test suite)
     python -m benchmarks.auto_policy --send teacher --folds 3  # results/auto_policy_teacher_folds3.json
+    python -m benchmarks.auto_policy --deciders 1 --search-seed 2  # one deciding teacher, third seed
     python -m benchmarks.auto_policy --targets flowers5 gtsrb32 --search-seed 1  # results/auto_policy_seed1.json
 
 Same pool, teachers, pool scores and frozen features as benchmarks.paper (its Config, caches and teacher
 recipe are reused, so a finished paper run makes this one cheap). Per target and byte budget (about 1, 5
 and 20 KB): held-out = target train images the teacher did not train on; when the teacher used all of
-train, exactly what `plada send --budget` does: `folds` deciding teachers are fine-tuned, each without
-one fold of train (default: one teacher without a 10% slice), and the candidates are the deciding
+train, exactly what `plada send --budget` does: deciding teachers are fine-tuned, each without its own
+slice of train (default `auto.DECIDERS` = 2 teachers, slices of 10%, 20% of whole groups; `auto.decider_plan`;
+`--folds K`: K teachers over a K-fold partition instead), and the candidates are the deciding
 teachers' own selections, each forecast on its own held-out rows (`send="decider"`, the default of
 `plada send --auto-send`). The auto search picks a policy and
 keep size by the held-out accuracy of a proxy linear head; then every candidate of that search is
@@ -39,7 +41,7 @@ from plada import auto, rate
 from plada.data import Split, cache_root
 from plada.errors import PladaError
 from plada.features import cached_features, feature_model, rows_features, split_key
-from plada.pipeline import AUTO_SEND, HOLDOUT_FOLDS, cross_fit
+from plada.pipeline import AUTO_SEND, cross_fit
 from plada.pool import Pool
 from plada.score import score_pool
 from plada.train import head_job, train_heads
@@ -55,8 +57,10 @@ class AutoConfig(paper.Config):
     proxy_steps: int = auto.PROXY_STEPS  # head steps of each proxy student in the search
     eval_seeds: tuple[int, ...] = (0, 1, 2)  # linear-student seeds on the test split (the first for all candidates)
     eval_band: float = 0.02  # candidates within this of the best first-seed accuracy get every eval seed
-    folds: int = HOLDOUT_FOLDS  # deciding teachers when the teacher used all of train (plada send --holdout-folds)
-    # the slice one deciding teacher goes without (folds=1); None: auto.default_holdout_fraction, as plada send
+    # when the teacher used all of train, as plada send --deciders / --holdout-folds / --holdout-fraction (None:
+    # auto.decider_plan's defaults, auto.DECIDERS teachers each without its own auto.default_holdout_fraction slice)
+    deciders: int | None = None
+    folds: int | None = None  # instead: this many teachers cross-fitted over a partition of train
     holdout_fraction: float | None = None
     search_seed: int = 0
     send: str = AUTO_SEND  # auto.search(send=): the deciding teachers' own selections, or the full teacher's
@@ -110,17 +114,15 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
 
     deciders = None
     if refit:  # as plada send: cross-fitted deciding teachers, each scored on the fold it never saw
-        frac = cfg.holdout_fraction  # as plada send: one teacher's default slice depends on whether groups are held out
-        if frac is None and cfg.folds == 1:
-            frac = auto.default_holdout_fraction(tgroups is not None)
-        held, deciders, secs = cross_fit(train, pool, tcfg, cfg.folds, cfg.search_seed,
+        n_dec, frac = auto.decider_plan(cfg.folds, cfg.deciders, cfg.holdout_fraction, tgroups is not None)
+        held, deciders, secs = cross_fit(train, pool, tcfg, n_dec, cfg.search_seed,
                                          ref_key, held_limit=cfg.heldout_limit,
                                          groups=tgroups, holdout_fraction=frac)
         nearest = ref_key(np.arange(len(train)))
-        what = (f"a seeded {frac:.0%} slice" if cfg.folds == 1 else f"{cfg.folds} disjoint seeded {frac:.0%} "
-                "slices (one each)" if frac is not None else f"{cfg.folds} folds, each held out once")
+        what = (f"a seeded {frac:.0%} slice" if n_dec == 1 else f"{n_dec} disjoint seeded {frac:.0%} "
+                "slices (one each)" if frac is not None else f"{n_dec} folds, each held out once")
         note = (f"the teacher trained on all {len(train)} train images, so (as `plada send` does) "
-                f"{cfg.folds} deciding teacher(s) were fine-tuned without {what}; {len(held)} held-out images "
+                f"{n_dec} deciding teacher(s) were fine-tuned without {what}; {len(held)} held-out images "
                 "in all, each scored only by a teacher that never saw it; "
                 + ("each candidate is one deciding teacher's own selection, sized with its labels, forecast on its "
                    "own fold and sent as it is" if cfg.send == "decider" else
@@ -128,7 +130,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
         if tgroups is not None:
             note += (f"; folds hold out whole groups ({len(np.unique(tgroups))} groups from file names by "
                      f"`--holdout-groups '{pattern}'`)")
-        log(f"[{target}] {cfg.folds} deciding teacher(s): {secs} s")
+        log(f"[{target}] {n_dec} deciding teacher(s): {secs} s")
     else:
         held = auto.subsample(unseen, cfg.heldout_limit, cfg.search_seed)
         nearest = ref_key(seen)
@@ -239,7 +241,8 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
                     "train_images": len(seen)},
         "heldout": {"images": len(held), "refit": refit, "note": note, "group_pattern": pattern,
                     "groups": None if tgroups is None else int(len(np.unique(tgroups)))},
-        "folds": cfg.folds if refit else None, "send": cfg.send if refit else "teacher",
+        "folds": n_dec if refit else None, "holdout_fraction": frac if refit else None,
+        "send": cfg.send if refit else "teacher",
         "nearest_key_seconds": nearest_s,
         "pseudo_label_hist": np.bincount(scores.labels, minlength=n_cls).tolist(),
         "budgets": cells, "seconds": round(time.time() - t0, 1),
@@ -289,6 +292,18 @@ def pts(x: float) -> str:
     return f"{100 * x:+.1f}"
 
 
+def decider_words(cfg: dict) -> str:
+    """How a run's deciding teachers held out train, from its config (also older runs': `folds` with a fraction
+    meant disjoint slices before `deciders` existed, and one teacher was the default)."""
+    folds, dec, frac = cfg.get("folds"), cfg.get("deciders"), cfg.get("holdout_fraction")
+    if folds and folds > 1 and frac is None:
+        return f"{folds} deciding teachers, each fine-tuned without one part of a {folds}-fold partition of train"
+    n = dec or folds or auto.DECIDERS
+    share = (f"a seeded {frac:.0%} slice of train" if frac is not None else
+             "a seeded slice of train (10%, 20% when whole groups are held out)")
+    return f"{n} deciding teacher(s), each fine-tuned without its own {share}" + (", slices disjoint" if n > 1 else "")
+
+
 def write_markdown(res: dict, path: Path) -> None:
     cfg = res["config"]
     title = "# Auto policy: the sender picks the selection for a byte budget"
@@ -309,11 +324,7 @@ def write_markdown(res: dict, path: Path) -> None:
          f"{100 * cfg['eval_band']:g} points of the best first-seed accuracy): *hindsight* is the best of them, "
          "*gap* = auto − hindsight, *forecast error* = forecast − auto's test accuracy, *default* = lowest energy "
          "at the largest size that fits. Where the teacher trained on all of train, the search decides with "
-         f"{cfg['folds']} deciding teacher(s) (`auto.Decider`: "
-         + (f"each fine-tuned without its own seeded {cfg['holdout_fraction']:.0%} slice of train"
-            if cfg.get("holdout_fraction") is not None else
-            "one: fine-tuned without a seeded 10% slice of train, 20% when whole groups are held out; more: each "
-            "without one fold") + "), as `plada send` does; "
+         f"{decider_words(cfg)} (`auto.Decider`), as `plada send` does; "
          + ("the candidates are each deciding teacher's own selections (`plada send --auto-send decider`), each "
             "forecast on its own held-out rows and sent as it is (its labels, not the full teacher's); hindsight "
             "is the best of the full teacher's selections (the fixed policies, sized as `--auto-send teacher` "
@@ -393,10 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     paper.add_common_args(ap)
     ap.add_argument("--budgets", nargs="+", type=int, default=None, help="byte budgets (default 1000 5000 20000)")
     ap.add_argument("--eval-seeds", nargs="+", type=int, default=None, help="test-split student seeds (default 0 1 2)")
-    ap.add_argument("--folds", type=int, default=None, help="deciding teachers when the teacher used all of train")
+    ap.add_argument("--deciders", type=int, default=None,
+                    help="deciding teachers when the teacher used all of train, each without its own slice "
+                         f"(default {auto.DECIDERS}); a given value names the output")
+    ap.add_argument("--folds", type=int, default=None,
+                    help="instead of --deciders: teachers cross-fitted over a K-fold partition of train")
     ap.add_argument("--holdout-fraction", type=float, default=None,
-                    help="slice of train one deciding teacher goes without (default 0.1); a given value names "
-                         "the output")
+                    help="slice of train each deciding teacher goes without (default 0.1, 0.2 with held-out groups); "
+                         "a given value names the output")
     ap.add_argument("--send", choices=["teacher", "decider"], default=None,
                     help="what the search sends, as plada send --auto-send (default decider); a given value names "
                          "the output, e.g. results/auto_policy_teacher.json")
@@ -412,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.eval_seeds = tuple(a.eval_seeds)
     if a.folds:
         cfg.folds = a.folds
+    if a.deciders:
+        cfg.deciders = a.deciders
     if a.no_holdout_groups:
         cfg.holdout_groups = {}
     if a.holdout_fraction is not None:
@@ -420,13 +437,20 @@ def main(argv: list[str] | None = None) -> int:
         cfg.send = a.send
     if a.search_seed is not None:
         cfg.search_seed = a.search_seed
+    try:  # a bad combination fails now, not after the first teacher
+        auto.decider_plan(cfg.folds, cfg.deciders, cfg.holdout_fraction, bool(cfg.holdout_groups))
+    except PladaError as e:
+        print(f"benchmark: error: {e}", file=sys.stderr)
+        return 2
     out = Path(a.out_dir)
     variant = (f"_{a.send}" if a.send else "") + (f"_folds{a.folds}" if a.folds else "") + (
+        f"_deciders{a.deciders}" if a.deciders else "") + (
         f"_holdout{round(100 * a.holdout_fraction)}" if a.holdout_fraction is not None else "") + (
         f"_seed{a.search_seed}" if a.search_seed is not None else "")
     stem = ("auto_policy_quick" if a.quick else "auto_policy") + variant
     res = paper.run_all("auto_policy", cfg, a, run_target,
                         extra_flags=(("--budgets", a.budgets), ("--eval-seeds", a.eval_seeds), ("--folds", a.folds),
+                                     ("--deciders", a.deciders),
                                       ("--no-holdout-groups", a.no_holdout_groups or None), ("--send", a.send),
                                      ("--holdout-fraction", None if a.holdout_fraction is None
                                       else str(a.holdout_fraction)),

@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     def ref_key(idx: np.ndarray) -> np.ndarray:
         return relevance_key(fm, train, src.root, pool_f, idx, cfg)
 
-    held, deciders, _ = cross_fit(train, pool, tcfg, cfg.folds, cfg.search_seed, ref_key,
-                                  held_limit=cfg.heldout_limit, groups=tgroups, progress=False)
+    n_dec, frac = auto.decider_plan(cfg.folds, cfg.deciders, cfg.holdout_fraction, tgroups is not None)
+    held, deciders, _ = cross_fit(train, pool, tcfg, n_dec, cfg.search_seed, ref_key, held_limit=cfg.heldout_limit,
+                                  groups=tgroups, progress=False, holdout_fraction=frac)
     held_f = split_features(fm, train, src.root, held, "auto-heldout")
     held_y = train.labels[held]
     test_f = np.asarray(cached_features(fm, test.images, split_key(src.root, "test", len(test))))

@@ -231,7 +231,9 @@ def test_auto_policy_quick_benchmark(tiny_data: Path, cache: Path, tmp_path: Pat
     assert code == 0
     res = json.loads((tmp_path / "results" / "auto_policy_quick.json").read_text())
     r = res["targets"]["tinytarget"]
-    assert r["heldout"]["refit"] and r["folds"] == 1  # the tiny teacher used all of train: 1 decider, as in send
+    # the tiny teacher used all of train: as in send, auto.DECIDERS deciders, each on its own 10% slice (12 of 120)
+    assert r["heldout"]["refit"] and (r["folds"], r["holdout_fraction"]) == (auto.DECIDERS, auto.HOLDOUT_FRACTION)
+    assert r["heldout"]["images"] == 12 * auto.DECIDERS
     assert r["send"] == "decider"
     for budget in res["config"]["budgets"]:
         cell = r["budgets"][str(budget)]
@@ -254,7 +256,8 @@ def test_auto_policy_quick_benchmark(tiny_data: Path, cache: Path, tmp_path: Pat
 
     # the default sends the decider's own selection; hindsight is the full teacher's field (its rows unforecast)
     cell = r["budgets"]["1500"]
-    assert cell["auto"]["decider"] == 0
+    assert cell["auto"]["decider"] in range(auto.DECIDERS)
+    assert {c["decider"] for c in cell["candidates"]} == {*range(auto.DECIDERS), None}  # all deciders competed
     fixed = [c for c in cell["candidates"] if c["decider"] is None]
     assert fixed and all(c["forecast"] is None and not c["chosen"] for c in fixed)
     assert cell["hindsight"]["test_accuracy"] == max(c["test_accuracy"] for c in fixed)
@@ -374,6 +377,24 @@ def test_fold_split_disjoint_slices(grouped: bool) -> None:
     with pytest.raises(PladaError, match="need at least 4 groups" if grouped else "need more than 6"):
         auto.fold_split(8 if grouped else 5, 3, groups=np.array([0, 0, 0, 1, 1, 1, 2, 2]) if grouped else None,
                         frac=0.3)
+
+
+def test_decider_plan() -> None:
+    """What a user asks for -> (teachers, slice): slices by default, a partition only when asked, nothing guessed."""
+    assert auto.decider_plan() == (auto.DECIDERS, auto.HOLDOUT_FRACTION)
+    assert auto.decider_plan(grouped=True) == (auto.DECIDERS, auto.GROUPED_HOLDOUT_FRACTION)
+    assert auto.decider_plan(deciders=3, frac=0.25) == (3, 0.25)
+    assert auto.decider_plan(folds=1, grouped=True) == (1, auto.GROUPED_HOLDOUT_FRACTION)  # one slice
+    assert auto.decider_plan(folds=1, frac=0.3) == (1, 0.3)
+    assert auto.decider_plan(folds=3) == (3, None)  # a partition: fold_split's cross-fitting
+    assert len(auto.fold_split(100, *auto.decider_plan(folds=3))) == 3
+    n, f = auto.decider_plan()
+    assert sum(len(h) for _, h in auto.fold_split(100, n, frac=f)) == round(100 * f) * n  # disjoint slices
+    for kw, msg in ((dict(folds=2, deciders=2), "not both"), (dict(folds=2, frac=0.2), "ask for 2 deciders"),
+                    (dict(deciders=5, frac=0.2), "leave no train image"), (dict(deciders=0), "positive integer"),
+                    (dict(folds=True), "positive integer"), (dict(deciders=1, frac=1.0), r"in \(0, 1\)")):
+        with pytest.raises(PladaError, match=msg):
+            auto.decider_plan(**kw)
 
 
 def test_deciders_forecast_pools_their_own_folds() -> None:

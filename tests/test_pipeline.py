@@ -114,8 +114,12 @@ def test_energy_sign() -> None:
          "data folder not found"),
         (["receive", "missing.plada", "--pool", "tinypool"], "payload not found"),
         (["inspect", "missing.plada"], "payload not found"),
-        (["send", "tinytarget", "--pool", "tinypool", "-o", "x.plada", "--budget", "1KB", "--holdout-folds", "5",
+        (["send", "tinytarget", "--pool", "tinypool", "-o", "x.plada", "--budget", "1KB", "--deciders", "5",
           "--holdout-fraction", "0.2"], "leave no train image"),
+        (["send", "tinytarget", "--pool", "tinypool", "-o", "x.plada", "--budget", "1KB", "--holdout-folds", "2",
+          "--holdout-fraction", "0.2"], "ask for 2 deciders"),
+        (["send", "tinytarget", "--pool", "tinypool", "-o", "x.plada", "--budget", "1KB", "--holdout-folds", "2",
+          "--deciders", "2"], "not both"),
     ],
 )
 def test_bad_input_one_line(argv: list[str], message: str, cache: Path, tmp_path: Path, monkeypatch) -> None:
@@ -161,13 +165,17 @@ def test_send_with_byte_budget(tiny_data: Path, cache: Path, tmp_path: Path, cap
     assert 0.0 <= sent["forecast_accuracy"] <= 1.0
     p = payload.read(out)
     assert p.meta["auto"]["budget_bytes"] == 1000 and p.meta["policy"] != "auto"
-    # the teacher used all of train, so (default) one teacher without a 10% slice decided, and its own
-    # selection and labels were sent
+    # the teacher used all of train, so (default) two teachers each without its own 10% slice decided, and the
+    # best forecast's own selection and labels were sent
     assert p.meta["auto"]["heldout_images"] == 12  # tinytarget: 3 colours x 40 train images
-    assert p.meta["auto"]["labels_from_fold"] == 0 and sent["auto"]["decider"] == 0
-    # the full teacher would label nothing, so only the deciding teacher was fine-tuned; it is the one reported
-    assert len(list((cache / "teachers").iterdir())) == 1
+    j = p.meta["auto"]["labels_from_fold"]
+    assert j in (0, 1) and sent["auto"]["decider"] == j
+    assert {c["decider"] for c in sent["auto"]["candidates"]} == {0, 1}  # both teachers' selections competed
+    # the full teacher would label nothing, so only the deciding teachers were fine-tuned; the sender is reported,
+    # in the report and in the header (each decider's candidates were sized with its own accuracy in it)
+    assert len(list((cache / "teachers").iterdir())) == 2
     assert 0 <= sent["teacher_accuracy"] <= 1 and p.meta["teacher"]["test_accuracy"] == sent["teacher_accuracy"]
+    assert sent["auto"]["payload_bytes"] == sent["payload_bytes"]  # sized exactly as written
     assert sent["kept_per_class"] == np.bincount(p.labels, minlength=3).tolist()
     code, info, err = run(capsys, "inspect", str(out))
     assert code == 0 and info["meta"]["auto"]["forecast_accuracy"] == round(sent["forecast_accuracy"], 4)
@@ -182,7 +190,7 @@ def test_send_with_byte_budget(tiny_data: Path, cache: Path, tmp_path: Path, cap
     assert sent["payload_bytes"] == full.stat().st_size <= 1000
     assert meta["auto"]["heldout_images"] == 3 * 40 and "labels_from_fold" not in meta["auto"]
     assert sent["auto"]["decider"] is None
-    assert len(list((cache / "teachers").iterdir())) == 1 + 1 + 3  # + the full teacher and 3 fold teachers
+    assert len(list((cache / "teachers").iterdir())) == 2 + 1 + 3  # + the full teacher and 3 fold teachers
     with pytest.raises(SystemExit) as exit_info:
         main(["send", "tinytarget", "--pool", "tinypool", "-o", str(tmp_path / "e.plada"), "--auto-send", "fold"])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
@@ -218,14 +226,22 @@ def test_send_holds_out_whole_groups(tiny_data: Path, cache: Path, tmp_path: Pat
     assert payload.read(out).meta["auto"]["heldout_images"] == 40  # the sending decider's fold: 4 groups of 10
     # one deciding teacher, grouped: by default without auto.GROUPED_HOLDOUT_FRACTION (20%) of train, i.e. whole
     # groups of 10 until 24 of the 120 images are held out: 30 (10% would hold out 20); --holdout-fraction overrides
-    args1 = [a if a != "3" else "1" for a in args]
+    args1 = [a for a in args if a not in ("--holdout-folds", "3")]
     for extra, want in (((), 30), (("--holdout-fraction", "0.4"), 50)):
         one = tmp_path / f"q{want}.plada"
-        code, sent, err = run(capsys, *args1, "-o", str(one), "--holdout-groups", r"^\d(\d)", *extra)
+        code, sent, err = run(capsys, *args1, "--deciders", "1", "-o", str(one), "--holdout-groups", r"^\d(\d)",
+                              *extra)
         assert code == 0, err
         (groups, [(fit, held)]) = seen[-1]
         assert len(held) == want and not set(groups[fit]) & set(groups[held])
         assert payload.read(one).meta["auto"]["heldout_images"] == want
+    # the default, two deciders: the first slice is the one-teacher slice (its teacher is shared), the second
+    # another 20% of whole groups, disjoint from it
+    code, sent, err = run(capsys, *args1, "-o", str(tmp_path / "two.plada"), "--holdout-groups", r"^\d(\d)")
+    assert code == 0, err
+    groups, [(fit0, held0), (fit1, held1)] = seen[-1]
+    assert len(held0) == 30 and 10 <= len(held1) <= 30 and not set(groups[held0]) & set(groups[held1])
+    assert not set(groups[fit1]) & set(groups[held1])
     with pytest.raises(SystemExit) as exit_info:
         main([*args1, "-o", str(tmp_path / "bad.plada"), "--holdout-fraction", "1"])
     assert exit_info.value.code == 2 and "not a fraction" in capsys.readouterr().err
@@ -237,9 +253,13 @@ def test_cli_defaults_are_the_librarys() -> None:
     from plada.cli import build_parser
 
     a = build_parser().parse_args(["send", "t", "--pool", "p", "-o", "x.plada"])
-    assert (a.holdout_folds, a.auto_send) == (pipeline.HOLDOUT_FOLDS, pipeline.AUTO_SEND)
-    assert a.holdout_fraction is None  # auto.default_holdout_fraction decides, as for the library's default
-    assert inspect.signature(pipeline.send).parameters["holdout_fraction"].default is None
+    assert a.auto_send == pipeline.AUTO_SEND
+    # None everywhere: auto.decider_plan decides (auto.DECIDERS teachers, auto.default_holdout_fraction each)
+    params = inspect.signature(pipeline.send).parameters
+    for name in ("holdout_fraction", "holdout_folds", "deciders"):
+        assert getattr(a, name) is None and params[name].default is None, name
+    assert auto.decider_plan() == (auto.DECIDERS, auto.HOLDOUT_FRACTION)
+    assert auto.decider_plan(grouped=True) == (auto.DECIDERS, auto.GROUPED_HOLDOUT_FRACTION)
     assert auto.default_holdout_fraction(False) == auto.HOLDOUT_FRACTION
     assert auto.default_holdout_fraction(True) == auto.GROUPED_HOLDOUT_FRACTION
 

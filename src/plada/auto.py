@@ -55,6 +55,12 @@ HOLDOUT_FRACTION = 0.1
 # 1 point of the hindsight best as often as 10% (6 of 9 cells) but 0.9 points better on average, and 10% missed at
 # 1 KB at every seed (docs/AUTO_POLICY.md, discussion); Flowers-5 (no groups) did worse at 20% than at 10%.
 GROUPED_HOLDOUT_FRACTION = 0.2
+# Deciding teachers `plada send --budget` fine-tunes when its teacher used all of train, each without its own
+# disjoint slice (above) and each forecasting its own selections on that slice only; the best forecast is sent.
+# Why two: a single decider's misses were mostly its own fine-tune's luck, not the forecast's choice
+# (scripts/gap_decomposition.py); with two, GTSRB was within 1 point of the hindsight best in 9 of 9 cells over
+# three seeds (one: 6 of 9), Flowers-5 in 5 of 6 either way; the cost is one more teacher fine-tune.
+DECIDERS = 2
 
 FORECAST_DIGITS = 4
 # Widest value ``round(x, FORECAST_DIGITS)`` can print as for x in [0, 1]; used while sizing, before the
@@ -281,6 +287,33 @@ def name_groups(files: Sequence[str], pattern: str) -> np.ndarray:
         keys.append(f"{cls}\0{m.group(1) if m and rx.groups else m.group(0)}" if m else f"\1{i}")
     _, ids = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
     return ids.astype(np.int64).reshape(-1)
+
+
+def decider_plan(folds: int | None = None, deciders: int | None = None, frac: float | None = None,
+                 grouped: bool = False) -> tuple[int, float | None]:
+    """(deciding teachers, held-out slice or None for a K-fold partition) from what a user asked for.
+
+    Two ways to hold out train for the deciding teachers, one per argument: ``deciders`` teachers each
+    without its own disjoint slice of ``frac`` (default `DECIDERS`, slice `default_holdout_fraction`), or
+    ``folds`` > 1 teachers cross-fitted over a partition of train (every image held out once; ``folds`` = 1
+    is one slice). Both at once, or a partition with a slice size, are refused rather than guessed at.
+    Checked before any teacher trains.
+    """
+    for name, v in (("holdout folds", folds), ("deciders", deciders)):
+        if v is not None and (not isinstance(v, int | np.integer) or isinstance(v, bool) or v < 1):
+            raise PladaError(f"{name} must be a positive integer, got {v!r}")
+    if folds is not None and deciders is not None:
+        raise PladaError("give either holdout folds (a K-fold partition of train) or deciders (teachers each "
+                         "without its own slice), not both")
+    if folds is not None and folds > 1:
+        if frac is not None:
+            raise PladaError(f"holdout folds {folds} partition train, so a held-out fraction does not apply; for "
+                             f"{folds} teachers each without its own {frac:g} slice ask for {folds} deciders")
+        return int(folds), None
+    n = int(deciders if deciders is not None else 1 if folds is not None else DECIDERS)
+    frac = default_holdout_fraction(grouped) if frac is None else frac
+    check_slices(n, frac)
+    return n, frac
 
 
 def check_slices(folds: int, frac: float) -> None:

@@ -64,13 +64,16 @@ def _select_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--safety-share", type=float, default=0.0, help="Safety-Net share s of the budget (0 = off)")
     g.add_argument("--alpha", type=float, default=0.5, help="Safety-Net exponent: quota ∝ N_c^alpha")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--holdout-folds", type=_positive, default=1,  # pipeline.HOLDOUT_FOLDS (a test checks)
-                   help="auto, when the teacher used all of train: fine-tune this many deciding teachers, each "
-                        "without one fold (1: one teacher without a slice, see --holdout-fraction)")
+    g.add_argument("--deciders", type=_positive, default=None,  # None: auto.DECIDERS (a test checks)
+                   help="auto, when the teacher used all of train: fine-tune this many deciding teachers (default 2), "
+                        "each without its own slice of train (--holdout-fraction); the best forecast among their "
+                        "own selections is sent")
     g.add_argument("--holdout-fraction", type=_open_fraction, default=None,  # auto.default_holdout_fraction
-                   help="auto: the share of train each deciding teacher goes without and decides on (one "
-                        "teacher: default 0.1, 0.2 with --holdout-groups, whose groups are near-duplicates; with "
-                        "--holdout-folds N, N disjoint slices of this share instead of N folds)")
+                   help="auto: the share of train each deciding teacher goes without and decides on (default 0.1, "
+                        "0.2 with --holdout-groups, whose groups are near-duplicates)")
+    g.add_argument("--holdout-folds", type=_positive, default=None,
+                   help="auto: instead of --deciders, cross-fit this many teachers over a K-fold partition of train "
+                        "(every train image held out once)")
     g.add_argument("--holdout-groups", metavar="REGEX", default=None,
                    help="auto: hold out train images of one object together; the group is the class plus REGEX's "
                         "first capture group in the file name, e.g. '^(\\d+)_' for GTSRB's TRACK_FRAME.png")
@@ -163,8 +166,8 @@ def cmd_send(a: argparse.Namespace) -> dict:
     return send(a.target, a.pool, a.out, data=a.data, teacher=_teacher_cfg(a), keep=a.keep, count=a.count,
                 policy=a.policy, temperature=a.temperature, safety_share=a.safety_share, alpha=a.alpha, seed=a.seed,
                 progress=not a.json, budget_bytes=a.budget, engine=a.engine, actors=a.actors,
-                holdout_folds=a.holdout_folds,
-                holdout_fraction=a.holdout_fraction, holdout_groups=a.holdout_groups, auto_send=a.auto_send)
+                holdout_folds=a.holdout_folds, deciders=a.deciders, holdout_fraction=a.holdout_fraction,
+                holdout_groups=a.holdout_groups, auto_send=a.auto_send)
 
 
 def cmd_score(a: argparse.Namespace) -> dict:
@@ -201,7 +204,8 @@ def cmd_demo(a: argparse.Namespace) -> dict:
     s = send(a.target, a.pool, pay, data=a.data, teacher=_teacher_cfg(a), keep=a.keep, count=a.count,
              policy=a.policy, temperature=a.temperature, safety_share=a.safety_share, alpha=a.alpha, seed=a.seed,
              progress=not a.json, budget_bytes=a.budget, holdout_folds=a.holdout_folds,
-             holdout_fraction=a.holdout_fraction, holdout_groups=a.holdout_groups, auto_send=a.auto_send)
+             deciders=a.deciders, holdout_fraction=a.holdout_fraction, holdout_groups=a.holdout_groups,
+             auto_send=a.auto_send)
     r = receive(pay, a.pool, data=a.data, student=_student_cfg(a), test=a.target,
                 model_out=out / f"{a.target}-student.safetensors", progress=not a.json)
     return {"target": a.target, "pool_size": s["pool_size"], "kept": s["kept"],

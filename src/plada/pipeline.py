@@ -24,12 +24,8 @@ from .student import StudentConfig, train_student
 from .teacher import TeacherConfig, train_teacher
 from .train import accuracy, predict
 
-# When the sender's teacher used all of train, auto decides with HOLDOUT_FOLDS deciding teachers and sends
-# AUTO_SEND's selection (see _auto_choice). One teacher without a 10% slice, sending its own selection:
-# `python -m benchmarks.auto_policy` measured it within 1 point of the hindsight best in 5 of 6 Flowers-5 and
-# GTSRB cells (3 folds sending the full teacher's selection: 3 of 6; docs/AUTO_POLICY.md), for one extra
-# teacher fine-tune instead of three.
-HOLDOUT_FOLDS = 1
+# When the sender's teacher used all of train, auto decides with `auto.DECIDERS` deciding teachers, each without its
+# own slice of train, and sends AUTO_SEND's selection: the best deciding teacher's own (see _auto_choice).
 AUTO_SEND = "decider"
 
 
@@ -54,19 +50,21 @@ def send(
     proxy_res: int = 64,
     engine: str = "local",
     actors: int | None = None,
-    holdout_folds: int = HOLDOUT_FOLDS,
+    holdout_folds: int | None = None,
     holdout_groups: str | None = None,
     auto_send: str = AUTO_SEND,
     holdout_fraction: float | None = None,
+    deciders: int | None = None,
 ) -> dict:
     """Make a payload for `target` over `pool`; returns a report (teacher accuracy, bytes, class counts).
 
     `policy="auto"` (implied by `budget_bytes`) searches policies and keep sizes with proxy students
     on held-out target images and sends the best forecast; see `plada.auto`. `holdout_groups` (a regular
-    expression on train file names, `auto.name_groups`) holds images of one object out together;
-    `holdout_fraction` is the share of train each deciding teacher goes without (one teacher: default 0.1, or
-    0.2 with `holdout_groups`, `auto.default_holdout_fraction`; with `holdout_folds` > 1 it makes the folds
-    disjoint slices of that share, `auto.fold_split`, instead of a partition of train).
+    expression on train file names, `auto.name_groups`) holds images of one object out together.
+    When the teacher used all of train, `deciders` teachers (default `auto.DECIDERS`) are fine-tuned, each
+    without its own disjoint slice of `holdout_fraction` of train (default 0.1, or 0.2 with `holdout_groups`,
+    `auto.default_holdout_fraction`); `holdout_folds` K > 1 instead cross-fits K teachers over a partition of
+    train (`auto.decider_plan` says which combinations are allowed).
     `auto_send="decider"` (default) sends the best deciding teacher's own selection and labels, the very
     selection its forecast measured (the header's `auto.labels_from_fold` says which; `teacher` there stays
     the full teacher's recipe and test accuracy); `"teacher"` sends the full teacher's selection for the rule
@@ -76,14 +74,12 @@ def send(
     teacher = teacher or TeacherConfig()
     if temperature <= 0:
         raise PladaError(f"temperature must be positive, got {temperature}")
-    if not isinstance(holdout_folds, int) or holdout_folds < 1:
-        raise PladaError(f"holdout_folds must be a positive integer, got {holdout_folds!r}")
     if holdout_fraction is not None and not (isinstance(holdout_fraction, int | float) and 0 < holdout_fraction < 1):
         raise PladaError(f"holdout_fraction must be a number strictly between 0 and 1, got {holdout_fraction!r}")
-    from .auto import check_slices, name_groups
+    from .auto import decider_plan, name_groups
 
-    if holdout_fraction is not None:
-        check_slices(holdout_folds, holdout_fraction)  # fails now, not after the teacher
+    # fails now, not after the teacher
+    folds, holdout_fraction = decider_plan(holdout_folds, deciders, holdout_fraction, holdout_groups is not None)
     if holdout_groups is not None:
         name_groups([], holdout_groups)  # a bad pattern fails now, not after the teacher
     if auto_send not in ("teacher", "decider"):
@@ -109,7 +105,7 @@ def send(
     if policy == "auto":
         return _send_auto(src, train, test, pool, teacher, out, t0, budget_bytes=budget_bytes,
                           k=None if budget_bytes else k, temperature=temperature, seed=seed, proxy=proxy,
-                          proxy_res=proxy_res, progress=progress, engine=engine, actors=actors, folds=holdout_folds,
+                          proxy_res=proxy_res, progress=progress, engine=engine, actors=actors, folds=folds,
                           group_pattern=holdout_groups, send=auto_send, holdout_fraction=holdout_fraction)
     model, tinfo = train_teacher(train, test, teacher, cache_root() / "teachers", progress=progress)
     scores = engines.score(model, pool, cache_root() / "scores", engine=engine, progress=progress, actors=actors)
@@ -187,18 +183,19 @@ def _unseen_rows(train: Split, teacher: TeacherConfig, group_pattern: str | None
 
 
 def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k, temperature, seed, proxy, proxy_res,
-                 progress, *, seen, unseen, tgroups=None, engine="local", actors=None, folds=HOLDOUT_FOLDS,
-                 send=AUTO_SEND, holdout_fraction=None):
+                 progress, *, seen, unseen, folds, tgroups=None, engine="local", actors=None, send=AUTO_SEND,
+                 holdout_fraction=None):
     """Pick the policy with proxy students scored on target images the deciding teacher never saw.
 
     A teacher trained on a subset (`--teacher-limit`) leaves the rest of train unseen: those are the
     held-out images, and nothing is wasted. A teacher that used all of train is cross-fitted: `folds`
-    teachers each trained without one fold decide (`auto.Decider`; folds=1: one teacher without a 10%
-    slice, 20% of whole groups; with `holdout_fraction`, each fold is a slice of that share). `send="decider"`
-    sends a deciding teacher's own selection (`auto.search`), and `scores` (the full teacher's) may then be None;
+    teachers decide, each trained without its own held-out part (`auto.Decider`; `cross_fit`: a slice of
+    `holdout_fraction` each, or with none a K-fold partition). `send="decider"` sends a deciding teacher's own
+    selection (`auto.search`), and `scores` (the full teacher's) may then be None: the header's teacher test
+    accuracy is then the sending decider's (each decider's candidates are sized with its own);
     `"teacher"` sends the full teacher's selection for the best rule.
     `seen`/`unseen`/`tgroups` come from `_unseen_rows`: held-out rows share no group with rows the deciding
-    teacher trained on. Returns (choice, deciders or None).
+    teacher trained on. Returns (choice, deciders or None); `base_meta` is updated to what the payload carries.
     """
     from . import auto
     from .features import cached_features, feature_model, rows_features
@@ -223,10 +220,21 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
                                           engine=engine, actors=actors, progress=progress, groups=tgroups,
                                           test=test if scores is None else None, holdout_fraction=holdout_fraction)
         nearest = ref_key(np.arange(len(train))) if send == "teacher" else None  # deciders carry their own
-        if scores is None and len(deciders) == 1:  # the one decider is the sending teacher: its accuracy goes in
-            base_meta["teacher"]["test_accuracy"] = deciders[0].test_accuracy  # the header (sized below with it)
     held_f = feats(held_idx, "held")
-    sizer = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, base_meta, groups=groups)
+
+    def header_of(decider: int | None) -> dict:  # without a full teacher, a decider's labels go with its accuracy
+        if scores is not None or decider is None:
+            return base_meta
+        return {**base_meta, "teacher": {**base_meta["teacher"], "test_accuracy": deciders[decider].test_accuracy}}
+
+    sizers = [auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, header_of(j), groups=groups)
+              for j in (range(len(deciders)) if deciders else ())]
+    plain = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, base_meta, groups=groups)
+
+    def sizer(indices: np.ndarray, labels: np.ndarray, meta: dict) -> int:
+        j = meta.get("auto", {}).get("labels_from_fold")
+        return (plain if scores is not None or j is None else sizers[j])(indices, labels, meta)
+
     if scores is not None:
         sender = (scores.labels, scores.energy(temperature), scores.entropy(), rate.confidence(scores.logits))
     else:  # decider mode without a full teacher: only the deciders' scores are used (these are checked, not sent)
@@ -237,6 +245,7 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
                          n_classes=len(train.class_names), size_of=sizer, budget_bytes=budget_bytes, k=k,
                          nearest_key=nearest, groups=groups, confidence=sender[3],
                          deciders=deciders, seed=seed, send=send if deciders else "teacher")
+    base_meta.update(header_of(choice.decider))
     return choice, deciders
 
 
@@ -255,7 +264,8 @@ def cross_fit(
     With `test`, each fold teacher's test accuracy is measured once (cached with the teacher,
     `Decider.test_accuracy`): a sender that sends a fold teacher's labels reports that teacher.
     `holdout_fraction` is the slice each teacher goes without (`auto.fold_split`; for folds=1 the default is
-    `auto.default_holdout_fraction`: 0.1, or 0.2 with `groups`; for more folds none means a partition).
+    `auto.default_holdout_fraction`: 0.1, or 0.2 with `groups`; for more folds none means a partition;
+    `auto.decider_plan` turns a user's request into these two).
     """
     from . import auto
 
