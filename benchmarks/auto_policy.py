@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import sys
 import time
@@ -63,6 +64,7 @@ class AutoConfig(paper.Config):
     folds: int | None = None  # instead: this many teachers cross-fitted over a partition of train
     holdout_fraction: float | None = None
     search_seed: int = 0
+    fractions: tuple[float, ...] = auto.DEFAULT_FRACTIONS  # keep sizes tried: these shares of the largest that fits
     send: str = AUTO_SEND  # auto.search(send=): the deciding teachers' own selections, or the full teacher's
     # plada send --holdout-groups per target: GTSRB's train split is 5 frames of each sign's track (TRACK_FRAME.png)
     holdout_groups: dict[str, str] = field(default_factory=lambda: {"gtsrb32": r"^(\d+)_"})
@@ -166,7 +168,8 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
 
         plan = auto.plan_candidates(auto.DEFAULT_POLICIES, labels=scores.labels, energy=energy, entropy=entropy,
                                     n_classes=n_cls, size_of=size_of, meta_for=meta, budget_bytes=budget,
-                                    nearest_key=nearest, groups=gid, confidence=conf, seed=cfg.search_seed)
+                                    nearest_key=nearest, groups=gid, confidence=conf, seed=cfg.search_seed,
+                                    fractions=cfg.fractions)
         return [{**c.row(n_cls), "forecast": None, "forecast_seeds": 0, "chosen": False} for c in plan]
 
     def test_accuracies(sels: list[rate.Selection], seeds: tuple[int, ...]) -> list[float]:
@@ -191,7 +194,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
                              heldout_feats=held_f, heldout_labels=train.labels[held], n_classes=n_cls,
                              size_of=size_of, budget_bytes=int(budget), nearest_key=nearest, groups=gid,
                              confidence=conf, deciders=deciders, head_steps=cfg.proxy_steps, seed=cfg.search_seed,
-                             send=cfg.send if deciders else "teacher")
+                             send=cfg.send if deciders else "teacher", fractions=cfg.fractions)
         except PladaError as e:
             cells[str(budget)] = {"error": str(e)}
             log(f"[{target}] {budget} B: {e}")
@@ -299,8 +302,8 @@ def decider_words(cfg: dict) -> str:
     if folds and folds > 1 and frac is None:
         return f"{folds} deciding teachers, each fine-tuned without one part of a {folds}-fold partition of train"
     n = dec or folds or auto.DECIDERS
-    share = (f"a seeded {frac:.0%} slice of train" if frac is not None else
-             "a seeded slice of train (10%, 20% when whole groups are held out)")
+    share = (f"seeded {frac:.0%} slice of train" if frac is not None else
+             "seeded slice of train (10%, 20% when whole groups are held out)")
     return f"{n} deciding teacher(s), each fine-tuned without its own {share}" + (", slices disjoint" if n > 1 else "")
 
 
@@ -316,7 +319,8 @@ def write_markdown(res: dict, path: Path) -> None:
          "(lowest / highest energy, lowest entropy, random, nearest-to-target, Safety-Net s ∈ {0.1, 0.3} × "
          "α ∈ {0.5, −0.2}, whole pool folders by mean energy with the teacher's labels (tau=0) or each folder's "
          "majority label (tau=1)) at the largest keep size whose real `.plada` file (context codec, the pool's "
-         "folders as groups, as `plada send` writes it) fits the budget and at ½ and ¼ of it, "
+         "folders as groups, as `plada send` writes it) fits the budget and at "
+         + " and ".join(f"{f:g}" for f in cfg.get("fractions", auto.DEFAULT_FRACTIONS) if f != 1) + " of it, "
          f"trains a proxy linear head ({cfg['proxy_steps']} steps) per candidate and picks the best held-out "
          "accuracy (the *forecast*). Every candidate is then measured on the test split with the paper's linear "
          f"student ({cfg['head_steps']} steps; seed {cfg['eval_seeds'][0]} for every candidate, then the mean over "
@@ -399,6 +403,22 @@ def write_markdown(res: dict, path: Path) -> None:
     paper.write_keeping_discussion(path, L)
 
 
+def markdown_from(results: Path, out_dir: Path) -> Path:
+    """Rewrite a run's markdown from its results JSON (e.g. after a wording fix), keeping the hand-written
+    discussion: docs/<STEM upper-cased>.md, in the run's own order (the JSON is saved with sorted keys)."""
+    res = json.loads(results.read_text())
+    order = [str(b) for b in res["config"]["budgets"]]
+    res["targets"] = {t: res["targets"][t] for t in res["config"]["targets"] if t in res["targets"]}
+    for r in res["targets"].values():
+        r["budgets"] = {b: r["budgets"][b] for b in order if b in r["budgets"]}
+    res["fixed_policy_summary"] = {b: res["fixed_policy_summary"][b] for b in order
+                                   if b in res.get("fixed_policy_summary", {})}
+    stem = results.stem.upper()
+    path = out_dir / "docs" / (stem[:-len("_QUICK")] + "_quick.md" if stem.endswith("_QUICK") else f"{stem}.md")
+    write_markdown(res, path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.auto_policy", description=__doc__.split("\n\n")[0])
     paper.add_common_args(ap)
@@ -415,11 +435,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--send", choices=["teacher", "decider"], default=None,
                     help="what the search sends, as plada send --auto-send (default decider); a given value names "
                          "the output, e.g. results/auto_policy_teacher.json")
+    ap.add_argument("--fractions", nargs="+", type=float, default=None,
+                    help="keep sizes tried, as shares of the largest that fits (default 1 0.5 0.25); a given value "
+                         "names the output by its smallest share, e.g. _ladder8 for ... 0.125")
     ap.add_argument("--search-seed", type=int, default=None,
                     help="seed of held-out slice, folds and proxies (default 0); a given value names the output")
     ap.add_argument("--no-holdout-groups", action="store_true",
                     help="fold by image, not by object (GTSRB tracks are held out as whole groups by default)")
+    ap.add_argument("--markdown-from", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="run nothing: rewrite that run's docs/*.md from its JSON (its discussion kept)")
     a = ap.parse_args(argv)
+    if a.markdown_from is not None:
+        if not a.markdown_from.is_file():
+            print(f"benchmark: error: no results file {a.markdown_from}", file=sys.stderr)
+            return 2
+        print(f"wrote {markdown_from(a.markdown_from, Path(a.out_dir))}")
+        return 0
     cfg = paper.apply_common_args(AutoConfig(), a, quick_config)
     if a.budgets:
         cfg.budgets = tuple(a.budgets)
@@ -429,6 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.folds = a.folds
     if a.deciders:
         cfg.deciders = a.deciders
+    if a.fractions:
+        cfg.fractions = tuple(a.fractions)
     if a.no_holdout_groups:
         cfg.holdout_groups = {}
     if a.holdout_fraction is not None:
@@ -445,12 +478,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out_dir)
     variant = (f"_{a.send}" if a.send else "") + (f"_folds{a.folds}" if a.folds else "") + (
         f"_deciders{a.deciders}" if a.deciders else "") + (
+        f"_ladder{round(1 / min(a.fractions))}" if a.fractions else "") + (
         f"_holdout{round(100 * a.holdout_fraction)}" if a.holdout_fraction is not None else "") + (
         f"_seed{a.search_seed}" if a.search_seed is not None else "")
     stem = ("auto_policy_quick" if a.quick else "auto_policy") + variant
     res = paper.run_all("auto_policy", cfg, a, run_target,
                         extra_flags=(("--budgets", a.budgets), ("--eval-seeds", a.eval_seeds), ("--folds", a.folds),
-                                     ("--deciders", a.deciders),
+                                     ("--deciders", a.deciders), ("--fractions", a.fractions),
                                       ("--no-holdout-groups", a.no_holdout_groups or None), ("--send", a.send),
                                      ("--holdout-fraction", None if a.holdout_fraction is None
                                       else str(a.holdout_fraction)),

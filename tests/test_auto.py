@@ -253,6 +253,12 @@ def test_auto_policy_quick_benchmark(tiny_data: Path, cache: Path, tmp_path: Pat
     md = (tmp_path / "docs" / "AUTO_POLICY_quick.md").read_text()
     assert "python -m benchmarks.auto_policy --quick" in md and "tinytarget" in md and "Against the goals" in md
     assert "One fixed policy for every target" in md
+    # the markdown can be rewritten from the JSON alone, identically (the JSON's sorted keys put back in run order)
+    (tmp_path / "docs" / "AUTO_POLICY_quick.md").unlink()
+    results = tmp_path / "results" / "auto_policy_quick.json"
+    assert auto_policy.main(["--markdown-from", str(results), "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "docs" / "AUTO_POLICY_quick.md").read_text() == md
+    assert auto_policy.main(["--markdown-from", str(tmp_path / "none.json")]) == 2
 
     # the default sends the decider's own selection; hindsight is the full teacher's field (its rows unforecast)
     cell = r["budgets"]["1500"]
@@ -267,16 +273,20 @@ def test_auto_policy_quick_benchmark(tiny_data: Path, cache: Path, tmp_path: Pat
     # --send teacher --folds 3: the full teacher's selections are the candidates (and the hindsight field)
     code = auto_policy.main(["--quick", "--data", str(tiny_data), "--pool", "tinypool", "--targets", "tinytarget",
                              "--budgets", "1500", "--send", "teacher", "--folds", "3", "--search-seed", "0",
-                             "--out-dir", str(tmp_path)])
+                             "--fractions", "1", "0.5", "0.25", "0.125", "--out-dir", str(tmp_path)])
     assert code == 0
-    tres = json.loads((tmp_path / "results" / "auto_policy_quick_teacher_folds3_seed0.json").read_text())
-    assert tres["command"].endswith("--send teacher --search-seed 0")
+    tres = json.loads((tmp_path / "results" / "auto_policy_quick_teacher_folds3_ladder8_seed0.json").read_text())
+    assert tres["command"].endswith("--folds 3 --fractions 1.0 0.5 0.25 0.125 --send teacher --search-seed 0")
+    # a longer ladder of keep sizes: random (every k exact) is tried at an eighth of its largest fitting size too
+    cands = tres["targets"]["tinytarget"]["budgets"]["1500"]["candidates"]
+    ks = sorted(c["k"] for c in cands if c["policy"] == "random")
+    assert len(ks) == 4 and ks[0] == ks[-1] // 8
     tr = tres["targets"]["tinytarget"]
     tcell = tr["budgets"]["1500"]
     assert tr["send"] == "teacher" and tr["folds"] == 3 and tcell["auto"]["decider"] is None
     assert all(c["decider"] is None and c["forecast"] is not None for c in tcell["candidates"])
     assert {c["name"] for c in tcell["candidates"]} == {c["name"] for c in fixed}
-    assert (tmp_path / "docs" / "AUTO_POLICY_TEACHER_FOLDS3_SEED0_quick.md").is_file()
+    assert (tmp_path / "docs" / "AUTO_POLICY_TEACHER_FOLDS3_LADDER8_SEED0_quick.md").is_file()
 
 
 def test_forecast_ties_go_to_more_images() -> None:

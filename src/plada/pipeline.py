@@ -66,8 +66,8 @@ def send(
     `auto.default_holdout_fraction`); `holdout_folds` K > 1 instead cross-fits K teachers over a partition of
     train (`auto.decider_plan` says which combinations are allowed).
     `auto_send="decider"` (default) sends the best deciding teacher's own selection and labels, the very
-    selection its forecast measured (the header's `auto.labels_from_fold` says which; `teacher` there stays
-    the full teacher's recipe and test accuracy); `"teacher"` sends the full teacher's selection for the rule
+    selection its forecast measured (the header's `auto.labels_from_fold` says which; `teacher` there keeps
+    the recipe, with that deciding teacher's test accuracy); `"teacher"` sends the full teacher's selection for the rule
     the deciders rank best (`auto.search(send=)`). Both only differ when the teacher used all of train.
     `engine` says where the pool is scored (`plada.engines`); the payload does not depend on it.
     """
