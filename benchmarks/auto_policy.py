@@ -320,7 +320,7 @@ def write_markdown(res: dict, path: Path) -> None:
          "α ∈ {0.5, −0.2}, whole pool folders by mean energy with the teacher's labels (tau=0) or each folder's "
          "majority label (tau=1)) at the largest keep size whose real `.plada` file (context codec, the pool's "
          "folders as groups, as `plada send` writes it) fits the budget and at "
-         + " and ".join(f"{f:g}" for f in cfg.get("fractions", auto.DEFAULT_FRACTIONS) if f != 1) + " of it, "
+         + ", ".join(f"{f:g}" for f in cfg.get("fractions", (1.0, 0.5, 0.25)) if f != 1) + " of it, "  # (older runs)
          f"trains a proxy linear head ({cfg['proxy_steps']} steps) per candidate and picks the best held-out "
          "accuracy (the *forecast*). Every candidate is then measured on the test split with the paper's linear "
          f"student ({cfg['head_steps']} steps; seed {cfg['eval_seeds'][0]} for every candidate, then the mean over "
@@ -436,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="what the search sends, as plada send --auto-send (default decider); a given value names "
                          "the output, e.g. results/auto_policy_teacher.json")
     ap.add_argument("--fractions", nargs="+", type=float, default=None,
-                    help="keep sizes tried, as shares of the largest that fits (default 1 0.5 0.25); a given value "
-                         "names the output by its smallest share, e.g. _ladder8 for ... 0.125")
+                    help="keep sizes tried, as shares of the largest that fits (default "
+                         f"{' '.join(f'{f:g}' for f in auto.DEFAULT_FRACTIONS)}); a given value names the output by "
+                         "its smallest share, e.g. _ladder4 for ... 0.25")
     ap.add_argument("--search-seed", type=int, default=None,
                     help="seed of held-out slice, folds and proxies (default 0); a given value names the output")
     ap.add_argument("--no-holdout-groups", action="store_true",
