@@ -227,13 +227,11 @@ def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k,
             return base_meta
         return {**base_meta, "teacher": {**base_meta["teacher"], "test_accuracy": deciders[decider].test_accuracy}}
 
-    sizers = [auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, header_of(j), groups=groups)
-              for j in (range(len(deciders)) if deciders else ())]
-    plain = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, base_meta, groups=groups)
+    sizers = {j: auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, header_of(j), groups=groups)
+              for j in (None, *range(len(deciders or ())))}
 
-    def sizer(indices: np.ndarray, labels: np.ndarray, meta: dict) -> int:
-        j = meta.get("auto", {}).get("labels_from_fold")
-        return (plain if scores is not None or j is None else sizers[j])(indices, labels, meta)
+    def sizer(indices: np.ndarray, labels: np.ndarray, meta: dict) -> int:  # each candidate with its own header
+        return sizers[meta.get("auto", {}).get("labels_from_fold")](indices, labels, meta)
 
     if scores is not None:
         sender = (scores.labels, scores.energy(temperature), scores.entropy(), rate.confidence(scores.logits))
