@@ -1,8 +1,7 @@
 """Does the sender's automatic policy choice (plada.auto) match the best fixed policy chosen in hindsight?
 
-    python -m benchmarks.auto_policy            # results/auto_policy.json, docs/AUTO_POLICY.md
+    python -m benchmarks.auto_policy            # results/auto_policy.json, benchmarks/reports/AUTO_POLICY.md
     python -m benchmarks.auto_policy --quick    # small subset (also run by the test suite)
-    python -m benchmarks.auto_policy --send teacher --folds 3  # results/auto_policy_teacher_folds3.json
     python -m benchmarks.auto_policy --deciders 1 --search-seed 2  # one deciding teacher, third seed
     python -m benchmarks.auto_policy --targets flowers5 gtsrb32 --search-seed 1  # results/auto_policy_seed1.json
 
@@ -10,18 +9,16 @@ Same pool, teachers, pool scores and frozen features as benchmarks.paper (its Co
 recipe are reused, so a finished paper run makes this one cheap). Per target and byte budget (about 1, 5
 and 20 KB): held-out = target train images the teacher did not train on; when the teacher used all of
 train, exactly what `plada send --budget` does: deciding teachers are fine-tuned, each without its own
-slice of train (default `auto.DECIDERS` = 2 teachers, slices of 10%, 20% of whole groups; `auto.decider_plan`;
-`--folds K`: K teachers over a K-fold partition instead), and the candidates are the deciding
-teachers' own selections, each forecast on its own held-out rows (`send="decider"`, the default of
-`plada send --auto-send`). The auto search picks a policy and
+slice of train (default `auto.DECIDERS` = 2 teachers, slices of 10%, 20% of whole groups; `auto.decider_plan`),
+and the candidates are the deciding teachers' own selections, each forecast on its own held-out rows.
+The auto search picks a policy and
 keep size by the held-out accuracy of a proxy linear head; then every candidate of that search is
 measured on the test split with the paper's linear student (seed 0 for all; the leaders within
 `eval_band` of the best get the other `eval_seeds` too, and their accuracy is the mean), which gives the
 auto choice's accuracy, the best candidate in hindsight, and the forecast error.
 
-With `--send teacher` the candidates are the full teacher's selections instead, each forecast by every
-deciding teacher's selection for its rule on its own fold (`auto.Decider`). Either way the hindsight best is
-the best of the full teacher's selections (the fixed policies a user could pick), so gaps compare.
+The hindsight best is the best of the full teacher's selections (the fixed policies a user could pick).
+Earlier modes (the full teacher's selection sent, K-fold cross-fitting) are in benchmarks/HISTORY.md.
 """
 
 from __future__ import annotations
@@ -42,7 +39,7 @@ from plada import auto, rate
 from plada.data import Split, cache_root
 from plada.errors import PladaError
 from plada.features import cached_features, feature_model, rows_features, split_key
-from plada.pipeline import AUTO_SEND, cross_fit
+from plada.pipeline import decide
 from plada.pool import Pool
 from plada.score import score_pool
 from plada.train import head_job, train_heads
@@ -58,14 +55,12 @@ class AutoConfig(paper.Config):
     proxy_steps: int = auto.PROXY_STEPS  # head steps of each proxy student in the search
     eval_seeds: tuple[int, ...] = (0, 1, 2)  # linear-student seeds on the test split (the first for all candidates)
     eval_band: float = 0.02  # candidates within this of the best first-seed accuracy get every eval seed
-    # when the teacher used all of train, as plada send --deciders / --holdout-folds / --holdout-fraction (None:
-    # auto.decider_plan's defaults, auto.DECIDERS teachers each without its own auto.default_holdout_fraction slice)
+    # when the teacher used all of train, as plada send's deciders / holdout_fraction (None: auto.decider_plan's
+    # defaults, auto.DECIDERS teachers each without its own auto.default_holdout_fraction slice)
     deciders: int | None = None
-    folds: int | None = None  # instead: this many teachers cross-fitted over a partition of train
     holdout_fraction: float | None = None
     search_seed: int = 0
     fractions: tuple[float, ...] = auto.DEFAULT_FRACTIONS  # keep sizes tried: these shares of the largest that fits
-    send: str = AUTO_SEND  # auto.search(send=): the deciding teachers' own selections, or the full teacher's
     # plada send --holdout-groups per target: GTSRB's train split is 5 frames of each sign's track (TRACK_FRAME.png)
     holdout_groups: dict[str, str] = field(default_factory=lambda: {"gtsrb32": r"^(\d+)_"})
 
@@ -114,35 +109,33 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
         key_s[0] += time.time() - t
         return key
 
-    deciders = None
-    if refit:  # as plada send: cross-fitted deciding teachers, each scored on the fold it never saw
-        n_dec, frac = auto.decider_plan(cfg.folds, cfg.deciders, cfg.holdout_fraction, tgroups is not None)
-        held, deciders, secs = cross_fit(train, pool, tcfg, n_dec, cfg.search_seed,
-                                         ref_key, held_limit=cfg.heldout_limit,
-                                         groups=tgroups, holdout_fraction=frac)
+    energy, entropy, conf = scores.energy(), scores.entropy(), rate.confidence(scores.logits)
+    n_dec = frac = None
+    if refit:  # as plada send: deciding teachers, each scored on the slice it never saw
+        n_dec, frac = auto.decider_plan(cfg.deciders, cfg.holdout_fraction, tgroups is not None)
+        held, deciders = decide(train, None, pool, tcfg, n_dec, frac, cfg.search_seed, ref_key,
+                                held_limit=cfg.heldout_limit, groups=tgroups, progress=False)
+        secs = [d.train_seconds for d in deciders]
         nearest = ref_key(np.arange(len(train)))
-        what = (f"a seeded {frac:.0%} slice" if n_dec == 1 else f"{n_dec} disjoint seeded {frac:.0%} "
-                "slices (one each)" if frac is not None else f"{n_dec} folds, each held out once")
+        what = f"a seeded {frac:.0%} slice" if n_dec == 1 else f"{n_dec} disjoint seeded {frac:.0%} slices (one each)"
         note = (f"the teacher trained on all {len(train)} train images, so (as `plada send` does) "
                 f"{n_dec} deciding teacher(s) were fine-tuned without {what}; {len(held)} held-out images "
-                "in all, each scored only by a teacher that never saw it; "
-                + ("each candidate is one deciding teacher's own selection, sized with its labels, forecast on its "
-                   "own fold and sent as it is" if cfg.send == "decider" else
-                   "sizes and the labels sent are the full teacher's"))
+                "in all, each scored only by a teacher that never saw it; each candidate is one deciding teacher's "
+                "own selection, sized with its labels, forecast on its own slice and sent as it is")
         if tgroups is not None:
-            note += (f"; folds hold out whole groups ({len(np.unique(tgroups))} groups from file names by "
-                     f"`--holdout-groups '{pattern}'`)")
+            note += (f"; slices hold out whole groups ({len(np.unique(tgroups))} groups from file names by "
+                     f"`holdout_groups='{pattern}'`)")
         log(f"[{target}] {n_dec} deciding teacher(s): {secs} s")
     else:
         held = auto.subsample(unseen, cfg.heldout_limit, cfg.search_seed)
         nearest = ref_key(seen)
+        deciders = [auto.Decider(scores.labels, energy, entropy, np.arange(len(held)), conf, nearest)]
         note = f"{len(held)} of the {len(unseen)} train images the teacher never saw"
     nearest_s = round(key_s[0], 1)
     log(f"[{target}] held-out: {note}; nearest-target keys {nearest_s} s")
 
     test_f = np.asarray(cached_features(fm, test.images, split_key(src.root, "test", len(test))))
     held_f = split_features(fm, train, src.root, held, "auto-heldout")
-    energy, entropy, conf = scores.energy(), scores.entropy(), rate.confidence(scores.logits)
 
     base_meta = {"target": src.name, "keep": None, "temperature": 1.0,
                  "teacher": {"model": tcfg.model, "res": tcfg.res, "mode": tcfg.mode,
@@ -152,14 +145,13 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
 
     def as_sent(row: dict) -> rate.Selection:
         pol = auto.Policy(row["policy"], row["safety_share"], row["alpha"], row["tau"])
-        if row.get("decider") is not None:  # a deciding teacher's own selection (--send decider)
+        if row.get("decider") is not None:  # a deciding teacher's own selection
             d = deciders[row["decider"]]
-            return auto.select_policy(pol, row["k"], labels=d.labels, energy=d.energy, entropy=d.entropy,
-                                      n_classes=n_cls, seed=cfg.search_seed, nearest_key=d.nearest_key, groups=gid,
-                                      confidence=d.confidence)
-        return auto.select_policy(pol, row["k"], labels=scores.labels, energy=energy, entropy=entropy,
-                                  n_classes=n_cls, seed=cfg.search_seed, nearest_key=nearest, groups=gid,
-                                  confidence=conf)
+            return auto.selector(pol, labels=d.labels, energy=d.energy, entropy=d.entropy, n_classes=n_cls,
+                                 seed=cfg.search_seed, nearest_key=d.nearest_key, groups=gid,
+                                 confidence=d.confidence)(row["k"])
+        return auto.selector(pol, labels=scores.labels, energy=energy, entropy=entropy, n_classes=n_cls,
+                             seed=cfg.search_seed, nearest_key=nearest, groups=gid, confidence=conf)(row["k"])
 
     def fixed_rows(budget: int) -> list[dict]:
         """The full teacher's candidates as the default search sizes them, unforecast: the hindsight field."""
@@ -190,11 +182,10 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
     for budget in cfg.budgets:
         t1 = time.time()
         try:
-            ch = auto.search(labels=scores.labels, energy=energy, entropy=entropy, pool_feats=pool_f,
-                             heldout_feats=held_f, heldout_labels=train.labels[held], n_classes=n_cls,
-                             size_of=size_of, budget_bytes=int(budget), nearest_key=nearest, groups=gid,
-                             confidence=conf, deciders=deciders, head_steps=cfg.proxy_steps, seed=cfg.search_seed,
-                             send=cfg.send if deciders else "teacher", fractions=cfg.fractions)
+            ch = auto.search(deciders=deciders, pool_feats=pool_f, heldout_feats=held_f,
+                             heldout_labels=train.labels[held], n_classes=n_cls, size_of=size_of,
+                             budget_bytes=int(budget), groups=gid, head_steps=cfg.proxy_steps, seed=cfg.search_seed,
+                             fractions=cfg.fractions)
         except PladaError as e:
             cells[str(budget)] = {"error": str(e)}
             log(f"[{target}] {budget} B: {e}")
@@ -244,8 +235,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
                     "train_images": len(seen)},
         "heldout": {"images": len(held), "refit": refit, "note": note, "group_pattern": pattern,
                     "groups": None if tgroups is None else int(len(np.unique(tgroups)))},
-        "folds": n_dec if refit else None, "holdout_fraction": frac if refit else None,
-        "send": cfg.send if refit else "teacher",
+        "folds": n_dec, "holdout_fraction": frac, "send": "decider" if refit else "teacher",
         "nearest_key_seconds": nearest_s,
         "pseudo_label_hist": np.bincount(scores.labels, minlength=n_cls).tolist(),
         "budgets": cells, "seconds": round(time.time() - t0, 1),
@@ -310,7 +300,7 @@ def decider_words(cfg: dict) -> str:
 def write_markdown(res: dict, path: Path) -> None:
     cfg = res["config"]
     title = "# Auto policy: the sender picks the selection for a byte budget"
-    if cfg.get("send") == "decider":
+    if cfg.get("send", "decider") == "decider":
         title += " (a deciding teacher's own selection is sent)"
     L = [title, "",
          f"Command: `{res['command']}` — wall time {res['wall_seconds'] / 60:.1f} min on {res['machine']}.", "",
@@ -332,7 +322,7 @@ def write_markdown(res: dict, path: Path) -> None:
          + ("the candidates are each deciding teacher's own selections (`plada send --auto-send decider`), each "
             "forecast on its own held-out rows and sent as it is (its labels, not the full teacher's); hindsight "
             "is the best of the full teacher's selections (the fixed policies, sized as `--auto-send teacher` "
-            "sizes them), so gaps compare across modes. " if cfg.get("send") == "decider" else
+            "sizes them), so gaps compare across modes. " if cfg.get("send", "decider") == "decider" else
             "sizes and labels sent are the full teacher's (`plada send --auto-send teacher`). ")
          + "The search re-forecasts its "
          "finalists (within 2 points of the best proxy) over 3 proxy seeds. Accuracies in %.", "",
@@ -405,7 +395,7 @@ def write_markdown(res: dict, path: Path) -> None:
 
 def markdown_from(results: Path, out_dir: Path) -> Path:
     """Rewrite a run's markdown from its results JSON (e.g. after a wording fix), keeping the hand-written
-    discussion: docs/<STEM upper-cased>.md, in the run's own order (the JSON is saved with sorted keys)."""
+    discussion: benchmarks/reports/<STEM upper-cased>.md, in the run's own order (the JSON has sorted keys)."""
     res = json.loads(results.read_text())
     order = [str(b) for b in res["config"]["budgets"]]
     res["targets"] = {t: res["targets"][t] for t in res["config"]["targets"] if t in res["targets"]}
@@ -414,7 +404,7 @@ def markdown_from(results: Path, out_dir: Path) -> Path:
     res["fixed_policy_summary"] = {b: res["fixed_policy_summary"][b] for b in order
                                    if b in res.get("fixed_policy_summary", {})}
     stem = results.stem.upper()
-    path = out_dir / "docs" / (stem[:-len("_QUICK")] + "_quick.md" if stem.endswith("_QUICK") else f"{stem}.md")
+    path = out_dir / paper.REPORTS / (stem[:-len("_QUICK")] + "_quick.md" if stem.endswith("_QUICK") else f"{stem}.md")
     write_markdown(res, path)
     return path
 
@@ -427,14 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deciders", type=int, default=None,
                     help="deciding teachers when the teacher used all of train, each without its own slice "
                          f"(default {auto.DECIDERS}); a given value names the output")
-    ap.add_argument("--folds", type=int, default=None,
-                    help="instead of --deciders: teachers cross-fitted over a K-fold partition of train")
     ap.add_argument("--holdout-fraction", type=float, default=None,
                     help="slice of train each deciding teacher goes without (default 0.1, 0.2 with held-out groups); "
                          "a given value names the output")
-    ap.add_argument("--send", choices=["teacher", "decider"], default=None,
-                    help="what the search sends, as plada send --auto-send (default decider); a given value names "
-                         "the output, e.g. results/auto_policy_teacher.json")
     ap.add_argument("--fractions", nargs="+", type=float, default=None,
                     help="keep sizes tried, as shares of the largest that fits (default "
                          f"{' '.join(f'{f:g}' for f in auto.DEFAULT_FRACTIONS)}); a given value names the output by "
@@ -444,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-holdout-groups", action="store_true",
                     help="fold by image, not by object (GTSRB tracks are held out as whole groups by default)")
     ap.add_argument("--markdown-from", type=Path, default=None, metavar="RESULTS_JSON",
-                    help="run nothing: rewrite that run's docs/*.md from its JSON (its discussion kept)")
+                    help="run nothing: rewrite that run's benchmarks/reports/*.md from its JSON (its discussion kept)")
     a = ap.parse_args(argv)
     if a.markdown_from is not None:
         if not a.markdown_from.is_file():
@@ -457,8 +442,6 @@ def main(argv: list[str] | None = None) -> int:
         cfg.budgets = tuple(a.budgets)
     if a.eval_seeds:
         cfg.eval_seeds = tuple(a.eval_seeds)
-    if a.folds:
-        cfg.folds = a.folds
     if a.deciders:
         cfg.deciders = a.deciders
     if a.fractions:
@@ -467,26 +450,23 @@ def main(argv: list[str] | None = None) -> int:
         cfg.holdout_groups = {}
     if a.holdout_fraction is not None:
         cfg.holdout_fraction = a.holdout_fraction
-    if a.send:
-        cfg.send = a.send
     if a.search_seed is not None:
         cfg.search_seed = a.search_seed
     try:  # a bad combination fails now, not after the first teacher
-        auto.decider_plan(cfg.folds, cfg.deciders, cfg.holdout_fraction, bool(cfg.holdout_groups))
+        auto.decider_plan(cfg.deciders, cfg.holdout_fraction, bool(cfg.holdout_groups))
     except PladaError as e:
         print(f"benchmark: error: {e}", file=sys.stderr)
         return 2
     out = Path(a.out_dir)
-    variant = (f"_{a.send}" if a.send else "") + (f"_folds{a.folds}" if a.folds else "") + (
-        f"_deciders{a.deciders}" if a.deciders else "") + (
+    variant = (f"_deciders{a.deciders}" if a.deciders else "") + (
         f"_ladder{round(1 / min(a.fractions))}" if a.fractions else "") + (
         f"_holdout{round(100 * a.holdout_fraction)}" if a.holdout_fraction is not None else "") + (
         f"_seed{a.search_seed}" if a.search_seed is not None else "")
     stem = ("auto_policy_quick" if a.quick else "auto_policy") + variant
     res = paper.run_all("auto_policy", cfg, a, run_target,
-                        extra_flags=(("--budgets", a.budgets), ("--eval-seeds", a.eval_seeds), ("--folds", a.folds),
+                        extra_flags=(("--budgets", a.budgets), ("--eval-seeds", a.eval_seeds),
                                      ("--deciders", a.deciders), ("--fractions", a.fractions),
-                                      ("--no-holdout-groups", a.no_holdout_groups or None), ("--send", a.send),
+                                     ("--no-holdout-groups", a.no_holdout_groups or None),
                                      ("--holdout-fraction", None if a.holdout_fraction is None
                                       else str(a.holdout_fraction)),
                                      ("--search-seed", None if a.search_seed is None else str(a.search_seed))))
@@ -495,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     res["fixed_policy_summary"] = fixed_policy_summary(res)
     path = paper.save_results(res, out, stem)
     doc = "AUTO_POLICY" + variant.upper() + ("_quick" if a.quick else "")
-    write_markdown(res, out / "docs" / f"{doc}.md")
+    write_markdown(res, out / paper.REPORTS / f"{doc}.md")
     print(f"wrote {path} and docs in {math.ceil(res['wall_seconds'])} s")
     return 0
 

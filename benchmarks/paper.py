@@ -1,6 +1,6 @@
 """The paper's experiments at our scale: keep ratio, selection policy, payload bytes, baselines.
 
-    python -m benchmarks.paper            # full grid: results/paper.json, docs/RESULTS.md, docs/plots/
+    python -m benchmarks.paper            # full grid: results/paper.json, benchmarks/reports/PAPER.md and plots/
     python -m benchmarks.paper --quick    # small subset, minutes (also run by the test suite)
 
 Pool: every Tiny-ImageNet-32 image (120,000). Per target: a teacher is fine-tuned once (seed 0) and
@@ -52,6 +52,7 @@ POLICIES = {  # name -> (policy, safety share, alpha)
 }
 PER_CLASS = (1, 2, 4, 8, 16)  # real-image baselines: images per class
 DISCUSSION = "## Discussion (hand-written)"
+REPORTS = Path("benchmarks") / "reports"  # generated tables; docs/RESULTS.md summarises them
 
 
 @dataclass
@@ -414,7 +415,7 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--pool", default=None, help="pool spec, NAME or NAME:split,split")
     ap.add_argument("--targets", nargs="+", default=None)
     ap.add_argument("--teacher", default=None, help="teacher backbone (default efficientnet-lite0)")
-    ap.add_argument("--out-dir", default=".", help="writes results/ and docs/ below it")
+    ap.add_argument("--out-dir", default=".", help="writes results/ and benchmarks/reports/ below it")
 
 
 def apply_common_args(cfg: Config, a: argparse.Namespace, quick: Callable[[Config], Config] | None = None) -> Config:
@@ -472,9 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     plots = {}
     for t in cfg.targets:
         rel = f"plots/{stem}_{t}.png"
-        plot(res, t, out / "docs" / rel)
+        plot(res, t, out / REPORTS / rel)
         plots[t] = rel
-    write_markdown(res, out / "docs" / ("RESULTS.md" if not a.quick else "RESULTS_quick.md"), plots)
+    write_markdown(res, out / REPORTS / ("PAPER.md" if not a.quick else "PAPER_quick.md"), plots)
     print(f"wrote {path} and docs in {math.ceil(res['wall_seconds'])} s")
     return 0
 

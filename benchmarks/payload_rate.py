@@ -1,6 +1,6 @@
 """Rate against accuracy: do cheap-to-describe selections (plada.rate) and the context codec buy bytes?
 
-    python -m benchmarks.payload_rate            # results/payload_rate.json, docs/PAYLOAD_RATE.md, plots
+    python -m benchmarks.payload_rate            # results/payload_rate.json, benchmarks/reports/PAYLOAD_RATE.md, plots
     python -m benchmarks.payload_rate --quick    # small subset (also run by the test suite)
 
 Same pool, teachers, pool scores and frozen features as benchmarks.paper (its Config and caches are
@@ -275,11 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     plots = {}
     for t, r in res["targets"].items():
         rel = f"plots/{stem}_{t}.png"
-        plot(r, out / "docs" / rel)
+        plot(r, out / paper.REPORTS / rel)
         plots[t] = rel
     scale_path = Path("results/codec_scale.json")
     codec_scale = json.loads(scale_path.read_text()) if scale_path.is_file() and not a.quick else None
-    write_markdown(res, out / "docs" / ("PAYLOAD_RATE.md" if not a.quick else "PAYLOAD_RATE_quick.md"), plots,
+    write_markdown(res, out / paper.REPORTS / ("PAYLOAD_RATE.md" if not a.quick else "PAYLOAD_RATE_quick.md"), plots,
                    codec_scale)
     print(f"wrote {path} and docs in {math.ceil(res['wall_seconds'])} s")
     return 0

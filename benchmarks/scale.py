@@ -1,6 +1,6 @@
 """Scale-out measurements: scoring throughput per engine, memory against pool size, an ImageNet-21K projection.
 
-    python -m benchmarks.scale                           # tinyimagenet32: results/scale.json, docs/SCALE.md
+    python -m benchmarks.scale              # tinyimagenet32: results/scale.json, benchmarks/reports/SCALE.md
     python -m benchmarks.scale --images 20000            # less work: pools of 20k and 80k images
     python -m benchmarks.scale --quick                   # synthetic, seconds (the test suite runs it)
 
@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks import paper
 from benchmarks.paper import write_keeping_discussion
 from plada import engines
 from plada.backbones import create, prepare
@@ -460,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray runtime (default: all)")
     p.add_argument("--assume-gpu-speedup", type=float, default=50.0,
                    help="without a GPU: assumed GPU/CPU inference speed ratio for the projection")
-    p.add_argument("--out-dir", default=".", help="writes results/ and docs/ under this folder")
+    p.add_argument("--out-dir", default=".", help="writes results/ and benchmarks/reports/ under this folder")
     p.add_argument("--work-dir", default=None, help="scratch folder (default: OUT_DIR/runs/scale)")
     p.add_argument("--keep-work", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny synthetic pool, random weights: checks the code path")
@@ -478,10 +479,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out_dir)
     suffix = "_quick" if args.quick else ""
     (out / "results").mkdir(parents=True, exist_ok=True)
-    (out / "docs").mkdir(parents=True, exist_ok=True)
+    (out / paper.REPORTS).mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results" / f"scale{suffix}.json", res)
     command = "python -m benchmarks.scale " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_markdown(res, out / "docs" / f"SCALE{suffix}.md", command.strip())
+    write_markdown(res, out / paper.REPORTS / f"SCALE{suffix}.md", command.strip())
     print(json.dumps({"throughput": {k: v.get("images_per_s") for k, v in res["throughput"].items()
                                      if isinstance(v, dict)}, "projection_hours": res["projection"]["wall_hours"]}))
     return 0

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import paper
 
 
+@pytest.mark.slow
 def test_paper_quick(tiny_data: Path, cache: Path, tmp_path: Path) -> None:
     code = paper.main(["--quick", "--data", str(tiny_data), "--pool", "tinypool", "--targets", "tinytarget",
                        "--out-dir", str(tmp_path)])
@@ -29,13 +32,14 @@ def test_paper_quick(tiny_data: Path, cache: Path, tmp_path: Path) -> None:
     # payload bytes grow with the keep ratio, and the file is never smaller than its sections
     files = [r["cells"][f"lowest-energy@{k:g}"]["bytes"]["file"] for k in cfg["keeps"]]
     assert files[0] < files[-2]
-    md = (tmp_path / "docs" / "RESULTS_quick.md").read_text()
+    md = (tmp_path / "benchmarks" / "reports" / "PAPER_quick.md").read_text()
     for heading in ("## 1.", "## 2.", "## 3.", "## 4.", "## 5.", "agrees with the paper"):
         assert heading in md
-    png = tmp_path / "docs" / "plots" / "paper_quick_tinytarget.png"
+    png = tmp_path / "benchmarks" / "reports" / "plots" / "paper_quick_tinytarget.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_payload_rate_quick(tiny_data: Path, cache: Path, tmp_path: Path) -> None:
     from benchmarks import payload_rate
 
@@ -53,6 +57,7 @@ def test_payload_rate_quick(tiny_data: Path, cache: Path, tmp_path: Path) -> Non
     assert all(a["bytes"] < b["bytes"] and a["accuracy"]["mean"] < b["accuracy"]["mean"]
                for a, b in zip(front, front[1:], strict=False))
     assert (r["bytes_ratio"] is None) == (r["cheapest_within_tolerance"] is None)
-    md = (tmp_path / "docs" / "PAYLOAD_RATE_quick.md").read_text()
+    md = (tmp_path / "benchmarks" / "reports" / "PAYLOAD_RATE_quick.md").read_text()
     assert "| tinytarget |" in md and "## At equal bytes" in md
-    assert (tmp_path / "docs" / "plots" / "payload_rate_quick_tinytarget.png").read_bytes()[:4] == b"\x89PNG"
+    png = tmp_path / "benchmarks" / "reports" / "plots" / "payload_rate_quick_tinytarget.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"

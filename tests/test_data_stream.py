@@ -41,12 +41,13 @@ def _reference_members(src: Path):
 
 
 def _reference_source_hash(src: Path) -> str:
+    """Folders: the content key (path and bytes of each image file) that replaced (path, size, mtime)."""
     h = hashlib.sha256()
     if src.is_dir():
         for path in sorted(src.rglob("*")):
-            if path.is_file():
-                st = path.stat()
-                h.update(f"{path.relative_to(src).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            if path.is_file() and D._is_image(path.name):
+                digest = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+                h.update(f"{path.relative_to(src).as_posix()}\t{digest}\n".encode())
     else:
         h.update(src.read_bytes())
     return h.hexdigest()

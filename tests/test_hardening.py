@@ -24,8 +24,8 @@ from plada.data import atomic_write
 from plada.errors import PladaError
 from plada.pool import Pool
 
-FAST = ["--teacher-res", "32", "--teacher-epochs", "1", "--keep", "10%"]
-STUDENT = ["--student-res", "32", "--student-epochs", "1"]
+FAST = ["--set", "teacher.res=32", "--set", "teacher.epochs=1", "--keep", "10%"]
+STUDENT = ["--set", "student.res=32", "--set", "student.epochs=1"]
 
 
 def tar_members(path: Path) -> dict[str, bytes]:
@@ -277,6 +277,7 @@ SLOW_SEND = (
 )
 
 
+@pytest.mark.slow
 def test_sigkill_during_scoring_resumes_identically(tiny_data: Path, tmp_path: Path) -> None:
     def env(cache: str) -> dict:
         return {**os.environ, "PLADA_CACHE": str(tmp_path / cache), "PLADA_SCORE_CHUNK": "32",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from plada import payload
 from plada.cli import main
 from plada.score import energy
 
-FAST = ["--teacher-res", "32", "--teacher-epochs", "4", "--keep", "10%"]
+FAST = ["--set", "teacher.res=32", "--set", "teacher.epochs=4", "--keep", "10%"]
 
 
 def test_send_inspect_receive(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -34,17 +33,18 @@ def test_send_inspect_receive(tiny_data: Path, cache: Path, tmp_path: Path, caps
 
     model = tmp_path / "student.safetensors"
     code, rec, err = run(capsys, "receive", str(out), "--pool", "tinypool", "--data", str(tiny_data),
-                         "--test", "tinytarget", "--student-res", "32", "--student-epochs", "2",
+                         "--test", "tinytarget", "--set", "student.res=32", "--set", "student.epochs=2",
                          "--model-out", str(model))
     assert code == 0, err
-    assert 0.0 <= rec["student_accuracy"] <= 1.0
+    assert rec["student_accuracy"] > 0.6  # three colours: chance is 1/3, and the student never saw a target image
     assert model.is_file()
 
 
+@pytest.mark.slow
 def test_teacher_is_real(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Three well-separated colours: a fine-tuned teacher must beat chance by far."""
     code, sent, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
-                          "-o", str(tmp_path / "a.plada"), "--teacher-res", "32", "--teacher-epochs", "15")
+                          "-o", str(tmp_path / "a.plada"), "--set", "teacher.res=32", "--set", "teacher.epochs=15")
     assert code == 0, err
     assert sent["teacher_accuracy"] > 0.8
 
@@ -114,12 +114,8 @@ def test_energy_sign() -> None:
          "data folder not found"),
         (["receive", "missing.plada", "--pool", "tinypool"], "payload not found"),
         (["inspect", "missing.plada"], "payload not found"),
-        (["send", "tinytarget", "--pool", "tinypool", "-o", "x.plada", "--budget", "1KB", "--deciders", "5",
-          "--holdout-fraction", "0.2"], "leave no train image"),
-        (["send", "tinytarget", "--pool", "tinypool", "-o", "x.plada", "--budget", "1KB", "--holdout-folds", "2",
-          "--holdout-fraction", "0.2"], "ask for 2 deciders"),
-        (["send", "tinytarget", "--pool", "tinypool", "-o", "x.plada", "--budget", "1KB", "--holdout-folds", "2",
-          "--deciders", "2"], "not both"),
+        (["send", "tinytarget", "--pool", "tinypool", "-o", "x.plada", "--budget", "1KB", "--set", "deciders=5",
+          "--set", "holdout_fraction=0.2"], "leave no train image"),
     ],
 )
 def test_bad_input_one_line(argv: list[str], message: str, cache: Path, tmp_path: Path, monkeypatch) -> None:
@@ -155,11 +151,12 @@ def test_damaged_payload(damage: str, tiny_data: Path, cache: Path, tmp_path: Pa
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_send_with_byte_budget(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """`--budget` picks policy and size by proxy students: the payload fits and records its forecast."""
     out = tmp_path / "b.plada"
     code, sent, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
-                          "-o", str(out), "--teacher-res", "32", "--teacher-epochs", "4", "--budget", "1KB")
+                          "-o", str(out), "--set", "teacher.res=32", "--set", "teacher.epochs=4", "--budget", "1KB")
     assert code == 0, err
     assert sent["payload_bytes"] == out.stat().st_size <= 1000
     assert 0.0 <= sent["forecast_accuracy"] <= 1.0
@@ -179,26 +176,12 @@ def test_send_with_byte_budget(tiny_data: Path, cache: Path, tmp_path: Path, cap
     assert sent["kept_per_class"] == np.bincount(p.labels, minlength=3).tolist()
     code, info, err = run(capsys, "inspect", str(out))
     assert code == 0 and info["meta"]["auto"]["forecast_accuracy"] == round(sent["forecast_accuracy"], 4)
-    # --auto-send teacher --holdout-folds 3: 3 cross-fitted teachers decide, every train image is held out
-    # once, and the full teacher's selection is sent
-    full = tmp_path / "t.plada"
-    code, sent, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
-                          "-o", str(full), "--teacher-res", "32", "--teacher-epochs", "4", "--budget", "1KB",
-                          "--auto-send", "teacher", "--holdout-folds", "3")
-    assert code == 0, err
-    meta = payload.read(full).meta
-    assert sent["payload_bytes"] == full.stat().st_size <= 1000
-    assert meta["auto"]["heldout_images"] == 3 * 40 and "labels_from_fold" not in meta["auto"]
-    assert sent["auto"]["decider"] is None
-    assert len(list((cache / "teachers").iterdir())) == 2 + 1 + 3  # + the full teacher and 3 fold teachers
-    with pytest.raises(SystemExit) as exit_info:
-        main(["send", "tinytarget", "--pool", "tinypool", "-o", str(tmp_path / "e.plada"), "--auto-send", "fold"])
-    assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["send", "tinytarget", "--pool", "tinypool", "-o", str(tmp_path / "c.plada"), "--budget", "ten"])
     assert exit_info.value.code == 2 and "not a size" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_send_holds_out_whole_groups(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """`--holdout-groups`: no deciding teacher trains on an image of a group it is scored on."""
@@ -212,56 +195,40 @@ def test_send_holds_out_whole_groups(tiny_data: Path, cache: Path, tmp_path: Pat
         return seen[-1][1]
 
     monkeypatch.setattr(auto, "fold_split", spy)
-    args = ["send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "--teacher-res", "32",
-            "--teacher-epochs", "4", "--budget", "1KB", "--holdout-folds", "3"]
-    code, _, err = run(capsys, *args, "-o", str(tmp_path / "bad.plada"), "--holdout-groups", "(")
+    args = ["send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "--set", "teacher.res=32",
+            "--set", "teacher.epochs=4", "--budget", "1KB", "--set", "deciders=3", "--set", "holdout_fraction=0.3"]
+    code, _, err = run(capsys, *args, "-o", str(tmp_path / "bad.plada"), "--set", "holdout_groups=(")
     assert code == 2 and one_line(err) and "regular expression" in err and not seen  # refused before any work
     out = tmp_path / "g.plada"
-    code, sent, err = run(capsys, *args, "-o", str(out), "--holdout-groups", r"^\d(\d)")  # tens digit of 000-039
+    code, sent, err = run(capsys, *args, "-o", str(out), "--set", r"holdout_groups=^\d(\d)")  # tens digit of 000-039
     assert code == 0, err
     (groups, splits), = seen
     assert len(np.unique(groups)) == 3 * 4  # 3 colours x 4 groups of 10 file names
     for fit, held in splits:
         assert not set(groups[fit]) & set(groups[held])
-    assert payload.read(out).meta["auto"]["heldout_images"] == 40  # the sending decider's fold: 4 groups of 10
+    # whole groups of 10 until 30% of the images: 40, 40, then the 30 left before the last group
+    assert [len(h) for _, h in splits] == [40, 40, 30]
+    assert payload.read(out).meta["auto"]["heldout_images"] in (30, 40)  # the sending decider's own slice
     # one deciding teacher, grouped: by default without auto.GROUPED_HOLDOUT_FRACTION (20%) of train, i.e. whole
     # groups of 10 until 24 of the 120 images are held out: 30 (10% would hold out 20); --holdout-fraction overrides
-    args1 = [a for a in args if a not in ("--holdout-folds", "3")]
-    for extra, want in (((), 30), (("--holdout-fraction", "0.4"), 50)):
+    args1 = args[:-4]
+    for extra, want in (((), 30), (("--set", "holdout_fraction=0.4"), 50)):
         one = tmp_path / f"q{want}.plada"
-        code, sent, err = run(capsys, *args1, "--deciders", "1", "-o", str(one), "--holdout-groups", r"^\d(\d)",
-                              *extra)
+        code, sent, err = run(capsys, *args1, "--set", "deciders=1", "-o", str(one),
+                              "--set", r"holdout_groups=^\d(\d)", *extra)
         assert code == 0, err
         (groups, [(fit, held)]) = seen[-1]
         assert len(held) == want and not set(groups[fit]) & set(groups[held])
         assert payload.read(one).meta["auto"]["heldout_images"] == want
     # the default, two deciders: the first slice is the one-teacher slice (its teacher is shared), the second
     # another 20% of whole groups, disjoint from it
-    code, sent, err = run(capsys, *args1, "-o", str(tmp_path / "two.plada"), "--holdout-groups", r"^\d(\d)")
+    code, sent, err = run(capsys, *args1, "-o", str(tmp_path / "two.plada"), "--set", r"holdout_groups=^\d(\d)")
     assert code == 0, err
     groups, [(fit0, held0), (fit1, held1)] = seen[-1]
     assert len(held0) == 30 and 10 <= len(held1) <= 30 and not set(groups[held0]) & set(groups[held1])
     assert not set(groups[fit1]) & set(groups[held1])
-    with pytest.raises(SystemExit) as exit_info:
-        main([*args1, "-o", str(tmp_path / "bad.plada"), "--holdout-fraction", "1"])
-    assert exit_info.value.code == 2 and "not a fraction" in capsys.readouterr().err
-
-
-def test_cli_defaults_are_the_librarys() -> None:
-    """The CLI does not import the pipeline to parse arguments, so its copies of the defaults are checked here."""
-    from plada import auto, pipeline
-    from plada.cli import build_parser
-
-    a = build_parser().parse_args(["send", "t", "--pool", "p", "-o", "x.plada"])
-    assert a.auto_send == pipeline.AUTO_SEND
-    # None everywhere: auto.decider_plan decides (auto.DECIDERS teachers, auto.default_holdout_fraction each)
-    params = inspect.signature(pipeline.send).parameters
-    for name in ("holdout_fraction", "holdout_folds", "deciders"):
-        assert getattr(a, name) is None and params[name].default is None, name
-    assert auto.decider_plan() == (auto.DECIDERS, auto.HOLDOUT_FRACTION)
-    assert auto.decider_plan(grouped=True) == (auto.DECIDERS, auto.GROUPED_HOLDOUT_FRACTION)
-    assert auto.default_holdout_fraction(False) == auto.HOLDOUT_FRACTION
-    assert auto.default_holdout_fraction(True) == auto.GROUPED_HOLDOUT_FRACTION
+    code, _, err = run(capsys, *args1, "-o", str(tmp_path / "bad.plada"), "--set", "holdout_fraction=1")
+    assert code == 2 and one_line(err) and "holdout_fraction must be" in err
 
 
 def test_cached_teacher_gets_its_test_accuracy_once(tiny_data: Path, cache: Path) -> None:

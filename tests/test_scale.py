@@ -24,7 +24,7 @@ from plada.score import score_pool
 from plada.shards import ShardedPool, open_sharded, write_shards
 
 ray = pytest.importorskip("ray")
-FAST = ["--teacher", "small-cnn", "--teacher-res", "32", "--teacher-epochs", "1", "--keep", "10%"]
+FAST = ["--teacher", "small-cnn", "--set", "teacher.res=32", "--set", "teacher.epochs=1", "--keep", "10%"]
 
 
 def members(path: Path) -> list[tuple[str, bytes]]:
@@ -208,6 +208,7 @@ def test_streaming_memory_does_not_grow_with_the_pool(tmp_path: Path) -> None:
     assert w4 - w1 < 3 * n * pixels / 4, (w1, w4)
 
 
+@pytest.mark.slow
 def test_ray_engine_matches_local(pools, ray_runtime, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = create("small-cnn", 3, 32, pretrained=False).eval()
@@ -240,12 +241,13 @@ def test_ray_engine_matches_local(pools, ray_runtime, tmp_path: Path) -> None:
     assert np.array_equal(again.logits, runs["ray-shards"].logits)
 
 
+@pytest.mark.slow
 def test_send_with_ray_engine_gives_the_same_payload(pools, ray_runtime, tmp_path: Path, capsys: pytest.CaptureFixture,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PLADA_CACHE", str(pools.cache))
     a, b = tmp_path / "ray.plada", tmp_path / "local.plada"
     code, sent, err = run(capsys, "send", "tinytarget", "--pool", str(pools.shards), "--data", str(pools.data),
-                          "--engine", "ray", "--actors", "2", "-o", str(a), *FAST)
+                          "--engine", "ray", "--set", "actors=2", "-o", str(a), *FAST)
     assert code == 0, err
     code, _, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(pools.data), "-o", str(b),
                        *FAST)
@@ -263,7 +265,7 @@ def test_send_with_ray_engine_gives_the_same_payload(pools, ray_runtime, tmp_pat
 
     # a receiver holding the sharded pool trains on the kept images gathered from the shards
     code, rec, err = run(capsys, "receive", str(a), "--pool", str(pools.shards), "--student", "small-cnn",
-                         "--student-res", "32", "--student-epochs", "1")
+                         "--set", "student.res=32", "--set", "student.epochs=1")
     assert code == 0 and rec["kept"] == 32, err
 
 
@@ -271,7 +273,7 @@ def test_engine_mistakes(pools, tmp_path: Path, capsys: pytest.CaptureFixture, m
     monkeypatch.setenv("PLADA_CACHE", str(tmp_path / "cache"))
     for argv, message in (
         (["send", "tinytarget", "--engine", "dask", "-o", str(tmp_path / "x.plada")], "invalid choice"),
-        (["send", "tinytarget", "--actors", "0", "-o", str(tmp_path / "x.plada")], "not a positive integer"),
+        (["send", "tinytarget", "--set", "actors=0", "-o", str(tmp_path / "x.plada")], "actors must be an integer"),
         (["score", "--pool", str(pools.shards)], "needs either a target dataset"),
         (["score", "tinytarget", "--model", "m.safetensors"], "needs either a target dataset"),
     ):
@@ -284,6 +286,7 @@ def test_engine_mistakes(pools, tmp_path: Path, capsys: pytest.CaptureFixture, m
     assert not (tmp_path / "cache" / "teachers").exists()
 
 
+@pytest.mark.slow
 def test_scale_benchmark_quick(ray_runtime, tmp_path: Path, cache: Path) -> None:
     from benchmarks import scale
 
@@ -296,7 +299,7 @@ def test_scale_benchmark_quick(ray_runtime, tmp_path: Path, cache: Path) -> None
     assert ("write shards", 32) in phases and ("write shards", 128) in phases
     assert all(r.get("peak_anon_growth_mb") is not None for r in res["memory"]["rows"] if os.path.exists("/proc"))
     assert res["projection"]["label"].startswith("PROJECTION") and res["projection"]["wall_hours"] > 0
-    md = (tmp_path / "docs" / "SCALE_quick.md").read_text()
+    md = (tmp_path / "benchmarks" / "reports" / "SCALE_quick.md").read_text()
     assert "PROJECTION" in md and "python -m benchmarks.scale --quick" in md
     assert ray.is_initialized()  # the benchmark used the running runtime and left it running
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

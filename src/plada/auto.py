@@ -22,11 +22,12 @@ top: if a candidate keeping every class the teacher ever predicts is within ``ma
 it is chosen instead, because a class missing from the payload can never be learnt by the receiver
 while a small held-out set easily misses a rare class.
 
-When the sending teacher saw all of train, teachers fitted without part of it decide (`Decider`), and
-``send`` says what is sent: a decider's own selection, the very one forecast (``"decider"``, what
-`plada send` does by default), or the full teacher's selection for the rule the deciders rank best
-(``"teacher"``). Single teachers differ on one rule by about as much as rules differ, so only the first
-forecasts what is sent (docs/AUTO_POLICY.md).
+Every candidate is one teacher's own selection (`Decider`), forecast on target images that teacher never
+saw, and what is sent is the very selection forecast. A sending teacher that left part of train unseen
+(``teacher.limit``) is the one decider; one that would see all of train is replaced by `DECIDERS`
+teachers, each fitted without its own slice, and the payload carries the winning teacher's labels
+(single teachers differ on one rule by about as much as rules differ, so only a teacher's own selection
+is forecast honestly by its own held-out images: benchmarks/HISTORY.md).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ NEAREST = "nearest-target"
 # images, it put a Safety-Net selection 1.8 points above one that scored 3.3 points better on test.
 PROXY_STEPS = 1000
 WHOLE_GROUPS = "whole-groups"  # plada.rate: whole pool folders, minority labels moved to the majority below tau
-# Share of train the one deciding teacher (folds=1) does not see: its forecast's sample against its labels' quality.
+# Share of train each deciding teacher does not see: its forecast's sample against its labels' quality.
 HOLDOUT_FRACTION = 0.1
 # The same when whole groups are held out (--holdout-groups). A group's images are near-duplicates (GTSRB: 5 frames
 # of one sign track), so 10% of GTSRB's images is only ~130 independent objects. Over three seeds 20% was within
@@ -135,16 +136,18 @@ class AutoChoice:
     labels: np.ndarray = field(repr=False)  # their pseudo-labels
     candidates: list[dict] = field(repr=False, default_factory=list)
     tau: float | None = None
-    decider: int | None = None  # send="decider": the deciding teacher (fold) whose selection and labels these are
+    decider: int | None = None  # index of the deciding teacher whose selection and labels these are
 
     @property
     def rule(self) -> Policy:
         return Policy(self.policy, self.safety_share, self.alpha, self.tau)
 
+    fold: int | None = None  # the header's `labels_from_fold`: None when the sending teacher decided itself
+
     def meta(self) -> dict:
         """Header fields describing this choice; merge over the caller's base meta when writing the payload."""
         return _meta(self.rule, self.k, self.budget_bytes, self.forecast, self.heldout_images, self.head_steps,
-                     self.seed, self.decider)
+                     self.seed, self.fold)
 
     def summary(self) -> dict:
         """JSON-ready report (no arrays): what the CLI prints and the benchmarks store."""
@@ -152,17 +155,16 @@ class AutoChoice:
                 "tau": self.tau,
                 "k": self.k, "forecast": self.forecast, "payload_bytes": self.payload_bytes,
                 "budget_bytes": self.budget_bytes, "seed": self.seed, "heldout_images": self.heldout_images,
-                "head_steps": self.head_steps, "decider": self.decider, "candidates": self.candidates}
+                "head_steps": self.head_steps, "decider": self.fold, "candidates": self.candidates}
 
 
 @dataclass(frozen=True)
 class Decider:
     """A teacher that did not see some held-out images: its pool scores, and which held-out rows are its own.
 
-    Cross-fitting: when the sender's teacher trained on all of train, K teachers are fitted each without
-    one fold, and every candidate rule (policy, k) is forecast by applying it to each fold teacher's
-    scores and scoring that proxy on the fold's images only; the forecast pools all folds, so every
-    train image counts once. Sizes, and the payload sent, still come from the full teacher's labels.
+    Its candidates are its own selections, sized with its own labels and forecast on its own rows only.
+    ``fold`` names it in the payload header (``labels_from_fold``); None for a sending teacher that
+    decides itself (it trained on a subset of train and the rest is its held-out set).
     """
 
     labels: np.ndarray
@@ -172,6 +174,8 @@ class Decider:
     confidence: np.ndarray | None = None
     nearest_key: np.ndarray | None = None  # from target images this teacher trained on (never its held-out)
     test_accuracy: float | None = None  # of this teacher, where measured (a sender sending its labels reports it)
+    fold: int | None = None
+    train_seconds: float | None = None  # its fine-tune, for reports
 
 
 def _meta(pol: Policy, k: int, budget_bytes: int | None, forecast: float, heldout: int, steps: int,
@@ -293,28 +297,14 @@ def name_groups(files: Sequence[str], pattern: str) -> np.ndarray:
     return ids.astype(np.int64).reshape(-1)
 
 
-def decider_plan(folds: int | None = None, deciders: int | None = None, frac: float | None = None,
-                 grouped: bool = False) -> tuple[int, float | None]:
-    """(deciding teachers, held-out slice or None for a K-fold partition) from what a user asked for.
-
-    Two ways to hold out train for the deciding teachers, one per argument: ``deciders`` teachers each
-    without its own disjoint slice of ``frac`` (default `DECIDERS`, slice `default_holdout_fraction`), or
-    ``folds`` > 1 teachers cross-fitted over a partition of train (every image held out once; ``folds`` = 1
-    is one slice). Both at once, or a partition with a slice size, are refused rather than guessed at.
-    Checked before any teacher trains.
-    """
-    for name, v in (("holdout folds", folds), ("deciders", deciders)):
-        if v is not None and (not isinstance(v, int | np.integer) or isinstance(v, bool) or v < 1):
-            raise PladaError(f"{name} must be a positive integer, got {v!r}")
-    if folds is not None and deciders is not None:
-        raise PladaError("give either holdout folds (a K-fold partition of train) or deciders (teachers each "
-                         "without its own slice), not both")
-    if folds is not None and folds > 1:
-        if frac is not None:
-            raise PladaError(f"holdout folds {folds} partition train, so a held-out fraction does not apply; for "
-                             f"{folds} teachers each without its own {frac:g} slice ask for {folds} deciders")
-        return int(folds), None
-    n = int(deciders if deciders is not None else 1 if folds is not None else DECIDERS)
+def decider_plan(deciders: int | None = None, frac: float | None = None, grouped: bool = False
+                 ) -> tuple[int, float]:
+    """(deciding teachers, held-out slice each) from what a user asked for: `DECIDERS` and
+    `default_holdout_fraction` where not given. Checked before any teacher trains."""
+    if deciders is not None and (not isinstance(deciders, int | np.integer) or isinstance(deciders, bool)
+                                 or deciders < 1):
+        raise PladaError(f"deciders must be a positive integer, got {deciders!r}")
+    n = int(DECIDERS if deciders is None else deciders)
     frac = default_holdout_fraction(grouped) if frac is None else frac
     check_slices(n, frac)
     return n, frac
@@ -331,71 +321,51 @@ def check_slices(folds: int, frac: float) -> None:
 
 def fold_split(n: int, folds: int, seed: int = 0, groups: np.ndarray | None = None, frac: float | None = None
                ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(fit, held-out) index pairs, one per deciding teacher: seeded, disjoint held-out parts.
+    """(fit, held-out) index pairs, one per deciding teacher: seeded, disjoint held-out slices.
 
-    Without ``frac``, ``folds > 1`` is cross-fitting: ``folds`` near-equal parts, each held out once. With
-    ``frac`` (always for ``folds=1``, where it defaults to `default_holdout_fraction`, larger with
-    ``groups``), each of ``folds`` teachers goes without its own slice of ``frac`` of the images, the
-    slices following one another in one seeded order, so the first slice is the ``folds=1`` slice (its
-    teacher is shared) and the rest of train is never held out. Why several slices: teachers fitted on
-    different images differ in what their selections teach by as much as rules differ
-    (scripts/gap_decomposition.py), and only a teacher's own held-out images can say which is better.
-    With ``groups`` (one id per image, see `name_groups`) whole groups go to one part: for cross-fitting,
-    groups in seeded order, each to the part holding the fewest images so far (the first that short), so
-    parts stay near-equal in images; for slices, groups in seeded order until each slice's end reaches
-    its multiple of ``frac`` of the images.
+    Each of ``folds`` teachers goes without its own slice of ``frac`` of the images (default
+    `default_holdout_fraction`, larger with ``groups``), the slices following one another in one seeded
+    order, so the first slice is the ``folds=1`` slice and the rest of train is never held out. Why several
+    slices: teachers fitted on different images differ in what their selections teach by as much as rules
+    differ, and only a teacher's own held-out images can say which is better. With ``groups`` (one id per
+    image, see `name_groups`) whole groups go to one side: groups in seeded order until each slice's end
+    reaches its multiple of ``frac`` of the images.
     """
     if not isinstance(folds, int | np.integer) or folds < 1:
-        raise PladaError(f"held-out folds must be a positive integer, got {folds!r}")
-    if frac is None and folds == 1:
+        raise PladaError(f"deciding teachers must be a positive integer, got {folds!r}")
+    if frac is None:
         frac = default_holdout_fraction(groups is not None)
-    if frac is not None:
-        check_slices(folds, frac)
+    check_slices(folds, frac)
     if groups is None:
-        if frac is not None:
-            fit0, held0 = holdout_split(n, frac, seed)
-            if folds == 1:
-                return [(fit0, held0)]
-            m = len(held0)  # holdout_split's slice size, so slice 0 is its slice
-            if folds * m >= n:
-                raise PladaError(f"need more than {folds * m} target train images for {folds} slices of {m}")
-            perm = np.random.default_rng(seed).permutation(n)
-            return [(np.sort(np.concatenate([perm[:j * m], perm[(j + 1) * m:]])), np.sort(perm[j * m:(j + 1) * m]))
-                    for j in range(folds)]
-        if n < folds:
-            raise PladaError(f"need at least {folds} target train images for {folds} folds, got {n}")
+        fit0, held0 = holdout_split(n, frac, seed)
+        if folds == 1:
+            return [(fit0, held0)]
+        m = len(held0)  # holdout_split's slice size, so slice 0 is its slice
+        if folds * m >= n:
+            raise PladaError(f"need more than {folds * m} target train images for {folds} slices of {m}")
         perm = np.random.default_rng(seed).permutation(n)
-        parts = np.array_split(perm, folds)
-        return [(np.sort(np.concatenate(parts[:j] + parts[j + 1:])), np.sort(parts[j])) for j in range(folds)]
+        return [(np.sort(np.concatenate([perm[:j * m], perm[(j + 1) * m:]])), np.sort(perm[j * m:(j + 1) * m]))
+                for j in range(folds)]
     g = np.asarray(groups)
     if g.shape != (n,) or g.dtype.kind not in "iu":
         raise PladaError(f"need one integer group id per target train image ({n}), got shape {g.shape}")
     uniq, inv, counts = np.unique(g, return_inverse=True, return_counts=True)
-    need = folds + 1 if frac is not None else folds
-    if len(uniq) < need:
-        raise PladaError(f"need at least {need} groups for {folds} held-out part(s), the train split has {len(uniq)}")
+    if len(uniq) < folds + 1:
+        raise PladaError(f"need at least {folds + 1} groups for {folds} held-out slice(s), the train split has "
+                         f"{len(uniq)}")
     order = np.random.default_rng(seed).permutation(len(uniq))
-    if frac is not None:  # slice j: the next groups in seeded order, until (j + 1) * frac of the images
-        cum = np.cumsum(counts[order])
-        ends = [min(int(np.searchsorted(cum, max(1, round((j + 1) * frac * n)))) + 1, len(uniq) - 1)
-                for j in range(folds)]
-        starts = [0, *ends[:-1]]
-        if any(e <= s for s, e in zip(starts, ends, strict=True)):
-            raise PladaError(f"{folds} held-out slices of {frac:g} of train need more groups than the "
-                             f"{len(uniq)} the train split has")
-        pos = np.empty(len(uniq), dtype=np.int64)
-        pos[order] = np.arange(len(uniq))
-        at = pos[inv.reshape(-1)]
-        return [(np.flatnonzero((at < s) | (at >= e)), np.flatnonzero((at >= s) & (at < e)))
-                for s, e in zip(starts, ends, strict=True)]
-    part = np.empty(len(uniq), dtype=np.int64)
-    sizes = np.zeros(folds, dtype=np.int64)
-    for u in order:
-        j = int(sizes.argmin())
-        part[u] = j
-        sizes[j] += counts[u]
-    which = part[inv.reshape(-1)]
-    return [(np.flatnonzero(which != j), np.flatnonzero(which == j)) for j in range(folds)]
+    cum = np.cumsum(counts[order])  # slice j: the next groups in seeded order, until (j + 1) * frac of the images
+    ends = [min(int(np.searchsorted(cum, max(1, round((j + 1) * frac * n)))) + 1, len(uniq) - 1)
+            for j in range(folds)]
+    starts = [0, *ends[:-1]]
+    if any(e <= s for s, e in zip(starts, ends, strict=True)):
+        raise PladaError(f"{folds} held-out slices of {frac:g} of train need more groups than the "
+                         f"{len(uniq)} the train split has")
+    pos = np.empty(len(uniq), dtype=np.int64)
+    pos[order] = np.arange(len(uniq))
+    at = pos[inv.reshape(-1)]
+    return [(np.flatnonzero((at < s) | (at >= e)), np.flatnonzero((at >= s) & (at < e)))
+            for s, e in zip(starts, ends, strict=True)]
 
 
 def policy_key(pol: Policy | str, energy: np.ndarray, entropy: np.ndarray | None = None, seed: int = 0,
@@ -437,16 +407,6 @@ def selector(
     return pick
 
 
-def select_policy(
-    pol: Policy, k: int, *, labels: np.ndarray, energy: np.ndarray, entropy: np.ndarray | None, n_classes: int,
-    seed: int = 0, nearest_key: np.ndarray | None = None, groups: np.ndarray | None = None,
-    confidence: np.ndarray | None = None,
-) -> rate.Selection:
-    """The exact selection the search made for ``(pol, k)``, so a report can rebuild any row of the table."""
-    return selector(pol, labels=labels, energy=energy, entropy=entropy, n_classes=n_classes, seed=seed,
-                    nearest_key=nearest_key, groups=groups, confidence=confidence)(k)
-
-
 def _largest_fitting(measure: Callable[[int], int | None], hi_cap: int) -> int | None:
     """Largest k in [1, hi_cap] found to fit, by doubling then bisection; None if k = 1 does not fit.
 
@@ -484,17 +444,18 @@ class Planned:
     k: int
     selection: rate.Selection
     bytes: int
-    decider: int | None = None  # None: the sending teacher's selection; j: deciders[j]'s own
+    decider: int = 0  # whose selection: index into the search's deciders
+    fold: int | None = None  # that decider's `Decider.fold` (None: the sending teacher itself)
 
     @property
     def name(self) -> str:
-        return self.policy.name if self.decider is None else f"{self.policy.name} [fold {self.decider}]"
+        return self.policy.name if self.fold is None else f"{self.policy.name} [fold {self.fold}]"
 
     def row(self, n_classes: int) -> dict:
         """Its row in a search's table, before any forecast (the search adds its forecast, a benchmark its test)."""
         kept = np.bincount(self.selection.labels, minlength=n_classes) > 0
         return {"name": self.name, "policy": self.policy.policy, "safety_share": self.policy.safety_share,
-                "alpha": self.policy.alpha, "tau": self.policy.tau, "decider": self.decider, "k": int(self.k),
+                "alpha": self.policy.alpha, "tau": self.policy.tau, "decider": self.fold, "k": int(self.k),
                 "kept": int(len(self.selection.indices)), "bytes": self.bytes, "classes_kept": int(kept.sum())}
 
 
@@ -503,7 +464,7 @@ def plan_candidates(
     n_classes: int, size_of: SizeFn, meta_for: Callable[[Policy, int], dict], budget_bytes: int | None = None,
     k: int | None = None, fractions: Sequence[float] = DEFAULT_FRACTIONS, nearest_key: np.ndarray | None = None,
     groups: np.ndarray | None = None, confidence: np.ndarray | None = None, seed: int = 0,
-    max_k: int | None = None, decider: int | None = None, log: Callable[[str], None] | None = None,
+    max_k: int | None = None, decider: int = 0, fold: int | None = None, log: Callable[[str], None] | None = None,
 ) -> list[Planned]:
     """Per policy, the keep sizes whose real payload fits: the largest (by doubling and bisection) times ``fractions``.
 
@@ -553,7 +514,7 @@ def plan_candidates(
                 continue  # no whole folder fits in kk images
             if any(c.policy == pol and len(c.selection.indices) == len(got.indices) for c in planned):
                 continue  # the same folders as a bigger kk (a policy's selections are nested)
-            planned.append(Planned(pol, kk, got, nbytes, decider))
+            planned.append(Planned(pol, kk, got, nbytes, decider, fold))
     return planned
 
 
@@ -587,9 +548,7 @@ def _check_inputs(labels, energy, entropy, pool_feats, heldout_feats, heldout_la
 
 def search(
     *,
-    labels: np.ndarray,
-    energy: np.ndarray,
-    entropy: np.ndarray | None,
+    deciders: Sequence[Decider],
     pool_feats: np.ndarray,
     heldout_feats: np.ndarray,
     heldout_labels: np.ndarray,
@@ -597,10 +556,7 @@ def search(
     size_of: SizeFn,
     budget_bytes: int | None = None,
     k: int | None = None,
-    target_feats: np.ndarray | None = None,
-    nearest_key: np.ndarray | None = None,
     groups: np.ndarray | None = None,
-    confidence: np.ndarray | None = None,
     policies: Sequence[Policy] = DEFAULT_POLICIES,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     head_steps: int = PROXY_STEPS,
@@ -608,42 +564,36 @@ def search(
     margin: float = 0.01,
     finalist_band: float = 0.02,
     finalist_seeds: int = 3,
-    deciders: Sequence[Decider] | None = None,
     max_k: int | None = None,
     log: Callable[[str], None] | None = None,
     workers: int | None = None,
-    send: str = "teacher",
 ) -> AutoChoice:
-    """Try every candidate policy at every affordable keep size and return the one with the best forecast.
+    """Every decider's own selection, per policy and affordable keep size; returns the best forecast.
 
     Give exactly one of ``budget_bytes`` (sizes: the largest k that fits, times each of ``fractions``) or
-    ``k`` (one size; only the policy varies). The nearest-target policy is tried when ``target_feats`` or
-    a precomputed ``nearest_key`` is given and skipped otherwise; ``whole-groups`` when ``groups`` and
-    ``confidence`` are given (its k is an upper bound: whole folders only). Deterministic given ``seed``: it seeds
-    the random policy and every proxy head (the same seed for all, so candidates differ only by data);
-    finalists (within ``finalist_band`` of the best forecast) are re-forecast over ``finalist_seeds``
-    proxy seeds (seed, seed+1, ...). With ``deciders`` (cross-fitting, see `Decider`) each candidate is
-    forecast by the deciders' own selections for its rule, each scored on its own held-out rows;
-    ``labels``/``energy``/... are then the sending teacher's, used for sizes and the selection sent.
-    ``workers``: proxy heads trained at once (default: one per CPU core); it changes no forecast.
-
-    ``send="decider"`` (needs ``deciders``): the candidates are each deciding teacher's *own* selections,
-    sized with its labels and forecast on its own held-out rows only, and the one sent is the very
-    selection forecast (labels from a teacher that saw part of train). Why: single teachers differ by
-    about as much as rules do, so the deciders' ranking of rules need not hold for the full teacher's
-    selections (scripts/auto_decider_gap.py); this trades a teacher fitted on all of train for a forecast
-    of exactly what is sent.
+    ``k`` (one size; only the policy varies). A policy is tried for a decider whose scores hold its inputs
+    (nearest key, entropy, confidences; ``groups`` for whole-groups). Each candidate is sized with its
+    decider's labels (``size_of`` gets the header meta, whose ``auto.labels_from_fold`` names the decider)
+    and forecast by a proxy head scored on that decider's own held-out rows. Deterministic given ``seed``:
+    it seeds the random policy and every proxy head (the same seed for all, so candidates differ only by
+    data); finalists (within ``finalist_band`` of the best) are re-forecast over ``finalist_seeds`` proxy
+    seeds. ``workers``: proxy heads trained at once (default: one per CPU core); it changes no forecast.
     """
     if (budget_bytes is None) == (k is None):
         raise PladaError("give exactly one of a byte budget or a keep size")
+    deciders = list(deciders)
+    if not deciders:
+        raise PladaError("the search needs at least one deciding teacher's scores")
     heldout_feats = np.asarray(heldout_feats, dtype=np.float32)
-    lab = _check_inputs(labels, energy, entropy, pool_feats, heldout_feats, heldout_labels, n_classes)
     heldout_labels = np.asarray(heldout_labels)
-    n = len(lab)
-    if send not in ("teacher", "decider"):
-        raise PladaError(f"send must be 'teacher' or 'decider', got {send!r}")
-    if send == "decider" and not deciders:
-        raise PladaError("send='decider' needs deciding teachers (cross-fitting); none were given")
+    labs = []
+    for d in deciders:
+        labs.append(_check_inputs(d.labels, d.energy, d.entropy, pool_feats, heldout_feats, heldout_labels,
+                                  n_classes))
+        r = np.asarray(d.rows)
+        if r.ndim != 1 or len(r) == 0 or r.dtype.kind not in "iu" or r.min() < 0 or r.max() >= len(heldout_labels):
+            raise PladaError(f"a decider's held-out rows must index the {len(heldout_labels)} held-out images")
+    n = len(labs[0])
     if k is not None and not (isinstance(k, int | np.integer) and 1 <= k <= n):
         raise PladaError(f"keep size must be an integer between 1 and the pool size {n}, got {k!r}")
     if budget_bytes is not None and (not isinstance(budget_bytes, int | np.integer) or budget_bytes < 1):
@@ -655,98 +605,55 @@ def search(
                          f"and {finalist_band!r}")
     if not fractions or not all(0 < f <= 1 for f in fractions):
         raise PladaError(f"keep-size fractions must lie in (0, 1], got {list(fractions)}")
-    if target_feats is not None and nearest_key is None and any(p.policy == NEAREST for p in policies):
-        nearest_key = nearest_target_key(pool_feats, target_feats)
     say = log or (lambda s: None)
-    deciders = list(deciders) if deciders is not None else None
-    if deciders is not None:
-        if not deciders:
-            raise PladaError("deciders given but empty")
-        for d in deciders:
-            _check_inputs(d.labels, d.energy, d.entropy, pool_feats, heldout_feats, heldout_labels, n_classes)
-            r = np.asarray(d.rows)
-            if r.ndim != 1 or len(r) == 0 or r.dtype.kind not in "iu" or r.min() < 0 or r.max() >= len(heldout_labels):
-                raise PladaError(f"a decider's held-out rows must index the {len(heldout_labels)} held-out images")
-    heldout = len(heldout_labels)
+    parts = [np.asarray(d.rows) for d in deciders]
 
-    def held_of(decider: int | None) -> int:  # held-out images behind a candidate's forecast
-        return heldout if decider is None else len(deciders[decider].rows)
+    def meta_for(pol: Policy, kk: int, j: int, forecast: float = _FORECAST_PLACEHOLDER) -> dict:
+        return _meta(pol, kk, budget_bytes, forecast, len(parts[j]), head_steps, seed, deciders[j].fold)
 
-    def meta_for(pol: Policy, kk: int, decider: int | None = None, forecast: float = _FORECAST_PLACEHOLDER) -> dict:
-        return _meta(pol, kk, budget_bytes, forecast, held_of(decider), head_steps, seed, decider)
-
-    # 1. Sizes: per policy, the keep sizes whose real payload fits; of the sending teacher's selections, or
-    # (send="decider") of each deciding teacher's own.
-    common = dict(n_classes=n_classes, size_of=size_of, budget_bytes=budget_bytes, k=k, fractions=fractions,
-                  groups=groups, seed=seed, max_k=max_k, log=say)
-    if send == "teacher":
-        usable = [p for p in policies
-                  if all(_has_inputs(p, d.nearest_key, d.entropy, groups, d.confidence) for d in deciders or ())]
-        planned = plan_candidates(usable, labels=lab, energy=energy, entropy=entropy, nearest_key=nearest_key,
-                                  confidence=confidence, meta_for=meta_for, **common)
-        predicted = [np.bincount(lab, minlength=n_classes) > 0]
-    else:
-        planned, predicted = [], []
-        for j, d in enumerate(deciders):
-            dl = np.asarray(d.labels).astype(np.int64)
-            planned += plan_candidates(policies, labels=dl, energy=d.energy, entropy=d.entropy,
-                                       nearest_key=d.nearest_key, confidence=d.confidence, decider=j,
-                                       meta_for=lambda pol, kk, j=j: meta_for(pol, kk, j), **common)
-            predicted.append(np.bincount(dl, minlength=n_classes) > 0)
+    # 1. Sizes: per decider and policy, the keep sizes whose real payload fits.
+    planned: list[Planned] = []
+    for j, d in enumerate(deciders):
+        planned += plan_candidates(policies, labels=labs[j], energy=d.energy, entropy=d.entropy, n_classes=n_classes,
+                                   size_of=size_of, meta_for=lambda pol, kk, j=j: meta_for(pol, kk, j),
+                                   budget_bytes=budget_bytes, k=k, fractions=fractions, nearest_key=d.nearest_key,
+                                   groups=groups, confidence=d.confidence, seed=seed, max_k=max_k, decider=j,
+                                   fold=d.fold, log=say)
     if not planned:
-        smallest = min((int(size_of(np.array([0]), lab[:1], meta_for(p, 1))) for p in policies
+        smallest = min((int(size_of(np.array([0]), labs[0][:1], meta_for(p, 1, 0))) for p in policies
                         if p.policy != NEAREST), default=None)
         raise PladaError(f"byte budget {budget_bytes} is too small: even a payload keeping one image needs about "
                          f"{smallest} bytes (its header alone holds the pool fingerprint and class names)")
 
-    # 2. Forecast: a proxy student per distinct selection, scored on the held-out images. Heads are trained
+    # 2. Forecast: a proxy head per distinct selection, scored on its decider's held-out rows. Heads are trained
     # in batches on ``workers`` threads (`train_heads`: the same weights as one at a time).
     runs: dict[tuple[bytes, int, int], int] = {}
-    parts = [np.arange(len(heldout_labels))] if deciders is None else [np.asarray(d.rows) for d in deciders]
-    makers: dict[tuple[Policy, int], Callable[[int], rate.Selection]] = {}
 
-    def proxies(i: int) -> list[tuple[int, rate.Selection]]:
-        """(held-out part, selection) pairs whose proxies make candidate i's forecast."""
-        c = planned[i]
-        if deciders is None:
-            return [(0, c.selection)]
-        if c.decider is not None:  # a decider's own selection: forecast on its own held-out rows only
-            return [(c.decider, c.selection)]
-        out = []
-        for j, d in enumerate(deciders):
-            if (c.policy, j) not in makers:
-                makers[c.policy, j] = selector(c.policy, labels=np.asarray(d.labels).astype(np.int64),
-                                               energy=d.energy, entropy=d.entropy, n_classes=n_classes, seed=seed,
-                                               nearest_key=d.nearest_key, groups=groups, confidence=d.confidence)
-            out.append((j, makers[c.policy, j](c.k)))
-        return out
-
-    def run_key(sel: rate.Selection, j: int, s: int) -> tuple[bytes, int, int]:
-        return hashlib.sha256(sel.indices.tobytes() + sel.labels.tobytes()).digest(), j, s
+    def run_key(c: Planned, s: int) -> tuple[bytes, int, int]:
+        sel = c.selection
+        return hashlib.sha256(sel.indices.tobytes() + sel.labels.tobytes()).digest(), c.decider, s
 
     def forecasts(items: Sequence[tuple[int, int]]) -> list[float]:
         """Forecast of candidate i with proxy seed s, for each (i, s); new proxies trained together."""
-        plan = {(i, s): proxies(i) for i, s in dict.fromkeys(items)}
-        todo: dict[tuple[bytes, int, int], tuple[int, rate.Selection, int]] = {}
-        for (_, s), pairs in plan.items():
-            for j, sel in pairs:
-                key = run_key(sel, j, s)
-                if len(sel.indices) and key not in runs:
-                    todo.setdefault(key, (j, sel, s))
-        jobs = [head_job(pool_feats, sel.indices, sel.labels, n_classes, head_steps, s) for _, sel, s in todo.values()]
-        for key, (j, _, _), (w, b) in zip(todo, todo.values(), train_heads(jobs, workers), strict=True):
-            r = parts[j]
+        todo: dict[tuple[bytes, int, int], tuple[Planned, int]] = {}
+        for i, s in items:
+            key = run_key(planned[i], s)
+            if key not in runs:
+                todo.setdefault(key, (planned[i], s))
+        jobs = [head_job(pool_feats, c.selection.indices, c.selection.labels, n_classes, head_steps, s)
+                for c, s in todo.values()]
+        for key, (c, _), (w, b) in zip(todo, todo.values(), train_heads(jobs, workers), strict=True):
+            r = parts[c.decider]
             runs[key] = int(((heldout_feats[r] @ w.T + b).argmax(1) == heldout_labels[r]).sum())
-        return [sum(runs[run_key(sel, j, s)] for j, sel in plan[i, s] if len(sel.indices))
-                / sum(len(parts[j]) for j, _ in plan[i, s]) for i, s in items]
+        return [runs[run_key(planned[i], s)] / len(parts[planned[i].decider]) for i, s in items]
 
     rows: list[dict] = []
     first = forecasts([(i, seed) for i in range(len(planned))])
+    predicted = [np.bincount(lab, minlength=n_classes) > 0 for lab in labs]
     for i, c in enumerate(planned):
         kept = np.bincount(c.selection.labels, minlength=n_classes) > 0
-        cover = predicted[0 if c.decider is None else c.decider]
         rows.append({**c.row(n_classes), "forecast": first[i], "forecast_seeds": 1,
-                     "covers_predicted": bool(kept[cover].all())})
+                     "covers_predicted": bool(kept[predicted[c.decider]].all())})
         say(f"auto: {c.name} k={c.k} ({c.bytes} B): forecast {rows[-1]['forecast']:.4f}")
 
     # 2b. Finalists: one proxy seed ranks the field, but a single head's seed moves held-out accuracy by
@@ -766,12 +673,12 @@ def search(
 
     # 3. Choose among finalists: best forecast, ties to more images, then fewer bytes, then table order; a
     # class-covering near-tie wins.
-    order = sorted(finalists, key=lambda i: (-rows[i]["forecast"], -rows[i]["kept"], rows[i]["bytes"], i))
-    order += sorted(set(range(len(rows))) - set(finalists),
-                    key=lambda i: (-rows[i]["forecast"], -rows[i]["kept"], rows[i]["bytes"], i))
-    best = order[0]
+    def rank(i: int) -> tuple:
+        return -rows[i]["forecast"], -rows[i]["kept"], rows[i]["bytes"], i
+
+    order = sorted(finalists, key=rank) + sorted(set(range(len(rows))) - set(finalists), key=rank)
     covering = [i for i in order if rows[i]["covers_predicted"]]
-    if covering and rows[best]["forecast"] - rows[covering[0]]["forecast"] <= margin:
+    if covering and rows[order[0]]["forecast"] - rows[covering[0]]["forecast"] <= margin:
         order = [covering[0]] + [i for i in order if i != covering[0]]
     for i in order:  # the real forecast moves the compressed header by a byte or so: re-measure
         c = planned[i]
@@ -785,7 +692,7 @@ def search(
             return AutoChoice(
                 name=pol.name, policy=pol.policy, safety_share=pol.safety_share, alpha=pol.alpha, k=int(c.k),
                 forecast=rows[i]["forecast"], payload_bytes=nbytes, budget_bytes=budget_bytes, seed=seed,
-                heldout_images=held_of(c.decider), head_steps=head_steps, indices=idx, labels=sent.copy(),
-                candidates=rows, tau=pol.tau, decider=c.decider,
+                heldout_images=len(parts[c.decider]), head_steps=head_steps, indices=idx, labels=sent.copy(),
+                candidates=rows, tau=pol.tau, decider=c.decider, fold=c.fold,
             )
     raise PladaError(f"no candidate fits the byte budget {budget_bytes} once its forecast is in the header")

@@ -164,14 +164,13 @@ def prepare(batch: torch.Tensor, res: int) -> torch.Tensor:
 
 def save(model: Classifier, path: str | os.PathLike, class_names: list[str], meta: dict | None = None) -> None:
     """Weights as safetensors with everything needed to rebuild the model in the metadata; atomic."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from .data import atomic_write  # fsynced, uniquely named temp: a killed save leaves no torn or stray file
 
     info = {"model": model.name, "res": model.res, "class_names": class_names, "meta": meta or {}}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"plada": json.dumps(info, sort_keys=True)})
-    os.replace(tmp, path)
+    atomic_write(Path(path), save(state, metadata={"plada": json.dumps(info, sort_keys=True)}))
 
 
 def load(path: str | os.PathLike) -> tuple[Classifier, list[str], dict]:

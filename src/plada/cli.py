@@ -5,8 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from .config import (
+    ENGINES,
+    MAX_SEED,
+    POLICIES,
+    STUDENT_MODES,
+    ReceiveConfig,
+    SendConfig,
+    apply_sets,
+    keys,
+    with_seed,
+)
 from .errors import PladaError
 
 SIZE_SUFFIX = {"b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2}
@@ -41,65 +53,6 @@ def _size(text: str) -> int:
     return int(value)
 
 
-def _teacher_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("teacher")
-    g.add_argument("--teacher", default="efficientnet-lite0", help="teacher backbone (registry name)")
-    g.add_argument("--teacher-res", type=int, default=64, help="teacher input resolution")
-    g.add_argument("--teacher-mode", default="finetune", choices=["finetune", "linear"])
-    g.add_argument("--teacher-epochs", type=float, default=2.0)
-    g.add_argument("--teacher-limit", type=int, default=None, help="train the teacher on this many target images")
-    g.add_argument("--no-flip", action="store_true", help="no horizontal flips (e.g. traffic signs)")
-
-
-def _select_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("selection")
-    g.add_argument("--keep", type=_keep, default=0.01, help="share of the pool to keep (1%% or 0.01)")
-    g.add_argument("--count", type=int, default=None, help="keep exactly this many images (overrides --keep)")
-    g.add_argument("--policy", default="lowest-energy",
-                   choices=["lowest-energy", "highest-energy", "lowest-entropy", "random", "auto"],
-                   help="auto: proxy students on held-out target images pick policy and size")
-    g.add_argument("--budget", type=_size, default=None,
-                   help="byte budget, e.g. 20KB: implies --policy auto, picks the keep size too")
-    g.add_argument("--temperature", "-T", type=float, default=1.0, help="energy temperature T")
-    g.add_argument("--safety-share", type=float, default=0.0, help="Safety-Net share s of the budget (0 = off)")
-    g.add_argument("--alpha", type=float, default=0.5, help="Safety-Net exponent: quota ∝ N_c^alpha")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--deciders", type=_positive, default=None,  # None: auto.DECIDERS (a test checks)
-                   help="auto, when the teacher used all of train: fine-tune this many deciding teachers (default 2), "
-                        "each without its own slice of train (--holdout-fraction); the best forecast among their "
-                        "own selections is sent")
-    g.add_argument("--holdout-fraction", type=_open_fraction, default=None,  # auto.default_holdout_fraction
-                   help="auto: the share of train each deciding teacher goes without and decides on (default 0.1, "
-                        "0.2 with --holdout-groups, whose groups are near-duplicates)")
-    g.add_argument("--holdout-folds", type=_positive, default=None,
-                   help="auto: instead of --deciders, cross-fit this many teachers over a K-fold partition of train "
-                        "(every train image held out once)")
-    g.add_argument("--holdout-groups", metavar="REGEX", default=None,
-                   help="auto: hold out train images of one object together; the group is the class plus REGEX's "
-                        "first capture group in the file name, e.g. '^(\\d+)_' for GTSRB's TRACK_FRAME.png")
-    g.add_argument("--auto-send", default="decider", choices=["teacher", "decider"],  # pipeline.AUTO_SEND
-                   help="auto, when the teacher used all of train: send the best deciding teacher's own selection "
-                        "and labels, the one its forecast measured (decider), or the full teacher's selection for "
-                        "the rule the deciders rank best (teacher)")
-
-
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("scoring engine")
-    g.add_argument("--engine", default="local", choices=["local", "ray"],
-                   help="where the pool is scored: this process, or a Ray actor pool ($RAY_ADDRESS, else local)")
-    g.add_argument("--actors", type=_positive, default=None, help="ray: actors (default: one per GPU, else one)")
-
-
-def _open_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"not a fraction strictly between 0 and 1: {text!r}")
-    return value
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -110,26 +63,57 @@ def _positive(text: str) -> int:
     return value
 
 
-def _student_args(p: argparse.ArgumentParser, epochs: float = 15.0) -> None:
-    g = p.add_argument_group("student")
-    g.add_argument("--student", default="efficientnet-lite0", help="student backbone (registry name)")
-    g.add_argument("--student-res", type=int, default=64)
-    g.add_argument("--student-mode", default="finetune", choices=["finetune", "linear", "scratch"])
-    g.add_argument("--student-epochs", type=float, default=epochs)
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"not a seed (an integer from 0 to {MAX_SEED}): {text!r}")
+    return value
 
 
-def _teacher_cfg(a: argparse.Namespace):
-    from .teacher import TeacherConfig
+def _sets(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"any other setting (repeatable), e.g. {example}; `plada settings` lists them")
+    p.add_argument("--seed", type=_seed, default=None, help="one seed for every random choice (default 0)")
 
-    return TeacherConfig(model=a.teacher, res=a.teacher_res, mode=a.teacher_mode, epochs=a.teacher_epochs,
-                         limit=a.teacher_limit, flip=not a.no_flip, seed=a.seed)
+
+def _send_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sender")
+    g.add_argument("--budget", type=_size, default=None,
+                   help="payload bytes, e.g. 5KB: the auto policy picks policy and keep size to fit")
+    g.add_argument("--keep", type=_keep, default=None, help="share of the pool to keep (default 1%%)")
+    g.add_argument("--policy", default=None, choices=POLICIES, help="selection rule (default lowest-energy)")
+    g.add_argument("--teacher", default=None, help="teacher backbone: a registry name or timm:NAME")
+    g.add_argument("--engine", default=None, choices=ENGINES,
+                   help="where the pool is scored: this process, or a Ray actor pool ($RAY_ADDRESS, else local)")
 
 
-def _student_cfg(a: argparse.Namespace):
-    from .student import StudentConfig
+def _settings(cfg, a: argparse.Namespace):
+    """`--set` and `--seed` over the flags; the demo's `--set`s are split between its send and receive configs."""
+    cfg = apply_sets(cfg, [s for s in a.sets if s.split("=", 1)[0].strip() in keys(cfg)] if a.cmd == "demo"
+                     else a.sets)
+    return with_seed(cfg, a.seed) if a.seed is not None else cfg
 
-    return StudentConfig(model=a.student, res=a.student_res, mode=a.student_mode, epochs=a.student_epochs,
-                         flip=not getattr(a, "no_flip", False), seed=a.seed)
+
+def _send_cfg(a: argparse.Namespace, base: SendConfig | None = None) -> SendConfig:
+    cfg = base or SendConfig()
+    for name in ("budget", "keep", "policy", "engine"):
+        if getattr(a, name, None) is not None:
+            cfg = replace(cfg, **{name: getattr(a, name)})
+    if getattr(a, "teacher", None) is not None:
+        cfg = replace(cfg, teacher=replace(cfg.teacher, model=a.teacher))
+    return _settings(cfg, a)
+
+
+def _receive_cfg(a: argparse.Namespace) -> ReceiveConfig:
+    cfg = ReceiveConfig(allow_missing=bool(getattr(a, "allow_missing", False)), mode=getattr(a, "receiver", None))
+    if getattr(a, "student", None) is not None:
+        cfg = replace(cfg, student=replace(cfg.student, model=a.student))
+    if getattr(a, "student_mode", None) is not None:
+        cfg = replace(cfg, student=replace(cfg.student, mode=a.student_mode))
+    return _settings(cfg, a)
 
 
 def cmd_pool_build(a: argparse.Namespace) -> dict:
@@ -163,25 +147,21 @@ def cmd_pool_export(a: argparse.Namespace) -> dict:
 def cmd_send(a: argparse.Namespace) -> dict:
     from .pipeline import send
 
-    return send(a.target, a.pool, a.out, data=a.data, teacher=_teacher_cfg(a), keep=a.keep, count=a.count,
-                policy=a.policy, temperature=a.temperature, safety_share=a.safety_share, alpha=a.alpha, seed=a.seed,
-                progress=not a.json, budget_bytes=a.budget, engine=a.engine, actors=a.actors,
-                holdout_folds=a.holdout_folds, deciders=a.deciders, holdout_fraction=a.holdout_fraction,
-                holdout_groups=a.holdout_groups, auto_send=a.auto_send)
+    return send(a.target, a.pool, a.out, _send_cfg(a).check(), data=a.data, progress=not a.json)
 
 
 def cmd_score(a: argparse.Namespace) -> dict:
     from .pipeline import score
 
-    return score(a.pool, a.target, model_path=a.model, out=a.out, data=a.data, teacher=_teacher_cfg(a),
-                 engine=a.engine, actors=a.actors, temperature=a.temperature, progress=not a.json)
+    cfg = _send_cfg(a, SendConfig())
+    return score(a.pool, a.target, cfg, model_path=a.model, out=a.out, data=a.data, progress=not a.json)
 
 
 def cmd_receive(a: argparse.Namespace) -> dict:
     from .pipeline import receive
 
-    return receive(a.payload, a.pool, data=a.data, student=_student_cfg(a), test=a.test, model_out=a.model_out,
-                   progress=not a.json, allow_missing=a.allow_missing)
+    return receive(a.payload, a.pool, _receive_cfg(a).check(), data=a.data, test=a.test, model_out=a.model_out,
+                   progress=not a.json)
 
 
 def cmd_inspect(a: argparse.Namespace) -> dict:
@@ -192,22 +172,49 @@ def cmd_inspect(a: argparse.Namespace) -> dict:
         from .shards import open_any
 
         groups = open_any(a.pool, a.data, progress=False).groups()[0]
-    return payload.describe(payload.read_bytes(a.payload), groups=groups)
+    if a.trust and a.max_images is not None:
+        raise PladaError("give --trust or --max-images, not both")
+    limit = None if a.trust else (payload.DEFAULT_MAX_IMAGES if a.max_images is None else a.max_images)
+    return payload.describe(payload.read_bytes(a.payload), groups=groups, max_images=limit,
+                            header_only=a.header_only)
+
+
+def cmd_settings(a: argparse.Namespace) -> dict:
+    """Every `--set` key with its default, per verb: the expert knobs live here, not as flags."""
+    def table(cfg) -> dict:
+        out = {}
+        for k in keys(cfg):
+            v = cfg
+            for part in k.split("."):
+                v = getattr(v, part)
+            out[k] = v
+        return out
+
+    return {"send": table(SendConfig()), "receive": table(ReceiveConfig()), "demo": {
+        "teacher.limit": DEMO_TEACHER_LIMIT}}
+
+
+# The demo's teacher trains on this many CIFAR-10 images (of 50,000): the README's 10-minute main job.
+DEMO_TEACHER_LIMIT = 25000
 
 
 def cmd_demo(a: argparse.Namespace) -> dict:
-    from .pipeline import receive, send
+    from .pipeline import check_output, receive, send
 
+    unknown = [s for s in a.sets if s.split("=", 1)[0].strip() not in
+               set(keys(SendConfig())) | set(keys(ReceiveConfig()))]
+    if unknown:
+        apply_sets(SendConfig(), unknown)  # raises the one-line error naming the settings there are
+    base = SendConfig(teacher=replace(SendConfig().teacher, limit=DEMO_TEACHER_LIMIT))
+    scfg, rcfg = _send_cfg(a, base).check(), _receive_cfg(a).check()
     out = Path(a.out_dir)
+    if out.exists() and not out.is_dir():
+        raise PladaError(f"--out-dir is not a folder: {out}")
     out.mkdir(parents=True, exist_ok=True)
-    pay = out / f"{a.target}.plada"
-    s = send(a.target, a.pool, pay, data=a.data, teacher=_teacher_cfg(a), keep=a.keep, count=a.count,
-             policy=a.policy, temperature=a.temperature, safety_share=a.safety_share, alpha=a.alpha, seed=a.seed,
-             progress=not a.json, budget_bytes=a.budget, holdout_folds=a.holdout_folds,
-             deciders=a.deciders, holdout_fraction=a.holdout_fraction, holdout_groups=a.holdout_groups,
-             auto_send=a.auto_send)
-    r = receive(pay, a.pool, data=a.data, student=_student_cfg(a), test=a.target,
-                model_out=out / f"{a.target}-student.safetensors", progress=not a.json)
+    pay = check_output(out / f"{a.target}.plada", "payload")
+    s = send(a.target, a.pool, pay, scfg, data=a.data, progress=not a.json)
+    r = receive(pay, a.pool, rcfg, data=a.data, test=a.target, model_out=out / f"{a.target}-student.safetensors",
+                progress=not a.json)
     return {"target": a.target, "pool_size": s["pool_size"], "kept": s["kept"],
             "teacher_accuracy": s["teacher_accuracy"], "student_accuracy": r["student_accuracy"],
             "payload_bytes": s["payload_bytes"], "payload": str(pay), "send_seconds": s["seconds"],
@@ -247,9 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pool", default="tinyimagenet32", help="pool name or folder")
     s.add_argument("--out", "-o", required=True, help="payload file to write")
     s.add_argument("--data", default=None, help=data_help)
-    _teacher_args(s)
-    _select_args(s)
-    _engine_args(s)
+    _send_args(s)
+    _sets(s, "teacher.epochs=4 or temperature=0.5")
     s.set_defaults(func=cmd_send)
 
     c = sub.add_parser("score", help="score every pool image with the teacher (cached; a later send reuses it)")
@@ -258,10 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pool", default="tinyimagenet32", help="pool name or folder (sharded or not)")
     c.add_argument("--out", "-o", default=None, help="write logits, labels and energies here (.npz)")
     c.add_argument("--data", default=None, help=data_help)
-    c.add_argument("--temperature", "-T", type=float, default=1.0, help="energy temperature T")
-    c.add_argument("--seed", type=int, default=0)
-    _teacher_args(c)
-    _engine_args(c)
+    c.add_argument("--teacher", default=None, help="teacher backbone: a registry name or timm:NAME")
+    c.add_argument("--engine", default=None, choices=ENGINES, help="this process, or a Ray actor pool")
+    _sets(c, "teacher.res=32 or actors=4")
     c.set_defaults(func=cmd_score)
 
     r = sub.add_parser("receive", help=".plada payload + pool -> trained student")
@@ -272,14 +277,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model-out", default=None, help="save the student here (safetensors)")
     r.add_argument("--allow-missing", action="store_true",
                    help="drop kept images this pool lacks (see `pool build --manifest`) instead of refusing")
-    r.add_argument("--seed", type=int, default=0)
-    _student_args(r)
+    r.add_argument("--student", default=None, help="student backbone: a registry name or timm:NAME")
+    r.add_argument("--student-mode", default=None, choices=STUDENT_MODES,
+                   help="finetune (default: the paper's), linear (frozen features), scratch (no pretraining)")
+    r.add_argument("--receiver", default=None, choices=ReceiveConfig.MODES,
+                   help="plain (the payload's images only), selftrain or propagate (also pseudo-label the pool "
+                        "this receiver holds); default: the mode the payload names, else plain")
+    _sets(r, "student.epochs=5 or knn=10")
     r.set_defaults(func=cmd_receive)
 
     i = sub.add_parser("inspect", help="print a payload's header and section sizes")
     i.add_argument("payload")
     i.add_argument("--pool", default=None, help="the pool (needed for payloads coded by its folders)")
     i.add_argument("--data", default=None, help=data_help)
+    i.add_argument("--max-images", type=_positive, default=None, metavar="N",
+                   help="decode at most N kept images (default 2,000,000): a small file cannot claim gigabytes")
+    i.add_argument("--trust", action="store_true", help="decode whatever the header claims (format limits hold)")
+    i.add_argument("--header-only", action="store_true", help="header and section sizes, without decoding")
     i.set_defaults(func=cmd_inspect)
 
     d = sub.add_parser("demo", help="CIFAR-10 target, Tiny-ImageNet pool: send, then receive")
@@ -287,10 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pool", default="tinyimagenet32")
     d.add_argument("--data", default=None, help=data_help)
     d.add_argument("--out-dir", default="runs/demo")
-    _teacher_args(d)
-    _select_args(d)
-    _student_args(d)
-    d.set_defaults(func=cmd_demo, teacher_limit=25000)
+    d.add_argument("--budget", type=_size, default=None, help="payload bytes (auto policy) instead of 1%% kept")
+    d.add_argument("--keep", type=_keep, default=None, help="share of the pool to keep (default 1%%)")
+    _sets(d, "teacher.epochs=1 or student.mode=linear")
+    d.set_defaults(func=cmd_demo)
+
+    t = sub.add_parser("settings", help="list every --set key and its default")
+    t.set_defaults(func=cmd_settings)
     return p
 
 
@@ -306,7 +323,35 @@ def _print(result: dict, as_json: bool) -> None:
         print(f"{k}: {v}")
 
 
+# Flags of earlier releases: each now a `--set` key, or gone with the mode it belonged to.
+MOVED = {"--teacher-res": "--set teacher.res=N", "--teacher-mode": "--set teacher.mode=finetune|linear",
+         "--teacher-epochs": "--set teacher.epochs=X", "--teacher-limit": "--set teacher.limit=N",
+         "--no-flip": "--set teacher.flip=false (and student.flip=false)", "--count": "--set count=N",
+         "--temperature": "--set temperature=X", "-T": "--set temperature=X",
+         "--safety-share": "--set safety_share=S", "--alpha": "--set alpha=A", "--deciders": "--set deciders=N",
+         "--holdout-fraction": "--set holdout_fraction=F", "--holdout-groups": "--set holdout_groups=REGEX",
+         "--actors": "--set actors=N", "--student-res": "--set student.res=N",
+         "--student-epochs": "--set student.epochs=X",
+         "--holdout-folds": None, "--auto-send": None}  # None: removed with K-fold cross-fitting and teacher-send
+
+
+def _moved(argv: list[str]) -> str | None:
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in MOVED:
+            new = MOVED[flag]
+            return (f"{flag} is now {new}" if new else
+                    f"{flag} was removed with its auto mode: the auto policy always decides with deciding "
+                    "teachers on disjoint slices (--set deciders=N)")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    hint = _moved(argv)
+    if hint is not None:
+        print(f"plada: error: {hint} (see `plada settings`)", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)

@@ -129,6 +129,27 @@ class Manifest:
         return cls.parse(manifest_text(paths, hashes))
 
 
+_UNSTORABLE = ("\n", "\t", "\r", "\x00")  # line and field separators, and what `Manifest.parse` refuses
+
+
+def unstorable_paths(paths: Sequence[str]) -> list[str]:
+    """Paths no manifest line can hold: a newline, tab, CR or NUL, or text that is not UTF-8 (lone surrogates).
+
+    Why: written anyway, such a path gives a manifest that `Manifest.parse` refuses, so a pool built from
+    it could never be opened; a builder asks this first and names the files instead.
+    """
+    bad = []
+    for p in paths:
+        if any(c in p for c in _UNSTORABLE):
+            bad.append(p)
+            continue
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append(p)
+    return bad
+
+
 def manifest_text(paths: Sequence[str], hashes: Sequence[str]) -> bytes:
     """The canonical manifest: one `path<TAB>hash` line per image, in pool order."""
     if isinstance(paths, _Column) and isinstance(hashes, _Column) and paths._m is hashes._m:

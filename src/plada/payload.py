@@ -58,6 +58,13 @@ header is 600-1,000 bytes, most of a 1 KB payload; compressed it is about 200-27
 benchmark targets' headers), so a 1 KB budget carries hundreds of images instead of a few dozen. The
 encoder writes whichever of the plain and compressed header makes the smaller file, a tie going to the
 plain one. The dictionary is part of the format: changing a byte of it needs a new version number.
+
+Those limits bound a hostile file's cost by what its header claims, which is still gigabytes (a 3 KB gap
+list claiming 50M images). So readers also refuse, by default and before inflating anything, more than
+`DEFAULT_MAX_IMAGES` kept images or a bitmap spanning more than `BITMAP_BITS_PER_IMAGE` pool images per
+image of that limit (``max_images``; None lifts it, for a receiver that checked the claims against its pool).
+`describe` reports the header and section sizes without decoding when asked (``header_only``) or when a
+payload coded per pool folder comes without the pool's groups.
 """
 
 from __future__ import annotations
@@ -91,6 +98,11 @@ MAX_COUNT = 50_000_000
 MAX_CLASSES = 65535
 MAX_PAYLOAD_BYTES = 256 << 20
 MAX_VARINT_BYTES = 6  # 6 * 7 = 42 bits covers every index and gap below 2**40
+# What a reader decodes unless told otherwise. The format's own limits bound a hostile file's cost by what
+# its header claims (a 3 KB gap list claiming 50M images costs ~2 GB and 15 s); these bound it by ~100 MB.
+# A receiver that has checked the claims against its pool passes max_images=None.
+DEFAULT_MAX_IMAGES = 2_000_000
+BITMAP_BITS_PER_IMAGE = 64  # a bitmap index may span 64 pool images per image of the limit (16 MB at 2M)
 BITMAP_MAX_BITS = 1 << 31  # a 256 MiB bitmap; bigger pools always use the gap list
 BITMAP_RATIO = 64
 BITMAP_SLACK = 64 << 10
@@ -694,15 +706,95 @@ def peek_header(data: bytes) -> dict:
         raise PayloadError(f"malformed payload: {_one_line(e)}") from None
 
 
-def _decode(data: bytes, groups: Any = None) -> tuple[Payload, dict]:
-    header, version, header_len, body, digest = _checked_header(data)
-    total = len(data)
-    pool_size, count = header["pool_size"], header["count"]
+def _check_max_images(max_images: Any) -> int | None:
+    if max_images is None:
+        return None
+    if not _is_int(max_images) or max_images < 0:
+        raise PladaError(f"max_images must be a non-negative integer or None, got {max_images!r}")
+    return int(max_images)
+
+
+def _check_work(header: dict, max_images: int | None) -> None:
+    """Refuse, before inflating anything, a payload whose claims would cost more than `max_images` allows."""
+    if max_images is None:
+        return
+    count, pool_size = header["count"], header["pool_size"]
+    if count > max_images:
+        raise PayloadError(
+            f"payload claims {count} kept images, more than the {max_images} decoded without being told to "
+            f"(pass --trust, or --max-images {count}, if you trust its sender)"
+        )
+    bitmap = header["sections"][0]["codec"] == "bitmap-zstd" and _bitmap_allowed(pool_size, MAX_VARINT_BYTES * count)
+    if bitmap and pool_size > BITMAP_BITS_PER_IMAGE * max_images:  # (a bitmap the format forbids: its own error)
+        need = -(-pool_size // BITMAP_BITS_PER_IMAGE)
+        raise PayloadError(
+            f"payload's bitmap index spans a pool of {pool_size} images, more than the "
+            f"{BITMAP_BITS_PER_IMAGE * max_images} decoded without being told to "
+            f"(pass --trust, or --max-images {need}, if you trust its sender)"
+        )
+
+
+def _section_lengths(header: dict, header_len: int, body: bytes) -> int:
     available = len(body) - _PREFIX.size - header_len
     declared = sum(sec["length"] for sec in header["sections"])
     if declared != available:
         kind = "truncated" if declared > available else "has trailing bytes"
         raise PayloadError(f"payload {kind}: header declares {declared} section bytes, file has {available}")
+    return available
+
+
+def _info(header: dict, version: int, total: int, header_len: int, digest: bytes, sections: list[dict],
+          decoded: bool) -> dict:
+    names = header["class_names"]
+    return {
+        "format_version": version,
+        "total_bytes": total,
+        "header_bytes": header_len,
+        "header_codec": "zstd-dict" if version in ZHEADER_VERSIONS else "json",
+        "checksum_sha256": digest.hex(),
+        "pool_fingerprint": header["pool_fingerprint"],
+        "pool_size": header["pool_size"],
+        "count": header["count"],
+        "class_count": len(names),
+        "class_names": list(names),
+        "meta": header["meta"],
+        "groups": header.get("groups"),
+        "sections": sections,
+        "decoded": decoded,
+    }
+
+
+def _declared_size(blob: bytes) -> int | None:
+    """A zstd section's decompressed size as its frame header states it, read without inflating anything."""
+    try:
+        size = zstd.get_frame_parameters(blob).content_size
+    except zstd.ZstdError:
+        return None
+    return None if size == zstd.CONTENTSIZE_UNKNOWN else int(size)
+
+
+def _undecoded(data: bytes, note: str) -> dict:
+    """What describe says of a payload it will not decode: the checked header and each section's size."""
+    header, version, header_len, body, digest = _checked_header(data)
+    _section_lengths(header, header_len, body)
+    start, sections = _PREFIX.size + header_len, []
+    for sec in header["sections"]:
+        blob = body[start : start + sec["length"]]
+        start += sec["length"]
+        raw = len(blob) if sec["codec"] == JOINT_CODEC else _declared_size(blob)
+        sections.append({"name": sec["name"], "codec": sec["codec"], "entries": header["count"],
+                         "raw_bytes": raw, "stored_bytes": sec["length"]})
+    info = _info(header, version, len(data), header_len, digest, sections, decoded=False)
+    info["note"] = note
+    return info
+
+
+def _decode(data: bytes, groups: Any = None, max_images: int | None = DEFAULT_MAX_IMAGES) -> tuple[Payload, dict]:
+    header, version, header_len, body, digest = _checked_header(data)
+    total = len(data)
+    pool_size, count = header["pool_size"], header["count"]
+    available = _section_lengths(header, header_len, body)
+    _check_work(header, max_images)
     start = _PREFIX.size + header_len
     if ZHEADER_VERSIONS.get(version, version) == JOINT_FORMAT_VERSION:
         indices, labels = _decode_joint(header, body[start:], groups)
@@ -774,41 +866,31 @@ def _decode_joint(header: dict, blob: bytes, groups: Any) -> tuple[np.ndarray, n
 
 def _finish(header: dict, indices: np.ndarray, labels: np.ndarray, sections: list[dict], version: int,
             total: int, header_len: int, digest: bytes) -> tuple[Payload, dict]:
-    pool_size, count, names = header["pool_size"], header["count"], header["class_names"]
     payload = Payload(
         pool_fingerprint=header["pool_fingerprint"],
-        pool_size=pool_size,
-        class_names=tuple(names),
+        pool_size=header["pool_size"],
+        class_names=tuple(header["class_names"]),
         indices=indices,
         labels=labels,
         meta=header["meta"],
     )
-    info = {
-        "format_version": version,
-        "total_bytes": total,
-        "header_bytes": header_len,
-        "header_codec": "zstd-dict" if version in ZHEADER_VERSIONS else "json",
-        "checksum_sha256": digest.hex(),
-        "pool_fingerprint": payload.pool_fingerprint,
-        "pool_size": pool_size,
-        "count": count,
-        "class_count": len(names),
-        "class_names": list(names),
-        "meta": payload.meta,
-        "groups": header.get("groups"),
-        "sections": sections,
-    }
+    info = _info(header, version, total, header_len, digest, sections, decoded=True)
+    info["meta"] = payload.meta
     return payload, info
 
 
-def decode(data: bytes, groups: Any = None) -> Payload:
+def decode(data: bytes, groups: Any = None, *, max_images: int | None = DEFAULT_MAX_IMAGES) -> Payload:
     """Parse untrusted bytes; any defect, accidental or hostile, becomes a one-line PayloadError.
 
     ``groups`` is the receiving pool's group id per image (``Pool.groups()[0]``); only payloads
     coded per group need it, and they refuse to decode without it or with a different grouping.
+    ``max_images`` bounds the work a header can ask for (kept images, and a bitmap's span of
+    `BITMAP_BITS_PER_IMAGE` pool images per image), checked before anything is inflated; None lifts it,
+    for a caller that has already checked the header's claims against its own pool.
     """
+    max_images = _check_max_images(max_images)
     try:
-        return _decode(data, groups)[0]
+        return _decode(data, groups, max_images)[0]
     except PayloadError:
         raise
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, zstd.ZstdError) as e:
@@ -816,10 +898,23 @@ def decode(data: bytes, groups: Any = None) -> Payload:
         raise PayloadError(f"malformed payload: {_one_line(e)}") from None
 
 
-def describe(data: bytes, groups: Any = None) -> dict:
-    """What `plada inspect` shows; decodes fully so it never describes a payload that would not load."""
+def describe(data: bytes, groups: Any = None, *, max_images: int | None = DEFAULT_MAX_IMAGES,
+             header_only: bool = False) -> dict:
+    """What `plada inspect` shows; decodes fully so it never describes a payload that would not load.
+
+    Bounded like `decode` (``max_images``). Where decoding is not asked for (``header_only``) or not
+    possible (a payload coded per pool folder, given no ``groups``) it still reports the checked header and
+    each section's stored size, with ``decoded`` False and a ``note`` saying why; nothing is inflated then.
+    """
+    max_images = _check_max_images(max_images)
     try:
-        return _decode(data, groups)[1]
+        if header_only:
+            return _undecoded(data, "sections not decoded (header only)")
+        header = peek_header(data)
+        if groups is None and header.get("groups") is not None:
+            return _undecoded(data, f"the index was coded per pool folder ({header['groups']['count']} groups): "
+                                    "pass --pool to decode it")
+        return _decode(data, groups, max_images)[1]
     except PayloadError:
         raise
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, zstd.ZstdError) as e:
@@ -877,11 +972,11 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         return f.read(size + 1)
 
 
-def read(path: str | os.PathLike, groups: Any = None) -> Payload:
-    """Load and fully validate a payload file (``groups`` as for `decode`)."""
+def read(path: str | os.PathLike, groups: Any = None, *, max_images: int | None = DEFAULT_MAX_IMAGES) -> Payload:
+    """Load and fully validate a payload file (``groups`` and ``max_images`` as for `decode`)."""
     data = read_bytes(path)
     try:
-        return decode(data, groups)
+        return decode(data, groups, max_images=max_images)
     except PayloadError as e:
         raise PayloadError(f"{e} (file {path})") from None
 

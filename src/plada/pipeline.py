@@ -1,173 +1,221 @@
-"""Sender and receiver as two library calls; the CLI only parses arguments and prints.
+"""Sender and receiver as library calls, each a few stages with cached artifacts; the CLI only parses and prints.
 
-send: target + pool -> teacher -> pool scores -> selection -> `.plada` payload.
+send: target + pool -> teacher(s) -> pool scores -> candidates -> choice -> `.plada` payload.
 receive: payload + pool -> fingerprint check -> labelled pool subset -> student -> accuracy.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 import time
-from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from . import backbones, engines, payload, rate, select
-from .data import Split, atomic_write, cache_root, load_source
+from .config import ReceiveConfig, SendConfig
+from .data import Split, atomic_write, cache_root, load_source, resolve_source
 from .errors import PladaError
 from .pool import Pool
 from .score import chunk_size
 from .shards import open_any
-from .student import StudentConfig, train_student
+from .student import train_student
 from .teacher import TeacherConfig, train_teacher
 from .train import accuracy, predict
 
-# When the sender's teacher used all of train, auto decides with `auto.DECIDERS` deciding teachers, each without its
-# own slice of train, and sends AUTO_SEND's selection: the best deciding teacher's own (see _auto_choice).
-AUTO_SEND = "decider"
+# Fewer unseen train images than this (a teacher on all of train, or nearly): deciding teachers are fine-tuned.
+MIN_UNSEEN = 200
+
+
+def _is_safetensors(head: bytes) -> bool:
+    return len(head) > 8 and head[8:9] == b"{"
+
+
+def check_output(out: str | os.PathLike, what: str, magic: bytes | None = None, ours=None) -> Path:
+    """Refuse an output path that cannot be written, or whose file is not one of ours, before any work.
+
+    A FIFO would hang the final write forever and a directory would fail it after hours; an existing file
+    that does not start with ``magic`` is someone's data (a dataset, a manifest), never overwritten.
+    """
+    out = Path(out)
+    if "\n" in str(out) or "\r" in str(out):
+        raise PladaError(f"{what} path holds a line break: {str(out)!r}")
+    if not out.parent.is_dir():
+        raise PladaError(f"output folder does not exist: {out.parent}")
+    if not os.access(out.parent, os.W_OK):
+        raise PladaError(f"output folder is not writable: {out.parent}")
+    if out.is_symlink() or out.exists():
+        st = os.stat(out) if out.exists() else None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise PladaError(f"{what} path is a directory: {out}")
+        if st is None or not stat.S_ISREG(st.st_mode):
+            raise PladaError(f"{what} path exists and is not a regular file: {out}")
+        if (magic is not None or ours is not None) and st.st_size:
+            with open(out, "rb") as f:
+                head = f.read(16)
+            if not (head.startswith(magic) if magic is not None else ours(head)):
+                raise PladaError(f"{what} {out} exists and is not a file plada wrote; refusing to overwrite it")
+    return out
+
+
+def check_not_input(out: Path, inputs: list[Path], what: str) -> None:
+    """An output must never be one of the run's own inputs, nor lie inside an input folder or the cache."""
+    o = out.resolve()
+    for p in inputs:
+        try:
+            r = Path(p).resolve()
+        except OSError:
+            continue
+        if o == r or (r.is_dir() and r in o.parents):
+            raise PladaError(f"{what} {out} would overwrite this run's input {p}")
+
+
+def _pool_inputs(pool: Pool, data: str | os.PathLike | None) -> list[Path]:
+    """The pool's folder, its manifest and the source archives it was built from."""
+    found = [pool.root, pool.root / "manifest.tsv"]
+    try:
+        meta = json.loads((pool.root / "pool.json").read_text())
+        for spec in meta.get("sources", []):
+            try:
+                found.append(resolve_source(str(spec).split(":", 1)[0], data))
+            except PladaError:
+                pass
+    except (OSError, ValueError):
+        pass
+    return found
 
 
 def send(
     target: str,
     pool: str | Pool,
     out: str | os.PathLike,
+    cfg: SendConfig | None = None,
+    *,
     data: str | os.PathLike | None = None,
-    teacher: TeacherConfig | None = None,
-    keep: float | None = 0.01,
-    count: int | None = None,
-    policy: str = "lowest-energy",
-    temperature: float = 1.0,
-    safety_share: float = 0.0,
-    alpha: float = 0.5,
-    seed: int = 0,
+    progress: bool = True,
     train_split: str = "train",
     test_split: str = "test",
-    progress: bool = True,
-    budget_bytes: int | None = None,
-    proxy: str = "efficientnet-lite0",
-    proxy_res: int = 64,
-    engine: str = "local",
-    actors: int | None = None,
-    holdout_folds: int | None = None,
-    holdout_groups: str | None = None,
-    auto_send: str = AUTO_SEND,
-    holdout_fraction: float | None = None,
-    deciders: int | None = None,
 ) -> dict:
-    """Make a payload for `target` over `pool`; returns a report (teacher accuracy, bytes, class counts).
+    """Make a payload for `target` over `pool` (see `SendConfig`); returns a report (teacher accuracy, bytes, ...).
 
-    `policy="auto"` (implied by `budget_bytes`) searches policies and keep sizes with proxy students
-    on held-out target images and sends the best forecast; see `plada.auto`. `holdout_groups` (a regular
-    expression on train file names, `auto.name_groups`) holds images of one object out together.
-    When the teacher used all of train, `deciders` teachers (default `auto.DECIDERS`) are fine-tuned, each
-    without its own disjoint slice of `holdout_fraction` of train (default 0.1, or 0.2 with `holdout_groups`,
-    `auto.default_holdout_fraction`); `holdout_folds` K > 1 instead cross-fits K teachers over a partition of
-    train (`auto.decider_plan` says which combinations are allowed).
-    `auto_send="decider"` (default) sends the best deciding teacher's own selection and labels, the very
-    selection its forecast measured (the header's `auto.labels_from_fold` says which; `teacher` there keeps
-    the recipe, with that deciding teacher's test accuracy); `"teacher"` sends the full teacher's selection for the rule
-    the deciders rank best (`auto.search(send=)`). Both only differ when the teacher used all of train.
-    `engine` says where the pool is scored (`plada.engines`); the payload does not depend on it.
+    The auto policy (``cfg.budget`` or ``policy="auto"``) searches policies and keep sizes with proxy
+    students on held-out target images and sends the best forecast (`plada.auto`). When the teacher used
+    all of train, ``cfg.deciders`` teachers are fine-tuned instead, each without its own slice of train,
+    and the best forecast among their own selections is sent with that teacher's labels.
     """
-    teacher = teacher or TeacherConfig()
-    if temperature <= 0:
-        raise PladaError(f"temperature must be positive, got {temperature}")
-    if holdout_fraction is not None and not (isinstance(holdout_fraction, int | float) and 0 < holdout_fraction < 1):
-        raise PladaError(f"holdout_fraction must be a number strictly between 0 and 1, got {holdout_fraction!r}")
-    from .auto import decider_plan, name_groups
-
-    # fails now, not after the teacher
-    folds, holdout_fraction = decider_plan(holdout_folds, deciders, holdout_fraction, holdout_groups is not None)
-    if holdout_groups is not None:
-        name_groups([], holdout_groups)  # a bad pattern fails now, not after the teacher
-    if auto_send not in ("teacher", "decider"):
-        raise PladaError(f"auto_send must be 'teacher' or 'decider', got {auto_send!r}")
+    cfg = (cfg or SendConfig()).check()
     chunk_size()  # a bad PLADA_SCORE_CHUNK fails now, not after the teacher
-    engines.check_engine(engine)
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise PladaError(f"output folder does not exist: {out.parent}")
+    engines.check_engine(cfg.engine)
+    out = check_output(out, "payload", payload.MAGIC)
     t0 = time.time()
     src = load_source(target, data, progress=progress)
     train = src.split(train_split)
     test = src.split(test_split) if test_split in src.splits() else None
     pool = pool if isinstance(pool, Pool) else open_any(pool, data, progress=progress)
+    check_not_input(out, [resolve_source(target, data), src.root, cache_root(), *_pool_inputs(pool, data)], "payload")
     if pool.missing.any():  # its zero rows would be scored, kept and labelled like real images
         raise PladaError(f"pool '{pool.name}' lacks {int(pool.missing.sum())} of its manifest's images; "
                          "a sender needs the complete pool")
-    if budget_bytes is not None:
-        policy = "auto"
-    k = select.budget(len(pool), keep=keep if count is None else None, count=count)
-    if policy != "auto":
-        select.rank_key(policy, np.zeros(1), np.zeros(1))  # reject an unknown policy before hours of work
-    if policy == "auto":
-        return _send_auto(src, train, test, pool, teacher, out, t0, budget_bytes=budget_bytes,
-                          k=None if budget_bytes else k, temperature=temperature, seed=seed, proxy=proxy,
-                          proxy_res=proxy_res, progress=progress, engine=engine, actors=actors, folds=folds,
-                          group_pattern=holdout_groups, send=auto_send, holdout_fraction=holdout_fraction)
-    model, tinfo = train_teacher(train, test, teacher, cache_root() / "teachers", progress=progress)
-    scores = engines.score(model, pool, cache_root() / "scores", engine=engine, progress=progress, actors=actors)
+    groups = pool.groups()[0]
+    if cfg.auto:
+        idx, labels, meta, report = _send_auto(src.name, train, test, pool, groups, cfg, progress)
+    else:
+        idx, labels, meta, report = _send_fixed(src.name, train, test, pool, cfg, progress)
+    p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, labels, meta)
+    nbytes = payload.write(out, p, groups=groups)
+    return {"payload": str(out), "payload_bytes": nbytes, "kept": int(len(idx)), "pool_size": len(pool), **report,
+            "kept_per_class": np.bincount(labels, minlength=len(train.class_names)).tolist(),
+            "seconds": round(time.time() - t0, 1)}
+
+
+def _teacher_meta(t: TeacherConfig, test_accuracy: float | None) -> dict:
+    return {"model": t.model, "res": t.res, "mode": t.mode, "test_accuracy": test_accuracy}
+
+
+def _send_fixed(name: str, train: Split, test: Split | None, pool: Pool, cfg: SendConfig, progress: bool):
+    """One policy at one keep size: the paper's sender."""
+    k = select.budget(len(pool), keep=cfg.keep_share, count=cfg.count)
+    safety = 0.0 if cfg.safety_share is None else cfg.safety_share
+    alpha = 0.5 if cfg.alpha is None else cfg.alpha
+    model, tinfo = train_teacher(train, test, cfg.teacher, cache_root() / "teachers", progress=progress)
+    scores = engines.score(model, pool, cache_root() / "scores", engine=cfg.engine, progress=progress,
+                           actors=cfg.actors)
     labels = scores.labels
-    key = select.rank_key(policy, scores.energy(temperature), scores.entropy(), seed=seed)
-    idx = select.select(labels, key, k, len(train.class_names), safety_share=safety_share, alpha=alpha)
-    meta = {
-        "target": src.name,
-        "policy": policy,
-        "keep": keep if count is None else None,
-        "count": k,
-        "temperature": temperature,
-        "safety_share": safety_share,
-        "alpha": alpha,
-        "seed": seed,
-        "teacher": {"model": teacher.model, "res": teacher.res, "mode": teacher.mode,
-                    "test_accuracy": tinfo.get("test_accuracy")},
-    }
-    p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, labels[idx], meta)
-    nbytes = payload.write(out, p, groups=pool.groups()[0])
-    return {
-        "payload": str(out),
-        "payload_bytes": nbytes,
-        "kept": int(len(idx)),
-        "pool_size": len(pool),
-        "teacher_accuracy": tinfo.get("test_accuracy"),
-        "kept_per_class": select.class_histogram(labels, idx, len(train.class_names)).tolist(),
-        "seconds": round(time.time() - t0, 1),
-    }
+    key = select.rank_key(cfg.policy, scores.energy(cfg.temperature), scores.entropy(), seed=cfg.seed)
+    idx = select.select(labels, key, k, len(train.class_names), safety_share=safety, alpha=alpha)
+    meta = {"target": name, "policy": cfg.policy, "keep": cfg.keep_share, "count": k,
+            "temperature": cfg.temperature, "safety_share": safety, "alpha": alpha, "seed": cfg.seed,
+            "teacher": _teacher_meta(cfg.teacher, tinfo.get("test_accuracy"))}
+    return idx, labels[idx], meta, {"teacher_accuracy": tinfo.get("test_accuracy")}
 
 
-def _send_auto(src, train, test, pool, teacher, out, t0, *, budget_bytes, k, temperature, seed, proxy, proxy_res,
-               progress, engine, actors, folds, group_pattern, send, holdout_fraction=None) -> dict:
-    """`send` for policy auto. When deciding teachers will label the payload (`send="decider"` and a teacher
-    that uses all of train), the full teacher would label nothing, so it is neither fine-tuned nor scored:
-    the report's teacher accuracy is then the sending decider's."""
-    seen, unseen, tgroups = _unseen_rows(train, teacher, group_pattern)
-    scores, tinfo = None, {}
-    if send == "teacher" or len(unseen) >= MIN_UNSEEN:
-        model, tinfo = train_teacher(train, test, teacher, cache_root() / "teachers", progress=progress)
-        scores = engines.score(model, pool, cache_root() / "scores", engine=engine, progress=progress, actors=actors)
-    teacher_meta = {"model": teacher.model, "res": teacher.res, "mode": teacher.mode,
-                    "test_accuracy": tinfo.get("test_accuracy")}
-    base = {"target": src.name, "keep": None, "temperature": temperature, "teacher": teacher_meta}
-    choice, deciders = _auto_choice(train, test, pool, teacher, scores, base, budget_bytes, k, temperature, seed, proxy,
-                                    proxy_res, progress, engine=engine, actors=actors, folds=folds, tgroups=tgroups,
-                                    seen=seen, unseen=unseen, send=send, holdout_fraction=holdout_fraction)
-    idx, sel_labels, meta = choice.indices, choice.labels, {**base, **choice.meta()}
-    p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, sel_labels, meta)
-    nbytes = payload.write(out, p, groups=pool.groups()[0])
-    acc = tinfo.get("test_accuracy") if choice.decider is None else deciders[choice.decider].test_accuracy
-    return {"payload": str(out), "payload_bytes": nbytes, "kept": int(len(idx)), "pool_size": len(pool),
-            "teacher_accuracy": acc, "policy": choice.name, "forecast_accuracy": choice.forecast,
-            "kept_per_class": np.bincount(sel_labels, minlength=len(train.class_names)).tolist(),
-            "auto": choice.summary(), "seconds": round(time.time() - t0, 1)}
+def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: np.ndarray, cfg: SendConfig,
+               progress: bool):
+    """Stages of the auto sender: deciding teachers and their held-out rows, pool features, search, header."""
+    from . import auto
+    from .features import cached_features, feature_model, rows_features
+
+    seen, unseen, tgroups = unseen_rows(train, cfg.teacher, cfg.holdout_groups)
+    own_teacher = len(unseen) >= MIN_UNSEEN  # the sending teacher left enough of train unseen to decide on
+    if own_teacher and (cfg.deciders is not None or cfg.holdout_fraction is not None):
+        raise PladaError(f"the teacher leaves {len(unseen)} train images unseen (teacher.limit), so it decides "
+                         "itself: deciders and holdout_fraction do not act")
+    base = {"target": name, "keep": None, "temperature": cfg.temperature,
+            "teacher": _teacher_meta(cfg.teacher, None)}
+    k = None if cfg.budget is not None else select.budget(len(pool), keep=cfg.keep_share, count=cfg.count)
+    # the cheapest payload this target can have: refuse a budget below it before any teacher trains
+    if cfg.budget is not None:
+        one = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, base, groups=groups)(
+            np.array([0]), np.array([0]), auto.search_meta(auto.Policy("lowest-energy"), 1, cfg.budget, 1))
+        if cfg.budget < one:
+            raise PladaError(f"byte budget {cfg.budget} is too small: a payload keeping one image of this target "
+                             f"and pool needs about {one} bytes")
+    fm = feature_model(cfg.proxy, cfg.proxy_res)
+    pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress)
+    key = "/".join((train.dataset, train.split, str(len(train))))
+
+    def feats(idx: np.ndarray, what: str) -> np.ndarray:
+        return rows_features(fm, train.images, idx, f"{key}/{what}", progress=progress)
+
+    def ref_key(idx: np.ndarray) -> np.ndarray:  # nearest-target: compare with images the teacher trained on
+        return auto.nearest_target_key(np.asarray(pool_f), feats(auto.subsample(idx, 5000, cfg.seed), "ref"))
+
+    if own_teacher:
+        held_idx = auto.subsample(unseen, 5000, cfg.seed)
+        model, tinfo = train_teacher(train, test, cfg.teacher, cache_root() / "teachers", progress=progress)
+        s = engines.score(model, pool, cache_root() / "scores", engine=cfg.engine, progress=progress,
+                          actors=cfg.actors)
+        deciders = [auto.Decider(s.labels, s.energy(cfg.temperature), s.entropy(), np.arange(len(held_idx)),
+                                 rate.confidence(s.logits), ref_key(seen), tinfo.get("test_accuracy"), fold=None)]
+    else:
+        n, frac = auto.decider_plan(cfg.deciders, cfg.holdout_fraction, tgroups is not None)
+        held_idx, deciders = decide(train, test, pool, cfg.teacher, n, frac, cfg.seed, ref_key,
+                                    temperature=cfg.temperature, engine=cfg.engine, actors=cfg.actors,
+                                    progress=progress, groups=tgroups)
+
+    def header_of(d: auto.Decider) -> dict:  # each decider's candidates carry its own accuracy: sized exactly
+        return {**base, "teacher": {**base["teacher"], "test_accuracy": d.test_accuracy}}
+
+    sizers = {d.fold: auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, header_of(d),
+                                         groups=groups) for d in deciders}
+
+    def size_of(indices: np.ndarray, labels: np.ndarray, meta: dict) -> int:
+        return sizers[meta["auto"].get("labels_from_fold")](indices, labels, meta)
+
+    choice = auto.search(deciders=deciders, pool_feats=pool_f, heldout_feats=feats(held_idx, "held"),
+                         heldout_labels=train.labels[held_idx], n_classes=len(train.class_names), size_of=size_of,
+                         budget_bytes=cfg.budget, k=k, groups=groups, seed=cfg.seed)
+    sender = deciders[0] if choice.decider is None else deciders[choice.decider]
+    meta = {**header_of(sender), **choice.meta()}
+    report = {"teacher_accuracy": sender.test_accuracy, "policy": choice.name, "forecast_accuracy": choice.forecast,
+              "auto": choice.summary()}
+    return choice.indices, choice.labels, meta, report
 
 
-# Fewer unseen train images than this (a teacher on all of train, or nearly): deciding teachers are fine-tuned.
-MIN_UNSEEN = 200
-
-
-def _unseen_rows(train: Split, teacher: TeacherConfig, group_pattern: str | None):
+def unseen_rows(train: Split, teacher: TeacherConfig, group_pattern: str | None):
     """(rows the teacher trains on, rows it never sees, group id per row or None) for the auto search."""
     from . import auto
 
@@ -176,147 +224,87 @@ def _unseen_rows(train: Split, teacher: TeacherConfig, group_pattern: str | None
     tgroups = None
     if group_pattern is not None:
         if train.files is None:
-            raise PladaError("--holdout-groups needs the train split's file names; this split has none")
+            raise PladaError("holdout_groups needs the train split's file names; this split has none")
         tgroups = auto.name_groups(train.files, group_pattern)
         unseen = unseen[~np.isin(tgroups[unseen], tgroups[seen])]  # a seen group's other images are not new
     return seen, unseen, tgroups
 
 
-def _auto_choice(train, test, pool, teacher, scores, base_meta, budget_bytes, k, temperature, seed, proxy, proxy_res,
-                 progress, *, seen, unseen, folds, tgroups=None, engine="local", actors=None, send=AUTO_SEND,
-                 holdout_fraction=None):
-    """Pick the policy with proxy students scored on target images the deciding teacher never saw.
+def decide(
+    train: Split, test: Split | None, pool: Pool, teacher: TeacherConfig, n: int, frac: float, seed: int,
+    ref_key, held_limit: int = 5000, temperature: float = 1.0, engine: str = "local", actors: int | None = None,
+    progress: bool = True, groups: np.ndarray | None = None,
+) -> tuple[np.ndarray, list]:
+    """(held-out train rows, one `auto.Decider` per deciding teacher).
 
-    A teacher trained on a subset (`--teacher-limit`) leaves the rest of train unseen: those are the
-    held-out images, and nothing is wasted. A teacher that used all of train is cross-fitted: `folds`
-    teachers decide, each trained without its own held-out part (`auto.Decider`; `cross_fit`: a slice of
-    `holdout_fraction` each, or with none a K-fold partition). `send="decider"` sends a deciding teacher's own
-    selection (`auto.search`), and `scores` (the full teacher's) may then be None: the header's teacher test
-    accuracy is then the sending decider's (each decider's candidates are sized with its own);
-    `"teacher"` sends the full teacher's selection for the best rule.
-    `seen`/`unseen`/`tgroups` come from `_unseen_rows`: held-out rows share no group with rows the deciding
-    teacher trained on. Returns (choice, deciders or None); `base_meta` is updated to what the payload carries.
-    """
-    from . import auto
-    from .features import cached_features, feature_model, rows_features
-
-    fm = feature_model(proxy, proxy_res)
-    pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress)
-    key = "/".join((train.dataset, train.split, str(len(train))))
-
-    def feats(idx: np.ndarray, what: str) -> np.ndarray:
-        return rows_features(fm, train.images, idx, f"{key}/{what}", progress=progress)
-
-    def ref_key(idx: np.ndarray) -> np.ndarray:  # nearest-target: compare with images the teacher trained on
-        return auto.nearest_target_key(np.asarray(pool_f), feats(auto.subsample(idx, 5000, seed), "ref"))
-
-    groups = pool.groups()[0]
-    deciders = None
-    if len(unseen) >= MIN_UNSEEN:
-        held_idx = auto.subsample(unseen, 5000, seed)
-        nearest = ref_key(seen)
-    else:
-        held_idx, deciders, _ = cross_fit(train, pool, teacher, folds, seed, ref_key, temperature=temperature,
-                                          engine=engine, actors=actors, progress=progress, groups=tgroups,
-                                          test=test if scores is None else None, holdout_fraction=holdout_fraction)
-        nearest = ref_key(np.arange(len(train))) if send == "teacher" else None  # deciders carry their own
-    held_f = feats(held_idx, "held")
-
-    def header_of(decider: int | None) -> dict:  # without a full teacher, a decider's labels go with its accuracy
-        if scores is not None or decider is None:
-            return base_meta
-        return {**base_meta, "teacher": {**base_meta["teacher"], "test_accuracy": deciders[decider].test_accuracy}}
-
-    sizers = {j: auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, header_of(j), groups=groups)
-              for j in (None, *range(len(deciders or ())))}
-
-    def sizer(indices: np.ndarray, labels: np.ndarray, meta: dict) -> int:  # each candidate with its own header
-        return sizers[meta.get("auto", {}).get("labels_from_fold")](indices, labels, meta)
-
-    if scores is not None:
-        sender = (scores.labels, scores.energy(temperature), scores.entropy(), rate.confidence(scores.logits))
-    else:  # decider mode without a full teacher: only the deciders' scores are used (these are checked, not sent)
-        d = deciders[0]
-        sender = (d.labels, d.energy, d.entropy, d.confidence)
-    choice = auto.search(labels=sender[0], energy=sender[1], entropy=sender[2], pool_feats=pool_f,
-                         heldout_feats=held_f, heldout_labels=train.labels[held_idx],
-                         n_classes=len(train.class_names), size_of=sizer, budget_bytes=budget_bytes, k=k,
-                         nearest_key=nearest, groups=groups, confidence=sender[3],
-                         deciders=deciders, seed=seed, send=send if deciders else "teacher")
-    base_meta.update(header_of(choice.decider))
-    return choice, deciders
-
-
-def cross_fit(
-    train: Split, pool: Pool, teacher: TeacherConfig, folds: int, seed: int,
-    ref_key: Callable[[np.ndarray], np.ndarray], held_limit: int = 5000, temperature: float = 1.0,
-    engine: str = "local", actors: int | None = None,
-    progress: bool = True, groups: np.ndarray | None = None, test: Split | None = None,
-    holdout_fraction: float | None = None,
-) -> tuple[np.ndarray, list, list[float]]:
-    """(held-out train rows, one `auto.Decider` per fold, fine-tune seconds per fold teacher).
-
-    For a sending teacher that used all of train: each fold's teacher is the sender's recipe fitted
-    without that fold, and decides on at most `held_limit / folds` of the fold's images; `ref_key`
-    gives its nearest-target key from the rows it trained on; `groups` keeps each group in one fold.
-    With `test`, each fold teacher's test accuracy is measured once (cached with the teacher,
-    `Decider.test_accuracy`): a sender that sends a fold teacher's labels reports that teacher.
-    `holdout_fraction` is the slice each teacher goes without (`auto.fold_split`; for folds=1 the default is
-    `auto.default_holdout_fraction`: 0.1, or 0.2 with `groups`; for more folds none means a partition;
-    `auto.decider_plan` turns a user's request into these two).
+    For a sender whose teacher would use all of train: teacher j is the sender's recipe fitted without its
+    own disjoint slice of ``frac`` of train (`auto.fold_split`; ``groups`` keeps each group on one side), and
+    decides on at most ``held_limit / n`` of its slice. Each teacher's test accuracy is measured once and
+    cached with it: the payload reports the accuracy of the teacher whose labels it carries.
     """
     from . import auto
 
-    per_fold = -(-held_limit // folds)
-    splits = [(f, auto.subsample(h, per_fold, seed))
-              for f, h in auto.fold_split(len(train), folds, seed, groups, frac=holdout_fraction)]
-    deciders, seconds, at = [], [], 0
-    for fit_idx, h in splits:
+    per = -(-held_limit // n)
+    splits = [(f, auto.subsample(h, per, seed)) for f, h in auto.fold_split(len(train), n, seed, groups, frac=frac)]
+    deciders, at = [], 0
+    for j, (fit_idx, h) in enumerate(splits):
         tj, info = train_teacher(train.take(fit_idx), test, replace(teacher, limit=None), cache_root() / "teachers",
                                  progress=progress)
         sj = engines.score(tj, pool, cache_root() / "scores", engine=engine, progress=progress, actors=actors)
         deciders.append(auto.Decider(sj.labels, sj.energy(temperature), sj.entropy(), np.arange(at, at + len(h)),
-                                     rate.confidence(sj.logits), ref_key(fit_idx), info.get("test_accuracy")))
-        seconds.append(info.get("train_seconds"))
+                                     rate.confidence(sj.logits), ref_key(fit_idx), info.get("test_accuracy"), fold=j,
+                                     train_seconds=info.get("train_seconds")))
         at += len(h)
-    return np.concatenate([h for _, h in splits]), deciders, seconds
+    return np.concatenate([h for _, h in splits]), deciders
 
 
 def receive(
     payload_path: str | os.PathLike,
     pool: str | Pool,
+    cfg: ReceiveConfig | None = None,
+    *,
     data: str | os.PathLike | None = None,
-    student: StudentConfig | None = None,
     test: str | None = None,
     test_split: str = "test",
     model_out: str | os.PathLike | None = None,
     progress: bool = True,
-    allow_missing: bool = False,
 ) -> dict:
     """Rebuild the labelled subset from a payload and our pool, train a student, evaluate it.
 
     Kept images our pool lacks (or holds with other bytes) would be trained on as black squares
-    under the sender's label, so they refuse the payload unless `allow_missing` drops them.
+    under the sender's label, so they refuse the payload unless ``cfg.allow_missing`` drops them.
+    ``cfg.mode`` (else the header's ``receiver``, else plain) decides whether the student also trains on
+    pool images the receiver pseudo-labels itself (`plada.receiver`); only the payload, the pool and
+    public pretrained weights are used, never the target's data (only ``test`` is read, to evaluate).
     """
-    student = student or StudentConfig()
+    cfg = (cfg or ReceiveConfig()).check()
+    student = cfg.student
     t0 = time.time()
+    if model_out is not None:
+        model_out = check_output(model_out, "model", ours=_is_safetensors)
+        check_not_input(model_out, [Path(payload_path), cache_root()], "model")
     raw = payload.read_bytes(payload_path)
     # The decoder bounds its memory by the sizes the header claims; checking those claims against
     # our own pool first bounds a receiver by its pool instead (docs/HARDENING.md).
     header = payload.peek_header(raw)
-    if model_out is not None and not Path(model_out).parent.is_dir():
-        raise PladaError(f"output folder does not exist: {Path(model_out).parent}")
+    from . import receiver
+
+    # Before the pool is opened: a header naming a receiver mode this plada lacks is refused in one line.
+    mode, mode_from = receiver.resolve_mode(cfg.mode, header["meta"])
+    replace(cfg, mode=mode).check()  # the header's mode: its knobs are checked as if it had been given
     pool = pool if isinstance(pool, Pool) else open_any(pool, data, progress=progress)
+    if model_out is not None:
+        check_not_input(model_out, _pool_inputs(pool, data), "model")
     pool.check(header["pool_fingerprint"])
     if header["pool_size"] != len(pool):
         raise PladaError(f"payload is for a pool of {header['pool_size']} images, this pool has {len(pool)}")
     try:
-        p = payload.decode(raw, groups=pool.groups()[0])
+        p = payload.decode(raw, groups=pool.groups()[0], max_images=None)  # bounded by our pool, checked above
     except PladaError as e:
         raise PladaError(f"{e} (file {payload_path})") from None
     keep = ~pool.missing[p.indices]
     dropped = int(len(keep) - keep.sum())
-    if dropped and not allow_missing:
+    if dropped and not cfg.allow_missing:
         raise PladaError(f"{dropped} of the payload's {len(keep)} kept images are missing or differ in pool "
                          f"'{pool.name}'; pass --allow-missing to train on the other {len(keep) - dropped}")
     if dropped and dropped == len(keep):
@@ -329,9 +317,33 @@ def receive(
             raise PladaError(
                 f"test split classes {testset.class_names[:5]}… differ from the payload's {list(p.class_names)[:5]}…"
             )
-    images = np.asarray(pool.images[indices])
-    model = train_student(images, labels, len(p.class_names), student, progress=progress)
-    report = {"kept": int(len(indices)), "dropped_missing": dropped, "student": asdict(student), "seconds": 0.0}
+    from .features import cached_features, feature_model
+
+    n_cls = len(p.class_names)
+    expansion = receiver.Expansion(indices, labels, None, {"mode": "plain", "payload": len(indices), "pseudo": 0})
+    feats = None
+    if mode != "plain":
+        # The receiver's own public weights define the feature space: the student's backbone when it is
+        # pretrained, else EfficientNet-Lite0 (a scratch student has no features of its own).
+        fm = (feature_model(student.model, student.res) if student.mode != "scratch"
+              else feature_model("efficientnet-lite0", 64))
+        feats = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress)
+        expansion = receiver.expand(mode, feats, indices, labels, n_cls, seed=student.seed, pseudo=cfg.pseudo,
+                                    k=cfg.knn, rounds=cfg.rounds, allowed=~pool.missing, progress=progress)
+    train_cfg = student
+    if student.mode != "linear" and mode != "plain":  # bounded cost: a capped set, a bounded step count
+        expansion = expansion.capped(receiver.FINETUNE_CAP)
+        train_cfg = replace(student, epochs=receiver.finetune_budget(len(expansion.indices), len(indices),
+                                                                     student.epochs, student.batch_size))
+    rows, rlabels = expansion.training_rows(student.seed)
+    order = np.argsort(rows, kind="stable")
+    rows, rlabels = rows[order], rlabels[order]
+    if student.mode == "linear" and feats is not None:  # the head trains on cached pool features, not images
+        model = train_student(pool.images, rlabels, n_cls, train_cfg, progress=progress, feats=np.asarray(feats[rows]))
+    else:
+        model = train_student(np.asarray(pool.images[rows]), rlabels, n_cls, train_cfg, progress=progress)
+    report = {"kept": int(len(indices)), "dropped_missing": dropped, "student": asdict(train_cfg), "seconds": 0.0,
+              "receiver": {**expansion.info, "from": mode_from, "trained_on": int(len(rows))}}
     if testset is not None:
         report["student_accuracy"] = accuracy(
             predict(model, testset.images, desc="student eval", progress=progress), testset.labels
@@ -346,32 +358,29 @@ def receive(
 def score(
     pool: str | Pool,
     target: str | None = None,
+    cfg: SendConfig | None = None,
+    *,
     model_path: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     data: str | os.PathLike | None = None,
-    teacher: TeacherConfig | None = None,
-    engine: str = "local",
-    actors: int | None = None,
-    temperature: float = 1.0,
     train_split: str = "train",
     test_split: str = "test",
     progress: bool = True,
 ) -> dict:
     """Score a pool without selecting anything: the sender's longest step on its own.
 
-    Run it where the compute is (`engine="ray"` on a cluster) before `send`: the chunks land in the
+    Run it where the compute is (``engine="ray"`` on a cluster) before `send`: the chunks land in the
     same score cache, so a later `send` with the same teacher and pool only selects and writes. The
-    teacher is the cached one `send` would train for `target`, or a saved model (`model_path`).
-    `out` gets logits, labels and energies in manifest order (`.npz`).
+    teacher is the cached one `send` would train for `target` (``cfg.teacher``), or a saved model
+    (``model_path``). ``out`` gets logits, labels and energies in manifest order (`.npz`).
     """
     if (target is None) == (model_path is None):
         raise PladaError("score needs either a target dataset (whose teacher scores the pool) or --model, not both")
-    if temperature <= 0:
-        raise PladaError(f"temperature must be positive, got {temperature}")
+    cfg = (cfg or SendConfig()).check()
     chunk_size()
-    engines.check_engine(engine)
-    if out is not None and not Path(out).parent.is_dir():
-        raise PladaError(f"output folder does not exist: {Path(out).parent}")
+    engines.check_engine(cfg.engine)
+    if out is not None:
+        out = check_output(out, "scores", b"PK")
     t0 = time.time()
     if model_path is not None:
         model, class_names, _ = backbones.load(model_path)
@@ -380,21 +389,24 @@ def score(
         src = load_source(target, data, progress=progress)
         train = src.split(train_split)
         test = src.split(test_split) if test_split in src.splits() else None
-        model, tinfo = train_teacher(train, test, teacher or TeacherConfig(), cache_root() / "teachers",
-                                     progress=progress)
+        model, tinfo = train_teacher(train, test, cfg.teacher, cache_root() / "teachers", progress=progress)
         class_names = train.class_names
     pool = pool if isinstance(pool, Pool) else open_any(pool, data, progress=progress)
+    if out is not None:
+        check_not_input(out, [cache_root(), *_pool_inputs(pool, data)]
+                        + ([Path(model_path)] if model_path is not None else []), "scores")
     t1 = time.time()
-    scores = engines.score(model, pool, cache_root() / "scores", engine=engine, progress=progress, actors=actors)
+    scores = engines.score(model, pool, cache_root() / "scores", engine=cfg.engine, progress=progress,
+                           actors=cfg.actors)
     seconds = time.time() - t1
-    labels, en = scores.labels, scores.energy(temperature)
-    report = {"pool": pool.name, "pool_size": len(pool), "fingerprint": pool.fingerprint, "engine": engine,
+    labels, en = scores.labels, scores.energy(cfg.temperature)
+    report = {"pool": pool.name, "pool_size": len(pool), "fingerprint": pool.fingerprint, "engine": cfg.engine,
               "classes": list(class_names), "teacher_accuracy": tinfo.get("test_accuracy"),
               "per_class": np.bincount(labels, minlength=len(class_names)).tolist(),
               "energy": {"min": float(en.min()), "mean": float(en.mean()), "max": float(en.max())} if len(en) else None,
               "score_seconds": round(seconds, 2), "seconds": round(time.time() - t0, 1)}
     if out is not None:
         atomic_write(out, lambda f: np.savez(f, logits=scores.logits, labels=labels, energy=en,
-                                             fingerprint=np.array(pool.fingerprint), temperature=temperature))
+                                             fingerprint=np.array(pool.fingerprint), temperature=cfg.temperature))
         report["scores"] = str(out)
     return report

@@ -19,21 +19,41 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import re
+import secrets
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .data import atomic_save_npy, atomic_write, building_dir, cache_root, load_source, write_json_atomic
+from .data import atomic_save_npy, atomic_write, cache_root, load_source, write_json_atomic
 from .errors import PladaError, PoolMismatchError, reading
-from .manifest import Manifest, manifest_text
+from .manifest import Manifest, manifest_text, unstorable_paths
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; concurrent builds of one pool are then the user's to avoid
+    fcntl = None  # type: ignore[assignment]
 
 __all__ = ["DEFAULT_POOL", "Manifest", "Pool", "build_pool", "export_manifest", "fingerprint_of", "manifest_text",
            "open_pool", "parse_spec", "pools_dir", "read_manifest"]
 
 DEFAULT_POOL = "tinyimagenet32"
+
+# A pool folder holds complete versions `v-<hex>/` and a symlink `current` naming one of them; replacing
+# that symlink (os.replace) is the one atomic step of a rebuild, so at every instant the folder opens as
+# the old pool or the new one. The top-level files are fixed symlinks through `current`, so paths like
+# `pools/NAME/images.npy` keep working; folders built before versions existed hold the files themselves.
+_CURRENT = "current"
+_FILES = ("images.npy", "missing.npy", "manifest.tsv", "pool.json")  # pool.json marks a pool folder
+_LOCK = ".lock"
+_VERSION = re.compile(r"v-[0-9a-f]{16}")
+_TEMP = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")
 
 
 @dataclass
@@ -108,6 +128,31 @@ def pools_dir() -> Path:
     return cache_root() / "pools"
 
 
+def _storable_manifest(paths: list[str], hashes: list[str]) -> bytes:
+    """The manifest of these rows, refusing up front (with the files' names) paths no manifest can hold.
+
+    Cheap when all is well: counting separators in the joined bytes finds a stray one without a pass in Python.
+    """
+    if not paths:
+        raise PladaError("the pool sources hold no images")
+    try:
+        text = manifest_text(paths, hashes)
+        ok = (text.count(b"\n") == len(paths) and text.count(b"\t") == len(paths)
+              and b"\r" not in text and b"\x00" not in text)
+    except UnicodeEncodeError:
+        ok = False
+    bad = [] if ok else unstorable_paths(paths)
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise PladaError(
+            f"{len(bad)} image file name(s) cannot be stored in a pool manifest (a newline, tab, carriage "
+            f"return or NUL, or not UTF-8): {', '.join(ascii(p) for p in bad[:5])}{more}; rename them or "
+            "remove them from the source"
+        )
+    Manifest.parse(text)  # what `open_pool` will check, before any pool is touched
+    return text
+
+
 def build_pool(
     sources: list[str],
     data: str | os.PathLike | None = None,
@@ -127,9 +172,8 @@ def build_pool(
     name = name or "+".join(Path(parse_spec(s)[0]).name.split(".tar")[0].split(".tgz")[0] for s in sources)
     if name in ("", ".", "..") or "/" in name or os.sep in name:
         raise PladaError(f"pool name must be a plain folder name, got {name!r}")
-    root = out or pools_dir() / name
-    if root.exists() and not (root / "pool.json").is_file():
-        raise PladaError(f"{root} exists and is not a pool folder; refusing to replace it")
+    root = Path(out) if out is not None else pools_dir() / name
+    _check_replaceable(root)
     rows: list[tuple[str, str, int, int]] = []  # path, hash, source idx, row in source
     loaded = []
     skipped = 0
@@ -153,7 +197,7 @@ def build_pool(
         raise PladaError("pool sources overlap: the same relative path appears twice")
     if canon is None:
         paths, hashes = [r[0] for r in rows], [r[1] for r in rows]
-        text = manifest_text(paths, hashes)
+        text = _storable_manifest(paths, hashes)
     else:
         paths, hashes, text = canon
         have = {r[0]: r for r in rows}
@@ -162,30 +206,200 @@ def build_pool(
         if all(r[2] < 0 for r in rows):
             raise PladaError(
                 f"the sources hold none of the manifest's {len(paths)} images (check source names: "
-                f"manifest paths look like '{paths[0]}', the sources give e.g. '{next(iter(have), 'nothing')}')"
+                f"manifest paths look like {paths[0]!r}, the sources give e.g. {next(iter(have), 'nothing')!r})"
             )
     fp = hashlib.sha256(text).hexdigest()
     src_idx = np.fromiter((x[2] for x in rows), dtype=np.int64, count=len(rows))
     row_idx = np.fromiter((x[3] for x in rows), dtype=np.int64, count=len(rows))
     missing = src_idx < 0
-    with building_dir(root) as tmp:
-        r = res.pop()
-        images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8,
-                                           shape=(len(rows), r, r, 3))  # zeros: missing rows stay black
-        for si, src in enumerate(loaded):
-            dest = np.flatnonzero(src_idx == si)
-            for a in tqdm(range(0, len(dest), 16384), desc=f"pool {name}: copying {src.name}", unit="chunk",
-                          disable=not progress):
-                d = dest[a : a + 16384]
-                images[d] = src.images[row_idx[d]]
-        images.flush()
-        del images
-        atomic_write(tmp / "manifest.tsv", text)
-        atomic_save_npy(tmp / "missing.npy", missing)
-        write_json_atomic(tmp / "pool.json", {"name": name, "sources": sources, "size": len(paths),
-                                              "fingerprint": fp, "resolution": r, "missing": int(missing.sum()),
-                                              "skipped": skipped})
-    return open_pool(root)
+    r = res.pop()
+    with _locked(root, name, progress) as created:
+        _check_replaceable(root)  # again: another build may have run while we waited
+        version = root / f"v-{secrets.token_hex(8)}"
+        try:
+            version.mkdir()
+            images = np.lib.format.open_memmap(version / "images.npy", mode="w+", dtype=np.uint8,
+                                               shape=(len(rows), r, r, 3))  # zeros: missing rows stay black
+            for si, src in enumerate(loaded):
+                dest = np.flatnonzero(src_idx == si)
+                for a in tqdm(range(0, len(dest), 16384), desc=f"pool {name}: copying {src.name}", unit="chunk",
+                              disable=not progress):
+                    d = dest[a : a + 16384]
+                    images[d] = src.images[row_idx[d]]
+            images.flush()
+            del images
+            _fsync(version / "images.npy")
+            atomic_write(version / "manifest.tsv", text)
+            atomic_save_npy(version / "missing.npy", missing)
+            write_json_atomic(version / "pool.json", {"name": name, "sources": sources, "size": len(paths),
+                                                      "fingerprint": fp, "resolution": r,
+                                                      "missing": int(missing.sum()), "skipped": skipped})
+            _fsync(version)
+            pool = _open_version(version, root)  # read the new pool back before it replaces anything
+            _swap(root, version.name)
+        except BaseException:
+            if not _published(root, version):  # nobody else will ever read it
+                shutil.rmtree(version, ignore_errors=True)
+                if created:  # leave no empty folder where there was none
+                    _remove_if_only_lock(root)
+            raise
+        _clean(root, keep=version.name)
+    return pool
+
+
+def _fsync(path: Path) -> None:
+    """Make a file's or folder's contents durable before a rename publishes them (a power cut, not only a kill)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _is_pool_entry(name: str) -> bool:
+    return name in _FILES or name in (_CURRENT, _LOCK) or bool(_VERSION.fullmatch(name) or _TEMP.fullmatch(name))
+
+
+def _check_replaceable(root: Path) -> None:
+    """Refuse to build over anything but a pool (of either layout), an empty folder, or a pool's leftovers.
+
+    Leftovers: a folder holding only pool files (say an older plada killed while deleting it) is ours to
+    replace; a folder with anything else in it may be the user's, and is left alone.
+    """
+    if not root.exists() and not root.is_symlink():
+        return
+    if not root.is_dir():
+        raise PladaError(f"{root} exists and is not a pool folder; refusing to replace it")
+    if (root / "pool.json").is_file():
+        try:
+            sharded = "format" in json.loads((root / "pool.json").read_bytes())
+        except (OSError, ValueError, TypeError):
+            sharded = False
+        if sharded:
+            raise PladaError(f"{root} is a sharded pool folder; refusing to replace it (pick another --out)")
+        return
+    if not all(_is_pool_entry(e) for e in os.listdir(root)):
+        raise PladaError(f"{root} exists and is not a pool folder; refusing to replace it")
+
+
+@contextmanager
+def _locked(root: Path, name: str, progress: bool) -> Iterator[bool]:
+    """Hold `root/.lock` (creating `root`), so builds of one pool take turns; yields whether `root` was made here.
+
+    The lock file is checked to still be the one at its path once held: a build that failed in a folder
+    it had made removes the folder, and a waiter must not then build in the deleted one.
+    """
+    while True:
+        try:
+            root.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            created = False
+        try:
+            fd = os.open(root / _LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:  # removed between mkdir and open by a failing build: go again
+            continue
+        except OSError as e:
+            raise PladaError(f"cannot lock pool folder {root}: {e.strerror or e}") from None
+        try:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if progress:
+                        print(f"plada: waiting for another build of pool '{name}' to finish", file=sys.stderr)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(root / _LOCK))
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield created
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _remove_if_only_lock(root: Path) -> None:
+    try:
+        if os.listdir(root) == [_LOCK]:
+            os.unlink(root / _LOCK)
+            os.rmdir(root)
+    except OSError:
+        pass
+
+
+def _link(root: Path, name: str, target: str) -> None:
+    """Point `root/name` at `target` in one step: a new symlink renamed over the old entry."""
+    tmp = root / f".{name}.{secrets.token_hex(8)}.tmp"
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, root / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _swap(root: Path, version: str) -> None:
+    """Publish `version`; switching `current` is the one step that does it, atomically.
+
+    Before the switch every reader opens the old pool, after it the new one: `open_pool` reads a folder
+    through `current` when there is one, and through its own top-level files only when there is not (the
+    old layout). The top-level links are made before the switch where nothing is there yet (so a fresh
+    folder never holds `current` without `pool.json`), and after it where an old-layout file is replaced.
+    """
+    links = {f: f"{_CURRENT}/{f}" for f in _FILES}
+    for f, want in links.items():
+        if not (root / f).exists() and not (root / f).is_symlink():
+            _link(root, f, want)
+    _link(root, _CURRENT, version)
+    _fsync(root)
+    for f, want in links.items():
+        if not ((root / f).is_symlink() and os.readlink(root / f) == want):
+            _link(root, f, want)
+    _fsync(root)
+
+
+def _clean(root: Path, keep: str) -> None:
+    """Delete replaced versions and leftovers of killed builds; only run with the lock held and the swap done."""
+    for e in os.listdir(root):
+        if e == keep:
+            continue
+        try:
+            if _VERSION.fullmatch(e):
+                shutil.rmtree(root / e)
+            elif _TEMP.fullmatch(e):
+                os.unlink(root / e)
+        except OSError:
+            pass  # tried again after the next build
+
+
+def _published(root: Path, version: Path) -> bool:
+    try:
+        return _current(root) == version
+    except (OSError, PladaError):
+        return False
+
+
+def _current(root: Path) -> Path:
+    """The folder holding the pool's files now: the version `current` names, or `root` itself (old layout)."""
+    link = root / _CURRENT
+    if not link.is_symlink():
+        return root
+    target = os.readlink(link)
+    if not _VERSION.fullmatch(target):
+        raise PladaError(f"pool {root} is damaged: '{_CURRENT}' points at {target!r}, not a pool version")
+    return root / target
 
 
 def open_pool(
@@ -199,18 +413,40 @@ def open_pool(
         if os.sep in str(spec) or not build:
             raise PladaError(f"no pool '{spec}' (build one with `plada pool build`)")
         return build_pool([str(spec)], data, name=str(spec), progress=progress)
-    meta = json.loads((root / "pool.json").read_bytes())
+    for _ in range(8):
+        version = _current(root)
+        try:
+            return _open_version(version, root)
+        except (OSError, PladaError):
+            if _current(root) == version:  # not a rebuild deleting what we were reading: a real error
+                raise
+    raise PladaError(f"pool {root} was rebuilt 8 times while being opened; try again")
+
+
+def _open_version(folder: Path, root: Path) -> Pool:
+    """The pool whose files are in `folder` (a version, or an old-layout pool folder), checked whole."""
+    rebuild = "rebuild it with `plada pool build`"
     try:
-        paths, hashes, text = read_manifest(root / "manifest.tsv")
+        meta = json.loads((folder / "pool.json").read_bytes())
+    except (OSError, ValueError):
+        raise PladaError(f"pool {root} is damaged: pool.json is unreadable; {rebuild}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), str) or not isinstance(
+            meta.get("name"), str):
+        raise PladaError(f"pool {root} is damaged: pool.json lacks its name or fingerprint; {rebuild}")
+    try:
+        paths, hashes, text = read_manifest(folder / "manifest.tsv")
     except PladaError as e:
         raise PladaError(f"pool {root} is damaged: {e}") from None
     fp = hashlib.sha256(text).hexdigest()
     if fp != meta["fingerprint"]:
         raise PladaError(f"pool {root} is damaged: its manifest does not match its recorded fingerprint")
-    images = np.load(root / "images.npy", mmap_mode="r")
+    try:
+        images = np.load(folder / "images.npy", mmap_mode="r")
+        missing = np.load(folder / "missing.npy") if (folder / "missing.npy").is_file() else None  # older: complete
+    except (OSError, ValueError, EOFError):
+        raise PladaError(f"pool {root} is damaged: its images or missing mask cannot be read; {rebuild}") from None
     if len(images) != len(paths):
         raise PladaError(f"pool {root} is damaged: {len(images)} images for {len(paths)} manifest rows")
-    missing = np.load(root / "missing.npy") if (root / "missing.npy").is_file() else None  # older pools: complete
     if missing is not None and missing.shape != (len(paths),):
         raise PladaError(f"pool {root} is damaged: its missing mask does not match its manifest")
     return Pool(meta["name"], root, images, paths, hashes, fp, missing, int(meta.get("skipped", 0)))
@@ -223,5 +459,5 @@ def export_manifest(pool: Pool, out: str | os.PathLike) -> Path:
         raise PladaError(f"output folder does not exist: {out.parent}")
     if out.is_dir():
         raise PladaError(f"output path is a directory: {out}")
-    atomic_write(out, (pool.root / "manifest.tsv").read_bytes())
+    atomic_write(out, manifest_text(pool.paths, pool.hashes))  # the open pool's, whatever a rebuild did since
     return out

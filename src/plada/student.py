@@ -7,28 +7,15 @@ benchmark grids), and `scratch` (no pretrained weights at all, e.g. `small-cnn`)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from . import backbones
+from .config import STUDENT_MODES, StudentConfig
 from .errors import PladaError
 from .train import fit, fit_linear
 
-MODES = ("finetune", "linear", "scratch")
-
-
-@dataclass(frozen=True)
-class StudentConfig:
-    model: str = "efficientnet-lite0"
-    res: int = 64
-    mode: str = "finetune"
-    epochs: float = 15.0
-    lr: float = 1e-3
-    batch_size: int = 128
-    flip: bool = True
-    seed: int = 0
+MODES = STUDENT_MODES
 
 
 def train_student(

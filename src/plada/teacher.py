@@ -3,7 +3,9 @@
 Its quality bounds everything downstream (pseudo-labels and energies come from it), so the
 default is a full fine-tune; the linear-probe mode (frozen features, trained head) exists for
 fast sweeps. A trained teacher is cached by (target data, configuration), so a grid of selection
-policies reuses one teacher and one pool scoring.
+policies reuses one teacher and one pool scoring. The target data is keyed by the content and label
+of every train row (`Split.digest`), so an edited target never gets a stale teacher; a damaged
+cache entry is retrained, not fatal.
 """
 
 from __future__ import annotations
@@ -11,30 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from . import backbones
+from .config import TEACHER_MODES, TeacherConfig
 from .data import Split, write_json_atomic
 from .errors import PladaError
 from .train import accuracy, fit, fit_linear, predict
 
-MODES = ("finetune", "linear")
-
-
-@dataclass(frozen=True)
-class TeacherConfig:
-    model: str = "efficientnet-lite0"
-    res: int = 64
-    mode: str = "finetune"
-    epochs: float = 2.0
-    lr: float = 1e-3
-    batch_size: int = 128
-    limit: int | None = None  # train on a random subset of this many target images
-    flip: bool = True
-    seed: int = 0
+MODES = TEACHER_MODES
 
 
 def train_teacher(
@@ -46,14 +36,14 @@ def train_teacher(
     if cfg.mode not in MODES:
         raise PladaError(f"unknown teacher mode '{cfg.mode}' (have: {', '.join(MODES)})")
     key = hashlib.sha256(
-        json.dumps([asdict(cfg), train.dataset, train.split, len(train), train.class_names, int(train.labels.sum()),
-                    int(train.images[: min(len(train), 64)].sum())], sort_keys=True).encode()
+        json.dumps([asdict(cfg), train.dataset, train.split, train.class_names, train.digest()],
+                   sort_keys=True).encode()
     ).hexdigest()[:16]
     d = Path(cache) / f"{train.dataset}-{key}"
     wpath, ipath = d / "teacher.safetensors", d / "teacher.json"
-    if wpath.is_file() and ipath.is_file():
-        model, _, _ = backbones.load(wpath)
-        info = json.loads(ipath.read_text())
+    cached = _load_cached(wpath, ipath, train.class_names)
+    if cached is not None:
+        model, info = cached
         if test is not None and "test_accuracy" not in info:
             info["test_accuracy"] = _test_accuracy(model, train, test, progress)
             write_json_atomic(ipath, info)
@@ -73,6 +63,23 @@ def train_teacher(
         info["test_accuracy"] = _test_accuracy(model, train, test, progress)
     backbones.save(model, wpath, train.class_names, info)
     write_json_atomic(ipath, info)
+    return model, info
+
+
+def _load_cached(wpath: Path, ipath: Path, class_names: list[str]) -> tuple[backbones.Classifier, dict] | None:
+    """A cached teacher, or None when absent or damaged (torn write, garbage): then it is trained again.
+
+    Why not an error: the entry is ours, not the user's, and retraining is the only repair anyway.
+    """
+    if not (wpath.is_file() and ipath.is_file()):
+        return None
+    try:
+        info = json.loads(ipath.read_bytes())
+        model, names, _ = backbones.load(wpath)
+    except (PladaError, OSError, ValueError, KeyError, TypeError, RuntimeError):
+        return None
+    if not isinstance(info, dict) or names != list(class_names):
+        return None
     return model, info
 
 

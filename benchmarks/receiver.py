@@ -1,0 +1,412 @@
+"""Receiver modes against payload bytes: does using the whole pool the receiver holds buy accuracy per byte?
+
+    python -m benchmarks.receiver            # results/receiver.json, benchmarks/reports/RECEIVER.md, plots
+    python -m benchmarks.receiver --quick    # tiny data, seconds (also run by the test suite)
+
+Same pool, teachers, pool scores and frozen features as benchmarks.paper (its Config and caches are
+reused). Per target, payloads of about 0.5 to 20 KB are the lowest-energy selections of the full
+teacher, each the largest keep count whose real `.plada` file (header naming the receiver mode
+included) fits the byte target. Each is received by every receiver mode (plada.receiver) with the
+paper benchmark's linear student (frozen EfficientNet-Lite0 features + softmax head), mean over seeds;
+the fine-tuned student runs at a few sizes for plain and the best pool mode.
+
+Validation (the receiver's constants): on target *train* images (never the test split), at a few
+sizes, seed 0, a small grid of each pool mode's knobs; the report lists every cell. The test
+accuracies are measured with plada.receiver's constants as they stand, so a changed constant shows.
+Reference points: the paper policy (lowest energy, highest for the far-OOD target, gap/bitmap +
+Zstd-19, plain receiver; as in benchmarks.payload_rate) and the int8 linear head (benchmarks.paper).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import paper
+from benchmarks.payload_rate import FAR_OOD, PAPER_CODECS
+from plada import auto, payload, receiver, select
+from plada.data import cache_root
+from plada.features import cached_features, feature_model, split_key
+from plada.pool import Pool
+from plada.score import score_pool
+from plada.student import StudentConfig, train_student
+from plada.train import accuracy, predict, torch_threads, train_head
+
+POOL_MODES = tuple(m for m in receiver.MODES if m != "plain")
+
+
+@dataclass
+class ReceiverConfig(paper.Config):
+    byte_targets: tuple[int, ...] = (500, 1000, 2000, 5000, 10000, 20000)
+    finetune_bytes: tuple[int, ...] = (1000, 5000)
+    finetune_targets: tuple[str, ...] | None = None  # None: every target
+    finetune_test_limit: int | None = 2000  # fine-tuned students are evaluated on this many test images
+    paper_keeps: tuple[float, ...] = (0.0025, 0.005, 0.01, 0.02, 0.05, 0.10, 0.25, 0.50, 1.00)
+    validate: bool = True
+    val_bytes: tuple[int, ...] = (1000, 5000)
+    val_limit: int = 5000  # validation: this many target train images
+    grid_shares: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)  # pseudo-labelled share of the pool
+    grid_rounds: tuple[int, ...] = (1, 2, 3)
+    grid_k: tuple[int, ...] = (10, 20, 50)
+    tolerance: float = 0.01
+    workers: int = 2
+
+
+def quick_config(cfg: ReceiverConfig) -> ReceiverConfig:
+    cfg = paper.quick_config(cfg)
+    cfg.byte_targets, cfg.finetune_bytes, cfg.val_bytes = (400, 800), (800,), (800,)
+    cfg.paper_keeps, cfg.grid_shares, cfg.grid_rounds, cfg.grid_k = (0.05, 0.25), (0.1,), (1, 2), (5,)
+    cfg.finetune_test_limit = None
+    return cfg
+
+
+def largest_fitting(size_of, n: int, budget: int) -> tuple[int, int] | None:
+    """(k, bytes) of the largest top-k that fits ``budget`` bytes; sizes grow with k, nearly monotonically."""
+    if size_of(1) > budget:
+        return None
+    lo, hi = 1, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if size_of(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo, size_of(lo)
+
+
+def heads(jobs: list, workers: int) -> list:
+    """Run ``jobs`` (thunks returning anything) on ``workers`` threads of one torch thread each."""
+    with torch_threads(1):
+        if workers <= 1:
+            return [j() for j in jobs]
+        with ThreadPoolExecutor(workers) as ex:
+            return list(ex.map(lambda j: j(), jobs))
+
+
+def run_target(target: str, pool: Pool, cfg: ReceiverConfig, data: str | None, log) -> dict:
+    t0 = time.time()
+    src, train, test, tcfg, teacher, tinfo = paper.target_teacher(target, cfg, data)
+    n_cls, names = len(train.class_names), tuple(train.class_names)
+    scores = score_pool(teacher, pool, cache_root() / "scores", progress=False)
+    plabels, energy = scores.labels, scores.energy()
+    gid = pool.groups()[0]
+    fm = feature_model(cfg.student, cfg.student_res)
+    pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}")
+    test_f = np.asarray(cached_features(fm, test.images, split_key(src.root, "test", len(test))))
+    trn = train.subset(cfg.train_feature_limit, seed=0)  # benchmarks.paper's: its features are cached
+    train_f = np.asarray(cached_features(fm, trn.images, split_key(src.root, "train", len(trn))))
+    val_f, val_y = train_f[: cfg.val_limit], trn.labels[: cfg.val_limit]
+    gkey = receiver._content_key(pool_f)
+    receiver.knn_graph(pool_f, receiver.KNN_MAX, gkey)  # once, cached: every propagate below reads it
+
+    def head_acc(exp: receiver.Expansion, seed: int, feats: np.ndarray, y: np.ndarray):
+        def job() -> float:
+            w, b = receiver.fit_head(pool_f, exp, n_cls, cfg.head_steps, seed)
+            return accuracy(feats @ w.T + b, y)
+        return job
+
+    # payload sizes: the real file with a header naming the longest mode, so every mode's payload fits
+    longest = max(receiver.MODES, key=len)
+    sizer = auto.payload_sizer(pool.fingerprint, len(pool), names, {"target": target, "policy": "lowest-energy",
+                                                                    "receiver": longest}, groups=gid)
+    sel = {}
+
+    def le(k: int) -> np.ndarray:
+        if k not in sel:
+            sel[k] = select.select(plabels, energy, k, n_cls)
+        return sel[k]
+
+    def size_k(k: int) -> int:
+        return sizer(le(k), plabels[le(k)], {"count": k})
+
+    sizes = {}
+    for b in sorted(set(cfg.byte_targets) | set(cfg.val_bytes) | set(cfg.finetune_bytes)):
+        fit = largest_fitting(size_k, len(pool), b)
+        if fit is None:
+            log(f"[{target}] {b} B: not even one kept image fits")
+        else:
+            sizes[b] = fit
+    # ---- validation grid: target train images, seed 0 ----
+    grid: list[dict] = []
+    if cfg.validate:
+        for b in cfg.val_bytes:
+            if b not in sizes:
+                continue
+            k = sizes[b][0]
+            idx, lab = le(k), plabels[le(k)]
+            cells, jobs = [], []
+            cells.append({"mode": "plain"})
+            jobs.append(head_acc(receiver.expand("plain", pool_f, idx, lab, n_cls), 0, val_f, val_y))
+            for share in cfg.grid_shares:
+                m = int(round(share * len(pool)))
+                for r in cfg.grid_rounds:
+                    def st(m=m, r=r, idx=idx, lab=lab):
+                        e = receiver.expand("selftrain", pool_f, idx, lab, n_cls, seed=0, pseudo=m, rounds=r,
+                                            progress=False)
+                        return head_acc(e, 0, val_f, val_y)()
+                    cells.append({"mode": "selftrain", "share": share, "rounds": r})
+                    jobs.append(st)
+            for kk in cfg.grid_k:
+                top = max(int(round(s * len(pool))) for s in cfg.grid_shares)
+                pred, conf, ok, info = receiver.pool_labels("propagate", pool_f, idx, lab, n_cls, pseudo=top, k=kk,
+                                                            graph_key=gkey, progress=False)
+                for share in cfg.grid_shares:
+                    for weighted in (False, True):
+                        e = receiver.from_pool_labels(idx, lab, pred, conf, ok, int(round(share * len(pool))), n_cls,
+                                                      weighted, info)
+                        cells.append({"mode": "propagate", "share": share, "k": kk, "weighted": weighted})
+                        jobs.append(head_acc(e, 0, val_f, val_y))
+            accs = heads(jobs, cfg.workers)
+            for c, a in zip(cells, accs, strict=True):
+                grid.append({"bytes_target": b, "kept": k, **c, "val_accuracy": a})
+            best = max((g for g in grid if g["bytes_target"] == b), key=lambda g: g["val_accuracy"])
+            log(f"[{target}] validation {b} B: plain {accs[0]:.4f}, best {best}")
+    # ---- test accuracy at every size, constants as in plada.receiver ----
+    points = []
+    for b in cfg.byte_targets:
+        if b not in sizes:
+            continue
+        k, nbytes = sizes[b]
+        idx, lab = le(k), plabels[le(k)]
+        exps = {"plain": [receiver.expand("plain", pool_f, idx, lab, n_cls)] * len(cfg.seeds)}
+        exps["selftrain"] = [receiver.expand("selftrain", pool_f, idx, lab, n_cls, seed=s, progress=False)
+                             for s in cfg.seeds]
+        prop = receiver.expand("propagate", pool_f, idx, lab, n_cls, graph_key=gkey, progress=False)
+        exps["propagate"] = [prop] * len(cfg.seeds)  # deterministic: the seed only acts in the head
+        jobs = [head_acc(exps[m][i], s, test_f, test.labels) for m in receiver.MODES for i, s in enumerate(cfg.seeds)]
+        accs = heads(jobs, cfg.workers)
+        modes = {}
+        for j, m in enumerate(receiver.MODES):
+            e = exps[m][0]
+            extra = slice(len(idx), None)  # the pseudo-labelled rows: how often they agree with the teacher
+            right = float((e.labels[extra] == plabels[e.indices[extra]]).mean()) if len(e.indices) > len(idx) else None
+            modes[m] = {"accuracy": paper.mean_std(accs[j * len(cfg.seeds):(j + 1) * len(cfg.seeds)]),
+                        "trained_on": int(len(e.indices)), "pseudo": e.info.get("pseudo", 0),
+                        "agree_with_teacher": right}
+        points.append({"bytes_target": b, "kept": k, "bytes": nbytes, "modes": modes})
+        log(f"[{target}] {b} B ({k} kept, {nbytes} B): " + ", ".join(
+            f"{m} {v['accuracy']['mean']:.4f}" for m, v in modes.items()))
+    # ---- the paper policy with the plain receiver ----
+    highest = target in FAR_OOD
+    paper_pts = []
+    for kp in cfg.paper_keeps:
+        k = select.budget(len(pool), keep=kp)
+        idx = select.select(plabels, -energy if highest else energy, k, n_cls)
+        p = payload.Payload(pool.fingerprint, len(pool), names, idx, plabels[idx],
+                            {"policy": "highest-energy" if highest else "lowest-energy", "target": target, "keep": kp})
+        e = receiver.Expansion(idx, plabels[idx], None, {"payload": len(idx)})
+        accs = heads([head_acc(e, s, test_f, test.labels) for s in cfg.seeds], cfg.workers)
+        paper_pts.append({"keep": kp, "kept": int(k), "bytes": len(payload.encode(p, groups=gid, codecs=PAPER_CODECS)),
+                          "accuracy": paper.mean_std(accs)})
+    best = max(paper_pts, key=lambda p: (p["accuracy"]["mean"], -p["bytes"]))
+    whole = [(p["bytes"], m, p["modes"][m]["accuracy"]["mean"]) for p in points for m in POOL_MODES]
+    reach = [w for w in whole if w[2] >= best["accuracy"]["mean"] - cfg.tolerance]
+    cheapest = min(reach) if reach else None
+    moon = {"ratio": cheapest[0] / best["bytes"] if cheapest else None, "paper_best": best,
+            "cheapest": {"bytes": cheapest[0], "mode": cheapest[1], "accuracy": cheapest[2]} if cheapest else None,
+            "best_whole_pool": max(({"bytes": w[0], "mode": w[1], "accuracy": w[2]} for w in whole),
+                                   key=lambda w: w["accuracy"], default=None)}
+    # ---- the int8 head (benchmarks.paper's recipe: a head on the train features, int8) ----
+    w, b = train_head(train_f, trn.labels, n_cls, steps=cfg.head_steps, seed=0)
+    hb, wq, bq = paper.int8_head(w, b)
+    head = {"bytes": hb, "accuracy": accuracy(test_f @ wq.T + bq, test.labels)}
+    fits = [(p["modes"][m]["accuracy"]["mean"], m, p["bytes"]) for p in points for m in receiver.MODES
+            if p["bytes"] <= hb]
+    top = max(fits) if fits else None
+    head["plada_at_no_more_bytes"] = ({"accuracy": top[0], "mode": top[1], "bytes": top[2]} if top else None)
+    # ---- fine-tuned students: plain and the best pool mode at a few sizes ----
+    ft = []
+    targets_ft = cfg.finetune_targets if cfg.finetune_targets is not None else cfg.targets
+    if target in targets_ft:
+        ft_test = test.subset(cfg.finetune_test_limit, seed=0) if cfg.finetune_test_limit else test
+        gains = {m: np.mean([p["modes"][m]["accuracy"]["mean"] for p in points]) for m in POOL_MODES} if points else {}
+        best_mode = max(gains, key=gains.get) if gains else POOL_MODES[0]
+        for b in cfg.finetune_bytes:
+            if b not in sizes:
+                continue
+            k = sizes[b][0]
+            idx, lab = le(k), plabels[le(k)]
+            for m in ("plain", best_mode):
+                t1 = time.time()
+                scfg = StudentConfig(model=cfg.student, res=cfg.student_res, mode="finetune",
+                                     epochs=cfg.finetune_epochs, flip=tcfg.flip, seed=0)
+                e = receiver.expand(m, pool_f, idx, lab, n_cls, graph_key=gkey, progress=False)
+                if m != "plain":
+                    e = e.capped(receiver.FINETUNE_CAP)
+                    scfg = replace(scfg, epochs=receiver.finetune_budget(len(e.indices), k, scfg.epochs,
+                                                                         scfg.batch_size))
+                rows, rl = e.training_rows(0)
+                order = np.argsort(rows, kind="stable")
+                model = train_student(np.asarray(pool.images[rows[order]]), rl[order], n_cls, scfg, progress=False)
+                acc = accuracy(predict(model, ft_test.images, progress=False), ft_test.labels)
+                ft.append({"bytes_target": b, "kept": k, "mode": m, "trained_on": int(len(rows)),
+                           "epochs": scfg.epochs, "accuracy": acc, "test_images": len(ft_test),
+                           "seconds": round(time.time() - t1, 1)})
+                log(f"[{target}] finetune {m} @ {b} B: {acc:.4f} ({ft[-1]['seconds']} s)")
+    return {
+        "target": target, "classes": n_cls, "far_ood": highest,
+        "teacher": {"model": cfg.teacher, "res": cfg.teacher_res, "accuracy": tinfo["test_accuracy"]},
+        "constants": constants(), "points": points, "validation": {"grid": grid, "val_images": len(val_y),
+                                                                  "split": "train"},
+        "paper_points": paper_pts, "moonshot_ratio": moon["ratio"], "moonshot": moon, "int8_head": head,
+        "finetune": ft, "seconds": round(time.time() - t0, 1),
+    }
+
+
+def constants() -> dict:
+    return {n: getattr(receiver, n) for n in ("PSEUDO_SHARE", "SELFTRAIN_ROUNDS", "ROUND_STEPS", "KNN_K", "KNN_MAX",
+                                              "KNN_DIM", "SPREAD_ALPHA", "SPREAD_ITERS", "EDGE_POWER", "FINETUNE_CAP",
+                                              "FINETUNE_STEP_FACTOR")}
+
+
+def validation_summary(res: dict) -> dict:
+    """Mean validation accuracy of each grid cell over targets and sizes, and the best cell per mode."""
+    table: dict[tuple, list[float]] = {}
+    for r in res["targets"].values():
+        for g in r["validation"]["grid"]:
+            key = tuple((k, g[k]) for k in ("mode", "share", "rounds", "k", "weighted") if k in g)
+            table.setdefault(key, []).append(g["val_accuracy"])
+    rows = [{**dict(k), "mean_val_accuracy": float(np.mean(v)), "cells": len(v)} for k, v in table.items()]
+    best = {}
+    for r in rows:
+        if r["mode"] not in best or r["mean_val_accuracy"] > best[r["mode"]]["mean_val_accuracy"]:
+            best[r["mode"]] = r
+    return {"rows": rows, "best": best}
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def write_markdown(res: dict, path: Path, plots: dict[str, str]) -> None:
+    cfg = res["config"]
+    seeds = len(cfg["seeds"])
+    L = ["# Receiver modes: using the whole pool the receiver holds", "",
+         f"Command: `{res['command']}` ({res['machine']}; {res['wall_seconds'] / 60:.1f} min; seeds "
+         f"{cfg['seeds']}). Pool: {res['pool_size']:,} images. Payloads: lowest-energy selections of the full "
+         "teacher, each the largest keep count whose real `.plada` file fits the byte target. Accuracy: linear "
+         f"student (frozen {cfg['student']} @{cfg['student_res']} px + softmax head, {cfg['head_steps']} steps), "
+         f"mean ± std of {seeds} seeds on the test split. Receiver constants: `{res['constants']}`.", "",
+         "## Accuracy against payload bytes (linear student)", "",
+         "| target | bytes | kept | " + " | ".join(receiver.MODES) + " | best pool mode − plain |",
+         "|---|---|---|" + "---|" * len(receiver.MODES) + "---|"]
+    for t, r in res["targets"].items():
+        for p in r["points"]:
+            a = {m: p["modes"][m]["accuracy"] for m in receiver.MODES}
+            gain = max(a[m]["mean"] for m in POOL_MODES) - a["plain"]["mean"]
+            L.append(f"| {t} | {p['bytes']:,} | {p['kept']:,} | " + " | ".join(
+                f"{pct(a[m]['mean'])} ± {pct(a[m]['std'])}" for m in receiver.MODES) + f" | {100 * gain:+.1f} |")
+    L += ["", "## Against the paper policy (plain receiver) and the int8 head", "",
+          "moonshot ratio = bytes of the cheapest whole-pool point within "
+          f"{100 * cfg['tolerance']:g} point of the paper policy's best plain accuracy / that best's bytes "
+          "(lower is better; – : no point within our byte range reaches it).", "",
+          "| target | paper best | its bytes | cheapest whole-pool point within 1 pt | ratio | best whole-pool point | "
+          "int8 head | plada at ≤ its bytes |", "|---|---|---|---|---|---|---|---|"]
+    for t, r in res["targets"].items():
+        m = r["moonshot"]
+        b, c, bw, h = m["paper_best"], m["cheapest"], m["best_whole_pool"], r["int8_head"]
+        pl = h["plada_at_no_more_bytes"]
+        L.append(f"| {t} | {pct(b['accuracy']['mean'])} (keep {b['keep']:g}) | {b['bytes']:,} | "
+                 + (f"{c['mode']} {pct(c['accuracy'])} at {c['bytes']:,} B" if c else "none") + " | "
+                 + (f"{r['moonshot_ratio']:.3f}" if r["moonshot_ratio"] is not None else "–") + " | "
+                 + (f"{bw['mode']} {pct(bw['accuracy'])} at {bw['bytes']:,} B" if bw else "–") + " | "
+                 f"{pct(h['accuracy'])} at {h['bytes']:,} B | "
+                 + (f"{pl['mode']} {pct(pl['accuracy'])} at {pl['bytes']:,} B" if pl else "–") + " |")
+    ft = [(t, f) for t, r in res["targets"].items() for f in r["finetune"]]
+    if ft:
+        L += ["", "## Fine-tuned students (1 run each)", "",
+              f"The paper's recipe ({cfg['finetune_epochs']:g} epochs on the payload; a pool mode's set capped at "
+              f"{res['constants']['FINETUNE_CAP']:,} images and {res['constants']['FINETUNE_STEP_FACTOR']:g}× the "
+              f"payload's steps), evaluated on {cfg['finetune_test_limit'] or 'all'} test images.", "",
+              "| target | bytes target | kept | mode | trained on | epochs | accuracy | seconds |",
+              "|---|---|---|---|---|---|---|---|"]
+        L += [f"| {t} | {f['bytes_target']:,} | {f['kept']:,} | {f['mode']} | {f['trained_on']:,} | "
+              f"{f['epochs']:.2f} | {pct(f['accuracy'])} | {f['seconds']} |" for t, f in ft]
+    summ = res.get("validation_summary")
+    if summ and summ["rows"]:
+        L += ["", "## Validation (target train images, seed 0): the numbers behind the constants", "",
+              f"Each cell: linear student's accuracy on {cfg['val_limit']:,} target *train* images (never the test "
+              f"split), mean over targets and the sizes {cfg['val_bytes']} B.", "",
+              "| mode | share | rounds | k | weighted | mean val accuracy | cells |", "|---|---|---|---|---|---|---|"]
+        for row in sorted(summ["rows"], key=lambda r: (r["mode"], -r["mean_val_accuracy"])):
+            L.append(f"| {row['mode']} | {row.get('share', '–')} | {row.get('rounds', '–')} | {row.get('k', '–')} | "
+                     f"{row.get('weighted', '–')} | {pct(row['mean_val_accuracy'])} | {row['cells']} |")
+        L += ["", "Best per mode: " + "; ".join(f"{m}: {b}" for m, b in summ["best"].items())]
+    L += ["", "## Plots", ""] + [f"![{t}]({p})" for t, p in plots.items()]
+    paper.write_keeping_discussion(path, L)
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for m, style in zip(receiver.MODES, ("o-", "s-", "^-"), strict=False):
+        pts = r["points"]
+        ax.errorbar([p["bytes"] for p in pts], [100 * p["modes"][m]["accuracy"]["mean"] for p in pts],
+                    yerr=[100 * p["modes"][m]["accuracy"]["std"] for p in pts], fmt=style, capsize=2,
+                    label=f"{m} receiver (linear)")
+    pp = r["paper_points"]
+    ax.plot([p["bytes"] for p in pp], [100 * p["accuracy"]["mean"] for p in pp], "k:x", label="paper policy, plain")
+    for f in r["finetune"]:
+        ax.scatter([f["bytes_target"]], [100 * f["accuracy"]], marker="D" if f["mode"] == "plain" else "P", s=40,
+                   c="tab:grey" if f["mode"] == "plain" else "tab:red")
+    if r["finetune"]:
+        ax.scatter([], [], marker="D", c="tab:grey", label="fine-tuned, plain")
+        ax.scatter([], [], marker="P", c="tab:red", label="fine-tuned, pool mode")
+    h = r["int8_head"]
+    ax.plot([h["bytes"]], [100 * h["accuracy"]], "*", ms=12, label="int8 linear head")
+    ax.axhline(100 * r["moonshot"]["paper_best"]["accuracy"]["mean"] - 1, color="grey", lw=0.7, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("payload bytes (.plada file, log scale)")
+    ax.set_ylabel("student test accuracy (%)")
+    ax.set_title(f"{r['target']}: receiver modes (dotted: paper best − 1 pt)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.receiver", description=__doc__.split("\n\n")[0])
+    paper.add_common_args(ap)
+    ap.add_argument("--no-validate", action="store_true", help="skip the validation grid")
+    ap.add_argument("--finetune-targets", nargs="*", default=None,
+                    help="targets with fine-tuned students (default: all)")
+    a = ap.parse_args(argv)
+    cfg = paper.apply_common_args(ReceiverConfig(), a, quick_config)
+    cfg.validate = not a.no_validate
+    if a.finetune_targets is not None:
+        cfg.finetune_targets = tuple(a.finetune_targets)
+    out = Path(a.out_dir)
+    stem = "receiver_quick" if a.quick else "receiver"
+    extra = (("--no-validate", a.no_validate), ("--finetune-targets", a.finetune_targets))
+    res = paper.run_all("receiver", cfg, a, run_target, extra_flags=extra)
+    if res is None:
+        return 2
+    res["constants"] = constants()
+    res["validation_summary"] = validation_summary(res)
+    path = paper.save_results(res, out, stem)
+    plots = {}
+    for t, r in res["targets"].items():
+        rel = f"plots/{stem}_{t}.png"
+        plot(r, out / paper.REPORTS / rel)
+        plots[t] = rel
+    write_markdown(res, out / paper.REPORTS / ("RECEIVER.md" if not a.quick else "RECEIVER_quick.md"), plots)
+    print(f"wrote {path} and docs in {math.ceil(res['wall_seconds'])} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""One configuration per verb, defined once: the CLI, the pipeline, the demo and the benchmarks all build these.
+
+Defaults live here and nowhere else. The command line exposes the few options every user needs as
+flags; every other field is reachable as ``--set key=value`` (``teacher.epochs=4``, ``temperature=0.5``),
+parsed by the field's own type, so an expert knob never becomes a flag threaded through the library.
+``check()`` refuses, before any work starts, every value out of range and every option that would not
+act in the chosen mode: a silently ignored option is a wrong result the user never sees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from .errors import PladaError
+
+POLICIES = ("lowest-energy", "highest-energy", "lowest-entropy", "random", "auto")
+ENGINES = ("local", "ray")
+DEFAULT_KEEP = 0.01  # the paper's 1%
+MAX_SEED = 2**32 - 1  # numpy and torch both take any seed below this
+TEACHER_MODES = ("finetune", "linear")
+STUDENT_MODES = ("finetune", "linear", "scratch")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A pretrained backbone trained on labelled images: what teacher and student share."""
+
+    model: str = "efficientnet-lite0"  # registry name or timm:NAME
+    res: int = 64
+    mode: str = "finetune"
+    epochs: float = 2.0
+    lr: float = 1e-3
+    batch_size: int = 128
+    flip: bool = True  # horizontal flips while training (off for e.g. traffic signs)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TeacherConfig(TrainConfig):
+    """The sender's teacher: fine-tuned (or linear-probed, mode="linear") on the labelled target."""
+
+    limit: int | None = None  # train on a random subset of this many target images
+
+
+@dataclass(frozen=True)
+class StudentConfig(TrainConfig):
+    """The receiver's student. finetune is the paper's recipe (AdamW 1e-3, cosine); linear trains a head only."""
+
+    epochs: float = 15.0
+
+
+@dataclass(frozen=True)
+class SendConfig:
+    """What `plada send` does. ``budget`` implies ``policy="auto"``; auto picks policy, Safety-Net and size."""
+
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    policy: str = "lowest-energy"
+    keep: float | None = None  # share of the pool to keep; None: DEFAULT_KEEP (fixed policies, auto without budget)
+    count: int | None = None  # keep exactly this many images instead of a share
+    budget: int | None = None  # payload bytes; auto then also picks the keep size
+    temperature: float = 1.0  # energy temperature T
+    safety_share: float | None = None  # fixed policies: Safety-Net share s of the kept images (None: 0, off)
+    alpha: float | None = None  # fixed policies: Safety-Net quota exponent, quota ~ N_c^alpha (None: 0.5)
+    seed: int = 0  # selection (random policy, auto's held-out sample and proxies) and the teacher's training
+    deciders: int | None = None  # auto, teacher on all of train: deciding teachers (None: auto.DECIDERS)
+    holdout_fraction: float | None = None  # auto: train share each decider goes without (None: 0.1, grouped 0.2)
+    holdout_groups: str | None = None  # auto: regex on train file names; a group's images are held out together
+    engine: str = "local"  # where the pool is scored: this process or a Ray actor pool
+    actors: int | None = None  # ray: actors (None: one per GPU, else one)
+    proxy: str = "efficientnet-lite0"  # auto: frozen backbone of the proxy students' features
+    proxy_res: int = 64
+
+    @property
+    def auto(self) -> bool:
+        return self.policy == "auto" or self.budget is not None
+
+    def check(self) -> SendConfig:
+        """Refuse bad values and options that would not act, before any data is read; returns self."""
+        check_teacher(self.teacher)
+        _one_of("policy", self.policy, POLICIES)
+        _one_of("engine", self.engine, ENGINES)
+        _finite("temperature", self.temperature, lo=0, lo_open=True)
+        _seed(self.seed)
+        if self.keep is not None:
+            _finite("keep", self.keep, lo=0, hi=1, lo_open=True)
+        if self.count is not None:
+            _integer("count", self.count, lo=1)
+        if self.keep is not None and self.count is not None:
+            raise PladaError("give a keep share or a count of images, not both")
+        if self.budget is not None:
+            _integer("budget", self.budget, lo=1)
+        if self.safety_share is not None:
+            _finite("safety_share", self.safety_share, lo=0, hi=1)
+        if self.alpha is not None:
+            _finite("alpha", self.alpha, lo=-10, hi=10)
+        if self.actors is not None:
+            _integer("actors", self.actors, lo=1)
+            if self.engine != "ray":
+                raise PladaError("actors only act with engine ray (--engine ray)")
+        if self.proxy_res is not None:
+            _integer("proxy_res", self.proxy_res, lo=8, hi=1024)
+        if self.budget is not None and self.policy not in ("lowest-energy", "auto"):
+            raise PladaError(f"a byte budget picks the policy itself (auto); it cannot be combined with policy "
+                             f"{self.policy}")
+        if self.auto:
+            ignored = [n for n, v in (("safety_share", self.safety_share), ("alpha", self.alpha)) if v is not None]
+            if self.budget is not None:
+                ignored += [n for n, v in (("keep", self.keep), ("count", self.count)) if v is not None]
+            if ignored:
+                raise PladaError(f"the auto policy chooses {', '.join(ignored)} itself; drop "
+                                 f"{' and '.join(ignored)} or choose a fixed --policy")
+            if self.deciders is not None:
+                _integer("deciders", self.deciders, lo=1, hi=10)
+            if self.holdout_fraction is not None:
+                _finite("holdout_fraction", self.holdout_fraction, lo=0, hi=1, lo_open=True, hi_open=True)
+                if (self.deciders or 1) * self.holdout_fraction >= 1:
+                    raise PladaError(f"{self.deciders} held-out slices of {self.holdout_fraction:g} of train leave "
+                                     "no train image to fit on")
+            if self.holdout_groups is not None:
+                try:
+                    re.compile(self.holdout_groups)
+                except re.error as e:
+                    raise PladaError(f"holdout_groups {self.holdout_groups!r} is not a valid regular expression: "
+                                     f"{e}") from None
+        else:
+            used = [n for n in ("deciders", "holdout_fraction", "holdout_groups") if getattr(self, n) is not None]
+            if used:
+                raise PladaError(f"{', '.join(used)} only act under the auto policy (--budget or --policy auto)")
+        return self
+
+    @property
+    def keep_share(self) -> float | None:
+        """The keep share a fixed size uses: the default 1% unless a count was given."""
+        return None if self.count is not None else (DEFAULT_KEEP if self.keep is None else self.keep)
+
+
+@dataclass(frozen=True)
+class ReceiveConfig:
+    """What `plada receive` does with a payload: the receiver mode that builds the training set, the student."""
+
+    # plain: the payload's images only; selftrain / propagate also pseudo-label the pool (plada.receiver)
+    MODES: typing.ClassVar[tuple[str, ...]] = ("plain", "selftrain", "propagate")
+    student: StudentConfig = field(default_factory=StudentConfig)
+    allow_missing: bool = False  # drop kept images the pool lacks instead of refusing
+    mode: str | None = None  # receiver mode; None: the one the payload header names, else plain
+    pseudo: int | None = None  # selftrain/propagate: pool images to pseudo-label (None: receiver.PSEUDO_SHARE)
+    knn: int | None = None  # propagate: neighbours per pool image (None: receiver.KNN_K)
+    rounds: int | None = None  # selftrain: fit-label rounds (None: receiver.SELFTRAIN_ROUNDS)
+
+    def check(self) -> ReceiveConfig:
+        """Refuse bad values and, once the mode is known, knobs it would ignore; returns self.
+
+        With ``mode`` None the payload header decides, so mode-specific knobs are checked again by
+        `pipeline.receive` after the header is read.
+        """
+        check_student(self.student)
+        if self.mode is not None:
+            _one_of("receiver mode", self.mode, self.MODES)
+        if self.pseudo is not None:
+            _integer("pseudo", self.pseudo, lo=1)
+        if self.knn is not None:
+            _integer("knn", self.knn, lo=1, hi=50)
+        if self.rounds is not None:
+            _integer("rounds", self.rounds, lo=1, hi=10)
+        if self.mode is not None:
+            acting = {"pseudo": self.mode != "plain", "knn": self.mode == "propagate",
+                      "rounds": self.mode == "selftrain"}
+            idle = [n for n, acts in acting.items() if getattr(self, n) is not None and not acts]
+            if idle:
+                raise PladaError(f"{', '.join(idle)} do not act with receiver mode {self.mode}; drop "
+                                 f"{' and '.join(idle)} or choose another --receiver")
+        return self
+
+
+def check_teacher(t: TeacherConfig) -> None:
+    _model("teacher.model", t.model)
+    _integer("teacher.res", t.res, lo=8, hi=1024)
+    _one_of("teacher.mode", t.mode, TEACHER_MODES)
+    _finite("teacher.epochs", t.epochs, lo=0, hi=1000, lo_open=True)
+    _finite("teacher.lr", t.lr, lo=0, hi=10, lo_open=True)
+    _integer("teacher.batch_size", t.batch_size, lo=1, hi=65536)
+    if t.limit is not None:
+        _integer("teacher.limit", t.limit, lo=1)
+    _seed(t.seed)
+
+
+def check_student(s: StudentConfig) -> None:
+    _model("student.model", s.model)
+    _integer("student.res", s.res, lo=8, hi=1024)
+    _one_of("student.mode", s.mode, STUDENT_MODES)
+    _finite("student.epochs", s.epochs, lo=0, hi=1000, lo_open=True)
+    _finite("student.lr", s.lr, lo=0, hi=10, lo_open=True)
+    _integer("student.batch_size", s.batch_size, lo=1, hi=65536)
+    _seed(s.seed)
+
+
+def with_seed(cfg: Any, seed: int) -> Any:
+    """The one `--seed` for every nested config that has one (selection, teacher, student)."""
+    _seed(seed)
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name == "seed":
+            changes["seed"] = seed
+        elif dataclasses.is_dataclass(v):
+            changes[f.name] = with_seed(v, seed)
+    return replace(cfg, **changes)
+
+
+def keys(cfg: Any, prefix: str = "") -> list[str]:
+    """Every ``--set`` key of a config, nested ones dotted."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out += keys(v, f"{prefix}{f.name}.") if dataclasses.is_dataclass(v) else [prefix + f.name]
+    return out
+
+
+def apply_sets(cfg: Any, sets: typing.Iterable[str], allowed: typing.Container[str] | None = None) -> Any:
+    """``cfg`` with each ``key=value`` applied, the value parsed by the field's type; unknown keys refused."""
+    for item in sets:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise PladaError(f"--set takes key=value, got {item!r}")
+        if key not in keys(cfg) or (allowed is not None and key not in allowed):
+            have = [k for k in keys(cfg) if allowed is None or k in allowed]
+            raise PladaError(f"unknown setting {key!r} here (have: {', '.join(have)})")
+        cfg = _set(cfg, key.split("."), text.strip(), key)
+    return cfg
+
+
+def _set(cfg: Any, path: list[str], text: str, key: str) -> Any:
+    name = path[0]
+    if len(path) > 1:
+        return replace(cfg, **{name: _set(getattr(cfg, name), path[1:], text, key)})
+    hint = typing.get_type_hints(type(cfg))[name]
+    return replace(cfg, **{name: parse_value(text, hint, key)})
+
+
+def parse_value(text: str, hint: Any, key: str) -> Any:
+    """A ``--set`` value as its field's type: int, float, bool, str, or any of them or None."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null", ""):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return parse_value(text, inner[0], key)
+    try:
+        if hint is bool:
+            low = text.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return low in ("true", "1", "yes")
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+    except ValueError:
+        raise PladaError(f"{key} takes {getattr(hint, '__name__', hint)}, got {text!r}") from None
+    return text
+
+
+def _finite(name: str, v: Any, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+            hi_open: bool = False) -> None:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    if ok and lo is not None:
+        ok = v > lo if lo_open else v >= lo
+    if ok and hi is not None:
+        ok = v < hi if hi_open else v <= hi
+    if not ok:
+        lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo:g}"
+        hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi:g}"
+        rng = " and ".join(s for s in (lo_s, hi_s) if s)
+        raise PladaError(f"{name} must be a finite number{' ' + rng if rng else ''}, got {v!r}")
+
+
+def _integer(name: str, v: Any, lo: int | None = None, hi: int | None = None) -> None:
+    if (not isinstance(v, int) or isinstance(v, bool) or (lo is not None and v < lo)
+            or (hi is not None and v > hi)):
+        rng = f" between {lo} and {hi}" if lo is not None and hi is not None else f" >= {lo}" if lo is not None else ""
+        raise PladaError(f"{name} must be an integer{rng}, got {v!r}")
+
+
+def _seed(v: Any) -> None:
+    _integer("seed", v, lo=0, hi=MAX_SEED)
+
+
+def _one_of(name: str, v: Any, allowed: typing.Sequence[str]) -> None:
+    if v not in allowed:
+        raise PladaError(f"unknown {name} {v!r} (have: {', '.join(allowed)})")
+
+
+# The registry's names (plada.backbones.REGISTRY, checked by a test), so a config checks without importing torch.
+MODELS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "small-cnn")
+
+
+def _model(name: str, v: Any) -> None:
+    if not isinstance(v, str) or not (v in MODELS or (v.startswith("timm:") and len(v) > 5)):
+        raise PladaError(f"unknown {name} {v!r} (have: {', '.join(MODELS)}, or timm:NAME)")

@@ -1,0 +1,153 @@
+"""Every option of `plada send` acts or is refused: none is silently ignored (issue 17)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from conftest import one_line, run
+
+from plada import config, payload
+from plada.cli import MOVED, build_parser, main
+
+BASE = ["--set", "teacher.res=32", "--set", "teacher.epochs=1"]
+
+
+def send_options() -> set[str]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {a.option_strings[-1 if a.option_strings[0] == "-o" else 0] for a in sub.choices["send"]._actions
+            if a.option_strings and a.dest != "help"}
+
+
+def test_send_help_has_at_most_twelve_options() -> None:
+    opts = send_options()
+    assert len(opts) <= 12, sorted(opts)
+    assert {"--budget", "--keep", "--set", "--seed", "--pool"} <= opts
+
+
+# Each option with a value that is not its default, and the JSON field of the run that must change with it.
+CHANGES = {
+    "--keep": (["--keep", "20%"], "kept"),
+    "--policy": (["--policy", "highest-energy"], "indices"),
+    "--teacher": (["--teacher", "small-cnn"], "teacher"),
+    "--seed": (["--seed", "1", "--policy", "random"], "indices"),
+    "--budget": (["--budget", "1KB"], "auto"),
+    "--set": (["--set", "count=7"], "kept"),
+}
+
+
+@pytest.mark.slow
+def test_every_send_option_changes_the_output_or_is_refused(tiny_data: Path, cache: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    common = ["send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), *BASE]
+    code, base, err = run(capsys, *common, "-o", str(tmp_path / "base.plada"))
+    assert code == 0, err
+    base_p = payload.read(tmp_path / "base.plada")
+    # --out/--pool/--data name the run's files; --engine is proven payload-neutral by test_scale's Ray test
+    untested = {"--out", "--pool", "--data", "--engine"}
+    assert set(CHANGES) | untested == send_options()
+    for opt, (argv, field) in CHANGES.items():
+        out = tmp_path / f"{opt.strip('-')}.plada"
+        code, got, err = run(capsys, *common, *argv, "-o", str(out))
+        assert code == 0, (opt, err)
+        p = payload.read(out)
+        if field == "indices":
+            assert p.indices.tolist() != base_p.indices.tolist(), opt
+        elif field == "teacher":
+            assert p.meta["teacher"]["model"] == "small-cnn" != base_p.meta["teacher"]["model"]
+        elif field == "auto":
+            assert "auto" in p.meta and "auto" not in base_p.meta
+        else:
+            assert got[field] != base[field], opt
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "1KB", "--keep", "5%"], "auto policy chooses keep"),
+    (["--budget", "1KB", "--set", "safety_share=0.2"], "chooses safety_share"),
+    (["--budget", "1KB", "--policy", "random"], "cannot be combined"),
+    (["--set", "deciders=2"], "only act under the auto policy"),
+    (["--set", "actors=2"], "only act with engine ray"),
+    (["--keep", "5%", "--set", "count=3"], "not both"),
+    (["--set", "teacher.epochs=nan"], "teacher.epochs must be a finite number"),
+    (["--set", "teacher.epochs=inf"], "teacher.epochs must be a finite number"),
+    (["--set", "teacher.epochs=-1"], "teacher.epochs must be"),
+    (["--set", "teacher.limit=0"], "teacher.limit must be an integer >= 1"),
+    (["--set", "teacher.limit=-5"], "teacher.limit must be"),
+    (["--set", "temperature=nan"], "temperature must be"),
+    (["--set", "temperature=inf"], "temperature must be"),
+    (["--set", "temperature=0"], "temperature must be"),
+    (["--seed", "-1"], "not a seed"),
+    (["--seed", str(2**70)], "not a seed"),
+    (["--set", "nosuch=1"], "unknown setting 'nosuch'"),
+    (["--set", "teacher.res"], "takes key=value"),
+    (["--set", "teacher.res=big"], "teacher.res takes int"),
+    (["--teacher", "resnet999"], "unknown teacher.model"),
+    (["--budget", "10"], "too small"),
+    (["--teacher-epochs", "2"], "--set teacher.epochs"),
+    (["--holdout-folds", "3"], "was removed"),
+])
+def test_bad_arguments_refused_before_any_work(argv: list[str], message: str, tiny_data: Path, cache: Path,
+                                               tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Each refused in one line before a teacher trains (no teacher cache is ever written)."""
+    out = tmp_path / "x.plada"
+    try:
+        code = main(["--json", "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), *BASE, *argv,
+                     "-o", str(out)])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and one_line(err), err
+    assert not out.exists() and not (cache / "teachers").exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p.mkdir(), "is a directory"),
+    (lambda p: __import__("os").mkfifo(p), "not a regular file"),
+    (lambda p: p.write_bytes(b"somebody's data"), "not a file plada wrote"),
+])
+def test_output_path_checked_first(make, message: str, tiny_data: Path, cache: Path, tmp_path: Path,
+                                   capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out.plada"
+    make(out)
+    code, _, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), *BASE,
+                       "-o", str(out))
+    assert code == 2 and message in err and one_line(err), err
+    assert not (cache / "teachers").exists()
+
+
+def test_outputs_never_overwrite_inputs(tiny_data: Path, cache: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    """`send -o` onto the target or pool source archive, or the pool manifest; `receive --model-out` onto the
+    payload: refused, the input intact."""
+    common = ["send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), *BASE]
+    code, _, err = run(capsys, *common, "-o", str(tmp_path / "ok.plada"))
+    assert code == 0, err
+    manifest = cache / "pools" / "tinypool" / "manifest.tsv"
+    for victim in (tiny_data / "tinypool.tar", tiny_data / "tinytarget.tar", manifest):
+        before = victim.read_bytes()
+        code, _, err = run(capsys, *common, "-o", str(victim))
+        assert code == 2 and one_line(err), (victim, err)
+        assert victim.read_bytes() == before
+    pay = tmp_path / "ok.plada"
+    before = pay.read_bytes()
+    code, _, err = run(capsys, "receive", str(pay), "--pool", "tinypool", "--data", str(tiny_data),
+                       "--model-out", str(pay))
+    assert code == 2 and one_line(err) and pay.read_bytes() == before, err
+
+
+def test_every_moved_flag_names_its_new_spelling(capsys: pytest.CaptureFixture) -> None:
+    send_keys = set(config.keys(config.SendConfig())) | set(config.keys(config.ReceiveConfig()))
+    for flag, new in MOVED.items():
+        assert main(["send", "t", "-o", "x.plada", flag, "1"]) == 2
+        err = capsys.readouterr().err
+        assert one_line(err) and flag in err
+        if new is not None:  # the key it names exists
+            key = new.split()[1].split("=")[0]
+            assert key in send_keys, (flag, key)
+
+
+def test_config_models_match_the_registry() -> None:
+    from plada.backbones import REGISTRY
+
+    assert set(config.MODELS) == set(REGISTRY)
