@@ -20,6 +20,7 @@ Zstd-19, plain receiver; as in benchmarks.payload_rate) and the int8 linear head
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -384,18 +385,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-validate", action="store_true", help="skip the validation grid")
     ap.add_argument("--finetune-targets", nargs="*", default=None,
                     help="targets with fine-tuned students (default: all)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="combine per-target runs (their results JSON) into one report instead of running")
     a = ap.parse_args(argv)
+    if a.merge:
+        return merge([Path(m) for m in a.merge], Path(a.out_dir), a.quick)
     cfg = paper.apply_common_args(ReceiverConfig(), a, quick_config)
     cfg.validate = not a.no_validate
     if a.finetune_targets is not None:
         cfg.finetune_targets = tuple(a.finetune_targets)
     out = Path(a.out_dir)
-    stem = "receiver_quick" if a.quick else "receiver"
     extra = (("--no-validate", a.no_validate), ("--finetune-targets", a.finetune_targets))
     res = paper.run_all("receiver", cfg, a, run_target, extra_flags=extra)
     if res is None:
         return 2
     res["constants"] = constants()
+    return write_all(res, out, a.quick)
+
+
+def merge(paths: list[Path], out: Path, quick: bool) -> int:
+    """One report from runs made one target at a time (a long grid split across sessions)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    if any(r["constants"] != runs[0]["constants"] or r["pool_fingerprint"] != runs[0]["pool_fingerprint"]
+           for r in runs):
+        print("benchmark: error: these runs used other receiver constants or another pool", file=sys.stderr)
+        return 2
+    res = {**runs[0], "targets": {t: v for r in runs for t, v in r["targets"].items()},
+           "command": " && ".join(r["command"] for r in runs),
+           "wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1), "merged_from": [str(p) for p in paths]}
+    res["config"] = {**runs[0]["config"], "targets": list(res["targets"])}
+    return write_all(res, out, quick)
+
+
+def write_all(res: dict, out: Path, quick: bool) -> int:
+    stem = "receiver_quick" if quick else "receiver"
     res["validation_summary"] = validation_summary(res)
     path = paper.save_results(res, out, stem)
     plots = {}
@@ -403,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         rel = f"plots/{stem}_{t}.png"
         plot(r, out / paper.REPORTS / rel)
         plots[t] = rel
-    write_markdown(res, out / paper.REPORTS / ("RECEIVER.md" if not a.quick else "RECEIVER_quick.md"), plots)
+    write_markdown(res, out / paper.REPORTS / ("RECEIVER.md" if not quick else "RECEIVER_quick.md"), plots)
     print(f"wrote {path} and docs in {math.ceil(res['wall_seconds'])} s")
     return 0
 

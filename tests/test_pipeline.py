@@ -19,24 +19,27 @@ FAST = ["--set", "teacher.res=32", "--set", "teacher.epochs=4", "--keep", "10%"]
 
 def test_send_inspect_receive(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "t.plada"
+    # a linear-probe teacher and a Safety-Net, so the 96 kept images cover every colour (lowest energy alone keeps
+    # one colour on this pool); the student then has something to learn
     code, sent, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
-                          "-o", str(out), *FAST)
+                          "-o", str(out), "--set", "teacher.res=32", "--set", "teacher.mode=linear", "--keep", "30%",
+                          "--set", "safety_share=0.5")
     assert code == 0, err
-    assert sent["kept"] == 32 and sent["pool_size"] == 320
+    assert sent["kept"] == 96 and sent["pool_size"] == 320 and min(sent["kept_per_class"]) > 0
     assert sent["payload_bytes"] == out.stat().st_size < 1000
     assert 0.0 <= sent["teacher_accuracy"] <= 1.0
 
     code, info, err = run(capsys, "inspect", str(out))
     assert code == 0, err
-    assert info["count"] == 32
-    assert info["meta"]["policy"] == "lowest-energy"
+    assert info["count"] == 96
+    assert info["meta"]["policy"] == "lowest-energy" and info["meta"]["safety_share"] == 0.5
 
     model = tmp_path / "student.safetensors"
     code, rec, err = run(capsys, "receive", str(out), "--pool", "tinypool", "--data", str(tiny_data),
-                         "--test", "tinytarget", "--set", "student.res=32", "--set", "student.epochs=2",
+                         "--test", "tinytarget", "--set", "student.res=32", "--student-mode", "linear",
                          "--model-out", str(model))
     assert code == 0, err
-    assert rec["student_accuracy"] > 0.6  # three colours: chance is 1/3, and the student never saw a target image
+    assert rec["student_accuracy"] > 0.7  # three colours: chance is 1/3, and the student never saw a target image
     assert model.is_file()
 
 

@@ -226,3 +226,8 @@ def test_receiver_benchmark_quick(tiny_data: Path, cache: Path, tmp_path: Path) 
     assert "| tinytarget |" in (tmp_path / "benchmarks" / "reports" / "RECEIVER_quick.md").read_text()
     png = tmp_path / "benchmarks" / "reports" / "plots" / "receiver_quick_tinytarget.png"
     assert png.read_bytes()[:4] == b"\x89PNG"
+    merged = tmp_path / "merged"
+    assert bench.main(["--quick", "--merge", str(tmp_path / "results" / "receiver_quick.json"),
+                       "--out-dir", str(merged)]) == 0
+    again = json.loads((merged / "results" / "receiver_quick.json").read_text())
+    assert again["targets"] == res["targets"]

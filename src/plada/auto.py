@@ -579,32 +579,11 @@ def search(
     data); finalists (within ``finalist_band`` of the best) are re-forecast over ``finalist_seeds`` proxy
     seeds. ``workers``: proxy heads trained at once (default: one per CPU core); it changes no forecast.
     """
-    if (budget_bytes is None) == (k is None):
-        raise PladaError("give exactly one of a byte budget or a keep size")
     deciders = list(deciders)
-    if not deciders:
-        raise PladaError("the search needs at least one deciding teacher's scores")
     heldout_feats = np.asarray(heldout_feats, dtype=np.float32)
     heldout_labels = np.asarray(heldout_labels)
-    labs = []
-    for d in deciders:
-        labs.append(_check_inputs(d.labels, d.energy, d.entropy, pool_feats, heldout_feats, heldout_labels,
-                                  n_classes))
-        r = np.asarray(d.rows)
-        if r.ndim != 1 or len(r) == 0 or r.dtype.kind not in "iu" or r.min() < 0 or r.max() >= len(heldout_labels):
-            raise PladaError(f"a decider's held-out rows must index the {len(heldout_labels)} held-out images")
-    n = len(labs[0])
-    if k is not None and not (isinstance(k, int | np.integer) and 1 <= k <= n):
-        raise PladaError(f"keep size must be an integer between 1 and the pool size {n}, got {k!r}")
-    if budget_bytes is not None and (not isinstance(budget_bytes, int | np.integer) or budget_bytes < 1):
-        raise PladaError(f"byte budget must be a positive integer, got {budget_bytes!r}")
-    if not policies:
-        raise PladaError("no candidate policies given")
-    if not isinstance(finalist_seeds, int | np.integer) or finalist_seeds < 1 or not finalist_band >= 0:
-        raise PladaError(f"finalist_seeds must be a positive integer and finalist_band >= 0, got {finalist_seeds!r} "
-                         f"and {finalist_band!r}")
-    if not fractions or not all(0 < f <= 1 for f in fractions):
-        raise PladaError(f"keep-size fractions must lie in (0, 1], got {list(fractions)}")
+    labs = _check_search(deciders, pool_feats, heldout_feats, heldout_labels, n_classes, budget_bytes, k, policies,
+                         finalist_seeds, finalist_band, fractions)
     say = log or (lambda s: None)
     parts = [np.asarray(d.rows) for d in deciders]
 
@@ -625,31 +604,11 @@ def search(
         raise PladaError(f"byte budget {budget_bytes} is too small: even a payload keeping one image needs about "
                          f"{smallest} bytes (its header alone holds the pool fingerprint and class names)")
 
-    # 2. Forecast: a proxy head per distinct selection, scored on its decider's held-out rows. Heads are trained
-    # in batches on ``workers`` threads (`train_heads`: the same weights as one at a time).
-    runs: dict[tuple[bytes, int, int], int] = {}
-
-    def run_key(c: Planned, s: int) -> tuple[bytes, int, int]:
-        sel = c.selection
-        return hashlib.sha256(sel.indices.tobytes() + sel.labels.tobytes()).digest(), c.decider, s
-
-    def forecasts(items: Sequence[tuple[int, int]]) -> list[float]:
-        """Forecast of candidate i with proxy seed s, for each (i, s); new proxies trained together."""
-        todo: dict[tuple[bytes, int, int], tuple[Planned, int]] = {}
-        for i, s in items:
-            key = run_key(planned[i], s)
-            if key not in runs:
-                todo.setdefault(key, (planned[i], s))
-        jobs = [head_job(pool_feats, c.selection.indices, c.selection.labels, n_classes, head_steps, s)
-                for c, s in todo.values()]
-        for key, (c, _), (w, b) in zip(todo, todo.values(), train_heads(jobs, workers), strict=True):
-            r = parts[c.decider]
-            runs[key] = int(((heldout_feats[r] @ w.T + b).argmax(1) == heldout_labels[r]).sum())
-        return [runs[run_key(planned[i], s)] / len(parts[planned[i].decider]) for i, s in items]
-
-    rows: list[dict] = []
-    first = forecasts([(i, seed) for i in range(len(planned))])
+    # 2. Forecast: a proxy head per distinct selection, scored on its decider's held-out rows.
+    fc = _Forecaster(planned, parts, pool_feats, heldout_feats, heldout_labels, n_classes, head_steps, workers)
+    first = fc([(i, seed) for i in range(len(planned))])
     predicted = [np.bincount(lab, minlength=n_classes) > 0 for lab in labs]
+    rows: list[dict] = []
     for i, c in enumerate(planned):
         kept = np.bincount(c.selection.labels, minlength=n_classes) > 0
         rows.append({**c.row(n_classes), "forecast": first[i], "forecast_seeds": 1,
@@ -664,23 +623,15 @@ def search(
     finalists = [i for i, r in enumerate(rows) if r["forecast"] >= top - finalist_band]
     if finalist_seeds > 1:
         items = [(i, seed + j) for i in finalists for j in range(finalist_seeds)]
-        got = dict(zip(items, forecasts(items), strict=True))
+        got = dict(zip(items, fc(items), strict=True))
         for i in finalists:
             rows[i]["forecast"] = float(np.mean([got[i, seed + j] for j in range(finalist_seeds)]))
             rows[i]["forecast_seeds"] = finalist_seeds
             say(f"auto: finalist {rows[i]['name']} k={rows[i]['k']}: forecast {rows[i]['forecast']:.4f} "
                 f"({finalist_seeds} seeds)")
 
-    # 3. Choose among finalists: best forecast, ties to more images, then fewer bytes, then table order; a
-    # class-covering near-tie wins.
-    def rank(i: int) -> tuple:
-        return -rows[i]["forecast"], -rows[i]["kept"], rows[i]["bytes"], i
-
-    order = sorted(finalists, key=rank) + sorted(set(range(len(rows))) - set(finalists), key=rank)
-    covering = [i for i in order if rows[i]["covers_predicted"]]
-    if covering and rows[order[0]]["forecast"] - rows[covering[0]]["forecast"] <= margin:
-        order = [covering[0]] + [i for i in order if i != covering[0]]
-    for i in order:  # the real forecast moves the compressed header by a byte or so: re-measure
+    # 3. Choose among finalists; the real forecast moves the compressed header by a byte or so: re-measure.
+    for i in _preference(rows, finalists, margin):
         c = planned[i]
         idx, sent = c.selection
         nbytes = int(size_of(idx, sent, meta_for(c.policy, len(idx), c.decider, rows[i]["forecast"])))
@@ -696,3 +647,78 @@ def search(
                 candidates=rows, tau=pol.tau, decider=c.decider, fold=c.fold,
             )
     raise PladaError(f"no candidate fits the byte budget {budget_bytes} once its forecast is in the header")
+
+
+def _check_search(deciders, pool_feats, heldout_feats, heldout_labels, n_classes, budget_bytes, k, policies,
+                  finalist_seeds, finalist_band, fractions) -> list[np.ndarray]:
+    """Refuse a malformed search before any payload is encoded; returns each decider's labels as int64."""
+    if (budget_bytes is None) == (k is None):
+        raise PladaError("give exactly one of a byte budget or a keep size")
+    if not deciders:
+        raise PladaError("the search needs at least one deciding teacher's scores")
+    labs = []
+    for d in deciders:
+        labs.append(_check_inputs(d.labels, d.energy, d.entropy, pool_feats, heldout_feats, heldout_labels,
+                                  n_classes))
+        r = np.asarray(d.rows)
+        if r.ndim != 1 or len(r) == 0 or r.dtype.kind not in "iu" or r.min() < 0 or r.max() >= len(heldout_labels):
+            raise PladaError(f"a decider's held-out rows must index the {len(heldout_labels)} held-out images")
+    n = len(labs[0])
+    if k is not None and not (isinstance(k, int | np.integer) and 1 <= k <= n):
+        raise PladaError(f"keep size must be an integer between 1 and the pool size {n}, got {k!r}")
+    if budget_bytes is not None and (not isinstance(budget_bytes, int | np.integer) or budget_bytes < 1):
+        raise PladaError(f"byte budget must be a positive integer, got {budget_bytes!r}")
+    if not policies:
+        raise PladaError("no candidate policies given")
+    if not isinstance(finalist_seeds, int | np.integer) or finalist_seeds < 1 or not finalist_band >= 0:
+        raise PladaError(f"finalist_seeds must be a positive integer and finalist_band >= 0, got {finalist_seeds!r} "
+                         f"and {finalist_band!r}")
+    if not fractions or not all(0 < f <= 1 for f in fractions):
+        raise PladaError(f"keep-size fractions must lie in (0, 1], got {list(fractions)}")
+    return labs
+
+
+class _Forecaster:
+    """Forecast of candidate i with proxy seed s: held-out accuracy of a linear head on its selection.
+
+    Heads are trained in batches on ``workers`` threads (`train_heads`: the same weights as one at a time),
+    and each distinct (selection, decider, seed) only once.
+    """
+
+    def __init__(self, planned: list[Planned], parts: list[np.ndarray], pool_feats: np.ndarray,
+                 heldout_feats: np.ndarray, heldout_labels: np.ndarray, n_classes: int, steps: int,
+                 workers: int | None) -> None:
+        self.planned, self.parts, self.pool_feats = planned, parts, pool_feats
+        self.heldout_feats, self.heldout_labels = heldout_feats, heldout_labels
+        self.n_classes, self.steps, self.workers = n_classes, steps, workers
+        self.runs: dict[tuple[bytes, int, int], int] = {}
+
+    def _key(self, c: Planned, s: int) -> tuple[bytes, int, int]:
+        return hashlib.sha256(c.selection.indices.tobytes() + c.selection.labels.tobytes()).digest(), c.decider, s
+
+    def __call__(self, items: Sequence[tuple[int, int]]) -> list[float]:
+        todo: dict[tuple[bytes, int, int], tuple[Planned, int]] = {}
+        for i, s in items:
+            key = self._key(self.planned[i], s)
+            if key not in self.runs:
+                todo.setdefault(key, (self.planned[i], s))
+        jobs = [head_job(self.pool_feats, c.selection.indices, c.selection.labels, self.n_classes, self.steps, s)
+                for c, s in todo.values()]
+        for key, (c, _), (w, b) in zip(todo, todo.values(), train_heads(jobs, self.workers), strict=True):
+            r = self.parts[c.decider]
+            self.runs[key] = int(((self.heldout_feats[r] @ w.T + b).argmax(1) == self.heldout_labels[r]).sum())
+        return [self.runs[self._key(self.planned[i], s)] / len(self.parts[self.planned[i].decider]) for i, s in items]
+
+
+def _preference(rows: list[dict], finalists: list[int], margin: float) -> list[int]:
+    """Candidates in the order they are chosen: finalists by best forecast, ties to more images, then fewer
+    bytes, then table order; then the rest. A candidate keeping every predicted class within ``margin`` of
+    the best goes first, because a class missing from the payload can never be learnt by the receiver."""
+    def rank(i: int) -> tuple:
+        return -rows[i]["forecast"], -rows[i]["kept"], rows[i]["bytes"], i
+
+    order = sorted(finalists, key=rank) + sorted(set(range(len(rows))) - set(finalists), key=rank)
+    covering = [i for i in order if rows[i]["covers_predicted"]]
+    if covering and rows[order[0]]["forecast"] - rows[covering[0]]["forecast"] <= margin:
+        order = [covering[0]] + [i for i in order if i != covering[0]]
+    return order

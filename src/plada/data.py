@@ -609,8 +609,3 @@ def _open_cached(name: str, root: Path) -> Source | None:
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != len(paths) or images.shape[3] != 3:
         return None
     return Source(name, root, images, paths, hashes, skipped)
-
-
-def load_split(name_or_path: str, split: str, data: str | os.PathLike | None = None) -> Split:
-    """Shorthand: one split of a dataset source."""
-    return load_source(name_or_path, data).split(split)

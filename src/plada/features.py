@@ -55,12 +55,6 @@ def cached_features(
     return np.load(path, mmap_mode="r")
 
 
-def images_key(images: np.ndarray) -> str:
-    """A content key for an image array that was not loaded from a named cache."""
-    h = hashlib.sha256(np.ascontiguousarray(images).tobytes())
-    return h.hexdigest()
-
-
 def split_key(root: Path, split: str, n: int) -> str:
     """Key of a dataset split held in the decoded-source cache (whose folder name carries the source hash)."""
     return f"{Path(root).name}/{split}/{n}"

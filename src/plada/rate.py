@@ -27,8 +27,6 @@ import numpy as np
 
 from plada.errors import PladaError
 
-RATE_POLICIES = ("whole-groups", "majority-relabel", "groups+exceptions")
-
 
 class Selection(NamedTuple):
     """Kept pool indices (sorted, unique) and the label sent for each."""
