@@ -44,8 +44,9 @@ def test_every_send_option_changes_the_output_or_is_refused(tiny_data: Path, cac
     code, base, err = run(capsys, *common, "-o", str(tmp_path / "base.plada"))
     assert code == 0, err
     base_p = payload.read(tmp_path / "base.plada")
-    # --out/--pool/--data name the run's files; --engine is proven payload-neutral by test_scale's Ray test
-    untested = {"--out", "--pool", "--data", "--engine"}
+    # --out/--pool/--data name the run's files; --engine is proven payload-neutral by test_scale's Ray test;
+    # --device: a CPU-only machine has one device, and test_device proves --device cpu byte-identical to auto
+    untested = {"--out", "--pool", "--data", "--engine", "--device"}
     assert set(CHANGES) | untested == send_options()
     for opt, (argv, field) in CHANGES.items():
         out = tmp_path / f"{opt.strip('-')}.plada"
@@ -151,3 +152,23 @@ def test_config_models_match_the_registry() -> None:
     from plada.backbones import REGISTRY
 
     assert set(config.MODELS) == set(REGISTRY)
+
+
+def test_inputs_that_would_hang_or_sprawl_are_one_line(tiny_data: Path, cache: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """A FIFO as the payload to read, a target that is not an archive, a name holding a line break."""
+    import os
+
+    fifo = tmp_path / "f.plada"
+    os.mkfifo(fifo)
+    for argv in (["inspect", str(fifo)], ["receive", str(fifo), "--pool", "tinypool", "--data", str(tiny_data)]):
+        code, _, err = run(capsys, *argv)  # would block forever in open() before
+        assert code == 2 and one_line(err) and "not a regular file" in err, err
+    bad = tmp_path / "bad.tar"
+    bad.write_text("not an archive")
+    code, _, err = run(capsys, "send", str(bad), "--pool", "tinypool", "--data", str(tiny_data), *BASE,
+                       "-o", str(tmp_path / "x.plada"))
+    assert code == 2 and one_line(err) and "not a tar archive" in err, err
+    code, _, err = run(capsys, "send", "bad\nname", "--pool", "tinypool", "--data", str(tiny_data), *BASE,
+                       "-o", str(tmp_path / "x.plada"))
+    assert code == 2 and one_line(err), err

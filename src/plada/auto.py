@@ -215,8 +215,10 @@ def payload_sizer(
 
     def size_of(indices: np.ndarray, labels: np.ndarray, meta: dict) -> int:
         p = payload.Payload(pool_fingerprint, pool_size, names, indices, labels, {**base, **meta})
-        return len(payload.encode(p, **encode_kwargs))
+        size_of.last = payload.encode(p, **encode_kwargs)  # type: ignore[attr-defined]
+        return len(size_of.last)  # type: ignore[attr-defined]
 
+    size_of.last = b""  # type: ignore[attr-defined]  # the bytes of the latest call: search's last is its choice
     return size_of
 
 

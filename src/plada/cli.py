@@ -79,6 +79,12 @@ def _sets(p: argparse.ArgumentParser, example: str) -> None:
     p.add_argument("--seed", type=_seed, default=None, help="one seed for every random choice (default 0)")
 
 
+def _device_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--device", default=None, metavar="DEVICE",
+                   help="where models train, score and embed: auto (CUDA, else MPS, else CPU; the default), cpu, "
+                        "cuda, cuda:N or mps")
+
+
 def _send_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sender")
     g.add_argument("--budget", type=_size, default=None,
@@ -88,6 +94,7 @@ def _send_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher", default=None, help="teacher backbone: a registry name or timm:NAME")
     g.add_argument("--engine", default=None, choices=ENGINES,
                    help="where the pool is scored: this process, or a Ray actor pool ($RAY_ADDRESS, else local)")
+    _device_arg(g)
 
 
 def _settings(cfg, a: argparse.Namespace):
@@ -99,7 +106,7 @@ def _settings(cfg, a: argparse.Namespace):
 
 def _send_cfg(a: argparse.Namespace, base: SendConfig | None = None) -> SendConfig:
     cfg = base or SendConfig()
-    for name in ("budget", "keep", "policy", "engine"):
+    for name in ("budget", "keep", "policy", "engine", "device"):
         if getattr(a, name, None) is not None:
             cfg = replace(cfg, **{name: getattr(a, name)})
     if getattr(a, "teacher", None) is not None:
@@ -109,6 +116,8 @@ def _send_cfg(a: argparse.Namespace, base: SendConfig | None = None) -> SendConf
 
 def _receive_cfg(a: argparse.Namespace) -> ReceiveConfig:
     cfg = ReceiveConfig(allow_missing=bool(getattr(a, "allow_missing", False)), mode=getattr(a, "receiver", None))
+    if getattr(a, "device", None) is not None:
+        cfg = replace(cfg, device=a.device)
     if getattr(a, "student", None) is not None:
         cfg = replace(cfg, student=replace(cfg.student, model=a.student))
     if getattr(a, "student_mode", None) is not None:
@@ -266,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", default=None, help=data_help)
     c.add_argument("--teacher", default=None, help="teacher backbone: a registry name or timm:NAME")
     c.add_argument("--engine", default=None, choices=ENGINES, help="this process, or a Ray actor pool")
+    _device_arg(c)
     _sets(c, "teacher.res=32 or actors=4")
     c.set_defaults(func=cmd_score)
 
@@ -283,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--receiver", default=None, choices=ReceiveConfig.MODES,
                    help="plain (the payload's images only), selftrain or propagate (also pseudo-label the pool "
                         "this receiver holds); default: the mode the payload names, else plain")
+    _device_arg(r)
     _sets(r, "student.epochs=5 or knn=10")
     r.set_defaults(func=cmd_receive)
 
@@ -303,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out-dir", default="runs/demo")
     d.add_argument("--budget", type=_size, default=None, help="payload bytes (auto policy) instead of 1%% kept")
     d.add_argument("--keep", type=_keep, default=None, help="share of the pool to keep (default 1%%)")
+    _device_arg(d)
     _sets(d, "teacher.epochs=1 or student.mode=linear")
     d.set_defaults(func=cmd_demo)
 
@@ -346,6 +358,11 @@ def _moved(argv: list[str]) -> str | None:
     return None
 
 
+def _one_line(text: str) -> str:
+    """A message naming a path with a line break in it, or quoting a library's multi-line reason, stays one line."""
+    return " ".join(part.strip() for part in text.replace("\r", "\n").split("\n") if part.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     hint = _moved(argv)
@@ -356,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.func(args)
     except PladaError as e:
-        print(f"plada: error: {e}", file=sys.stderr)
+        print(f"plada: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("plada: interrupted", file=sys.stderr)

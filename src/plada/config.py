@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .device import check as _device
 from .errors import PladaError
 
 POLICIES = ("lowest-energy", "highest-energy", "lowest-entropy", "random", "auto")
@@ -75,6 +76,7 @@ class SendConfig:
     actors: int | None = None  # ray: actors (None: one per GPU, else one)
     proxy: str = "efficientnet-lite0"  # auto: frozen backbone of the proxy students' features
     proxy_res: int = 64
+    device: str = "auto"  # teacher, local scoring, features: auto (cuda, else mps, else cpu), cpu, cuda[:N], mps
 
     @property
     def auto(self) -> bool:
@@ -85,6 +87,7 @@ class SendConfig:
         check_teacher(self.teacher)
         _one_of("policy", self.policy, POLICIES)
         _one_of("engine", self.engine, ENGINES)
+        _device(self.device)
         _finite("temperature", self.temperature, lo=0, lo_open=True)
         _seed(self.seed)
         if self.keep is not None:
@@ -152,6 +155,7 @@ class ReceiveConfig:
     pseudo: int | None = None  # selftrain/propagate: pool images to pseudo-label (None: receiver.PSEUDO_SHARE)
     knn: int | None = None  # propagate: neighbours per pool image (None: receiver.KNN_K)
     rounds: int | None = None  # selftrain: fit-label rounds (None: receiver.SELFTRAIN_ROUNDS)
+    device: str = "auto"  # student and features: auto (cuda, else mps, else cpu), cpu, cuda[:N], mps
 
     def check(self) -> ReceiveConfig:
         """Refuse bad values and, once the mode is known, knobs it would ignore; returns self.
@@ -160,6 +164,7 @@ class ReceiveConfig:
         `pipeline.receive` after the header is read.
         """
         check_student(self.student)
+        _device(self.device)
         if self.mode is not None:
             _one_of("receiver mode", self.mode, self.MODES)
         if self.pseudo is not None:

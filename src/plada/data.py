@@ -169,7 +169,9 @@ def _iter_members(src: Path) -> Iterator[tuple[str, bytes | None]]:
                     if f is not None:
                         yield m.name, f.read()
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise PladaError(f"cannot read archive {src}: {e}") from None
+        why = ("not a tar archive (plain, gz, bz2 or xz), or a damaged one" if isinstance(e, tarfile.ReadError)
+               else " ".join(str(e).split()))
+        raise PladaError(f"cannot read archive {src}: {why}") from None
 
 
 def source_hash(src: Path) -> str:

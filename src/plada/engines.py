@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .backbones import Classifier, create, prepare
+from .backbones import Classifier, create
 from .data import atomic_save_npy
 from .errors import PladaError
 from .pool import Pool
 from .score import Scores, chunk_size, load_chunk, score_dir, score_pool
 from .shards import ShardedPool, manifest_slice, read_shard
+from .train import predict
 
 ENGINES = ("local", "ray")
 
@@ -44,11 +45,15 @@ def pool_chunk(pool: Pool) -> int:
 
 def score(
     model: Classifier, pool: Pool, cache: Path, engine: str = "local", batch_size: int = 256, progress: bool = True,
-    actors: int | None = None,
+    actors: int | None = None, device: torch.device | str | None = None,
 ) -> Scores:
-    """Teacher logits for the whole pool on the chosen engine; both resume from the same chunk files."""
+    """Teacher logits for the whole pool on the chosen engine; both resume from the same chunk files.
+
+    ``device`` is the local engine's (None: the CPU); Ray actors each take a GPU of the cluster when it has
+    them, whatever this process uses."""
     if engine == "local":
-        return score_pool(model, pool, cache, batch_size=batch_size, progress=progress, chunk=pool_chunk(pool))
+        return score_pool(model, pool, cache, batch_size=batch_size, progress=progress, chunk=pool_chunk(pool),
+                          device=device)
     if engine == "ray":
         return score_pool_ray(model, pool, cache, actors=actors, batch_size=batch_size, progress=progress)
     raise PladaError(f"unknown engine '{engine}' (have: {', '.join(ENGINES)})")
@@ -114,15 +119,9 @@ def load_unit(u: Unit, res: int) -> np.ndarray:
 
 
 def device_predict(model: Classifier, images: np.ndarray, batch_size: int, device: torch.device) -> np.ndarray:
-    """`train.predict` on any device: the same batches and preprocessing, so CPU results are identical."""
-    out = []
-    with torch.inference_mode():
-        for a in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.array(images[a : a + batch_size])).to(device, non_blocking=True)
-            out.append(model(prepare(x, model.res)).float().cpu().numpy())
-    if not out:
-        return np.zeros((0, model.head.out_features), dtype=np.float32)
-    return np.concatenate(out).astype(np.float32, copy=False)
+    """`train.predict` on an actor's device, so a GPU actor computes as the local engine on a GPU does
+    (mixed precision, prefetched pinned batches) and a CPU actor exactly as the local engine on the CPU."""
+    return predict(model, images, batch_size=batch_size, progress=False, device=device)
 
 
 class UnitScorer:

@@ -12,6 +12,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import backbones
 from .data import atomic_save_npy, cache_root
@@ -37,9 +38,14 @@ def embed_digest(model: backbones.Classifier) -> str:
 
 
 def cached_features(
-    model: backbones.Classifier, images: np.ndarray, key: str, progress: bool = True, batch_size: int = 256
+    model: backbones.Classifier, images: np.ndarray, key: str, progress: bool = True, batch_size: int = 256,
+    device: torch.device | str | None = None,
 ) -> np.ndarray:
-    """Features of `images` under `model`; `key` must identify the images' content (e.g. pool fingerprint)."""
+    """Features of `images` under `model`; `key` must identify the images' content (e.g. pool fingerprint).
+
+    ``device`` (None: the CPU) is where missing features are computed, and no part of the key, as the thread
+    count is not: an entry names a backbone and images, and a GPU's features differ from the CPU's only by
+    mixed-precision rounding, so a pool embedded once on a GPU serves later CPU runs too."""
     tag = hashlib.sha256(f"{embed_digest(model)}:{key}:{len(images)}".encode()).hexdigest()[:20]
     path = cache_root() / "features" / f"{tag}.npy"
     try:
@@ -50,7 +56,7 @@ def cached_features(
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
     feats = predict(model, images, batch_size=batch_size, desc=f"features {key[:24]}", progress=progress,
-                    features=True)
+                    features=True, device=device)
     atomic_save_npy(path, feats.astype(np.float32))
     return np.load(path, mmap_mode="r")
 
@@ -61,7 +67,7 @@ def split_key(root: Path, split: str, n: int) -> str:
 
 
 def rows_features(fm: backbones.Classifier, images: np.ndarray, idx: np.ndarray, prefix: str,
-                  progress: bool = True) -> np.ndarray:
+                  progress: bool = True, device: torch.device | str | None = None) -> np.ndarray:
     """Features of some rows of an image array, cached under a key naming exactly those rows and their pixels.
 
     Held-out and reference subsets change with seeds and folds; keying by the rows themselves means a
@@ -71,4 +77,4 @@ def rows_features(fm: backbones.Classifier, images: np.ndarray, idx: np.ndarray,
     rows = np.asarray(images[idx])
     digest = hashlib.sha256(np.ascontiguousarray(idx, dtype=np.int64).tobytes()).hexdigest()[:16]
     content = hashlib.blake2b(np.ascontiguousarray(rows).data, digest_size=16).hexdigest()
-    return np.asarray(cached_features(fm, rows, f"{prefix}/{digest}/{content}", progress=progress))
+    return np.asarray(cached_features(fm, rows, f"{prefix}/{digest}/{content}", progress=progress, device=device))

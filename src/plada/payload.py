@@ -76,6 +76,7 @@ import numbers
 import os
 import re
 import secrets
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -925,8 +926,12 @@ def describe(data: bytes, groups: Any = None, *, max_images: int | None = DEFAUL
 
 
 def write(path: str | os.PathLike, p: Payload, level: int = 19, *, groups: Any = None) -> int:
-    """Write atomically (temp file in the same directory, fsync, rename) so readers never see half a file."""
-    data = encode(p, level, groups=groups)
+    """Encode and write atomically (temp file in the same directory, fsync, rename): readers never see half a file."""
+    return write_bytes(path, encode(p, level, groups=groups))
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> int:
+    """Write an encoded payload atomically: the sender writes the very bytes its search measured."""
     path = Path(path)
     directory = path.parent
     if not directory.is_dir():
@@ -965,6 +970,9 @@ def write(path: str | os.PathLike, p: Payload, level: int = 19, *, groups: Any =
 def read_bytes(path: str | os.PathLike) -> bytes:
     """A payload file's bytes, refusing oversized files before reading them."""
     path = Path(path)
+    with reading(path, "payload"):
+        if path.exists() and not stat.S_ISREG(os.stat(path).st_mode) and not path.is_dir():
+            raise PayloadError(f"payload is not a regular file (a FIFO or device would hang or never end): {path}")
     with reading(path, "payload"), open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size > MAX_PAYLOAD_BYTES:

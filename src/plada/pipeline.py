@@ -12,12 +12,14 @@ import stat
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import backbones, engines, payload, rate, select
 from .config import ReceiveConfig, SendConfig
 from .data import Split, atomic_write, cache_root, load_source, resolve_source
+from .device import resolve as resolve_device
 from .errors import PladaError
 from .pool import Pool
 from .score import chunk_size
@@ -25,6 +27,9 @@ from .shards import open_any
 from .student import train_student
 from .teacher import TeacherConfig, train_teacher
 from .train import accuracy, predict
+
+if TYPE_CHECKING:
+    import torch
 
 # Fewer unseen train images than this (a teacher on all of train, or nearly): deciding teachers are fine-tuned.
 MIN_UNSEEN = 200
@@ -107,6 +112,7 @@ def send(
     and the best forecast among their own selections is sent with that teacher's labels.
     """
     cfg = (cfg or SendConfig()).check()
+    dev = resolve_device(cfg.device)  # an absent accelerator fails now, before any data is read
     chunk_size()  # a bad PLADA_SCORE_CHUNK fails now, not after the teacher
     engines.check_engine(cfg.engine)
     out = check_output(out, "payload", payload.MAGIC)
@@ -120,29 +126,32 @@ def send(
         raise PladaError(f"pool '{pool.name}' lacks {int(pool.missing.sum())} of its manifest's images; "
                          "a sender needs the complete pool")
     groups = pool.groups()[0]
-    if cfg.auto:
-        idx, labels, meta, report = _send_auto(src.name, train, test, pool, groups, cfg, progress)
+    if cfg.auto:  # the very bytes the search measured
+        idx, labels, encoded, report = _send_auto(src.name, train, test, pool, groups, cfg, progress, dev)
+        nbytes = payload.write_bytes(out, encoded)
     else:
-        idx, labels, meta, report = _send_fixed(src.name, train, test, pool, cfg, progress)
-    p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, labels, meta)
-    nbytes = payload.write(out, p, groups=groups)
+        idx, labels, meta, report = _send_fixed(src.name, train, test, pool, cfg, progress, dev)
+        p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, labels, meta)
+        nbytes = payload.write(out, p, groups=groups)
     return {"payload": str(out), "payload_bytes": nbytes, "kept": int(len(idx)), "pool_size": len(pool), **report,
             "kept_per_class": np.bincount(labels, minlength=len(train.class_names)).tolist(),
-            "seconds": round(time.time() - t0, 1)}
+            "device": str(dev), "seconds": round(time.time() - t0, 1)}
 
 
 def _teacher_meta(t: TeacherConfig, test_accuracy: float | None) -> dict:
     return {"model": t.model, "res": t.res, "mode": t.mode, "test_accuracy": test_accuracy}
 
 
-def _send_fixed(name: str, train: Split, test: Split | None, pool: Pool, cfg: SendConfig, progress: bool):
+def _send_fixed(name: str, train: Split, test: Split | None, pool: Pool, cfg: SendConfig, progress: bool,
+                device: torch.device | None = None):
     """One policy at one keep size: the paper's sender."""
     k = select.budget(len(pool), keep=cfg.keep_share, count=cfg.count)
     safety = 0.0 if cfg.safety_share is None else cfg.safety_share
     alpha = 0.5 if cfg.alpha is None else cfg.alpha
-    model, tinfo = train_teacher(train, test, cfg.teacher, cache_root() / "teachers", progress=progress)
+    model, tinfo = train_teacher(train, test, cfg.teacher, cache_root() / "teachers", progress=progress,
+                                 device=device)
     scores = engines.score(model, pool, cache_root() / "scores", engine=cfg.engine, progress=progress,
-                           actors=cfg.actors)
+                           actors=cfg.actors, device=device)
     labels = scores.labels
     key = select.rank_key(cfg.policy, scores.energy(cfg.temperature), scores.entropy(), seed=cfg.seed)
     idx = select.select(labels, key, k, len(train.class_names), safety_share=safety, alpha=alpha)
@@ -153,7 +162,7 @@ def _send_fixed(name: str, train: Split, test: Split | None, pool: Pool, cfg: Se
 
 
 def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: np.ndarray, cfg: SendConfig,
-               progress: bool):
+               progress: bool, device: torch.device | None = None):
     """Stages of the auto sender: deciding teachers and their held-out rows, pool features, search, header."""
     from . import auto
     from .features import cached_features, feature_model, rows_features
@@ -174,27 +183,28 @@ def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: 
             raise PladaError(f"byte budget {cfg.budget} is too small: a payload keeping one image of this target "
                              f"and pool needs about {one} bytes")
     fm = feature_model(cfg.proxy, cfg.proxy_res)
-    pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress)
+    pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress, device=device)
     key = "/".join((train.dataset, train.split, str(len(train))))
 
     def feats(idx: np.ndarray, what: str) -> np.ndarray:
-        return rows_features(fm, train.images, idx, f"{key}/{what}", progress=progress)
+        return rows_features(fm, train.images, idx, f"{key}/{what}", progress=progress, device=device)
 
     def ref_key(idx: np.ndarray) -> np.ndarray:  # nearest-target: compare with images the teacher trained on
         return auto.nearest_target_key(np.asarray(pool_f), feats(auto.subsample(idx, 5000, cfg.seed), "ref"))
 
     if own_teacher:
         held_idx = auto.subsample(unseen, 5000, cfg.seed)
-        model, tinfo = train_teacher(train, test, cfg.teacher, cache_root() / "teachers", progress=progress)
+        model, tinfo = train_teacher(train, test, cfg.teacher, cache_root() / "teachers", progress=progress,
+                                     device=device)
         s = engines.score(model, pool, cache_root() / "scores", engine=cfg.engine, progress=progress,
-                          actors=cfg.actors)
+                          actors=cfg.actors, device=device)
         deciders = [auto.Decider(s.labels, s.energy(cfg.temperature), s.entropy(), np.arange(len(held_idx)),
                                  rate.confidence(s.logits), ref_key(seen), tinfo.get("test_accuracy"), fold=None)]
     else:
         n, frac = auto.decider_plan(cfg.deciders, cfg.holdout_fraction, tgroups is not None)
         held_idx, deciders = decide(train, test, pool, cfg.teacher, n, frac, cfg.seed, ref_key,
                                     temperature=cfg.temperature, engine=cfg.engine, actors=cfg.actors,
-                                    progress=progress, groups=tgroups)
+                                    progress=progress, groups=tgroups, device=device)
 
     def header_of(d: auto.Decider) -> dict:  # each decider's candidates carry its own accuracy: sized exactly
         return {**base, "teacher": {**base["teacher"], "test_accuracy": d.test_accuracy}}
@@ -208,11 +218,13 @@ def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: 
     choice = auto.search(deciders=deciders, pool_feats=pool_f, heldout_feats=feats(held_idx, "held"),
                          heldout_labels=train.labels[held_idx], n_classes=len(train.class_names), size_of=size_of,
                          budget_bytes=cfg.budget, k=k, groups=groups, seed=cfg.seed)
-    sender = deciders[0] if choice.decider is None else deciders[choice.decider]
-    meta = {**header_of(sender), **choice.meta()}
+    sender = deciders[choice.decider]
+    encoded = sizers[sender.fold].last  # the search's last measure is its choice, with its forecast in the header
+    if len(encoded) != choice.payload_bytes:
+        raise AssertionError("the search's last measured payload is not its choice")  # a bug, not a user mistake
     report = {"teacher_accuracy": sender.test_accuracy, "policy": choice.name, "forecast_accuracy": choice.forecast,
               "auto": choice.summary()}
-    return choice.indices, choice.labels, meta, report
+    return choice.indices, choice.labels, encoded, report
 
 
 def unseen_rows(train: Split, teacher: TeacherConfig, group_pattern: str | None):
@@ -233,7 +245,7 @@ def unseen_rows(train: Split, teacher: TeacherConfig, group_pattern: str | None)
 def decide(
     train: Split, test: Split | None, pool: Pool, teacher: TeacherConfig, n: int, frac: float, seed: int,
     ref_key, held_limit: int = 5000, temperature: float = 1.0, engine: str = "local", actors: int | None = None,
-    progress: bool = True, groups: np.ndarray | None = None,
+    progress: bool = True, groups: np.ndarray | None = None, device: torch.device | None = None,
 ) -> tuple[np.ndarray, list]:
     """(held-out train rows, one `auto.Decider` per deciding teacher).
 
@@ -249,8 +261,9 @@ def decide(
     deciders, at = [], 0
     for j, (fit_idx, h) in enumerate(splits):
         tj, info = train_teacher(train.take(fit_idx), test, replace(teacher, limit=None), cache_root() / "teachers",
-                                 progress=progress)
-        sj = engines.score(tj, pool, cache_root() / "scores", engine=engine, progress=progress, actors=actors)
+                                 progress=progress, device=device)
+        sj = engines.score(tj, pool, cache_root() / "scores", engine=engine, progress=progress, actors=actors,
+                           device=device)
         deciders.append(auto.Decider(sj.labels, sj.energy(temperature), sj.entropy(), np.arange(at, at + len(h)),
                                      rate.confidence(sj.logits), ref_key(fit_idx), info.get("test_accuracy"), fold=j,
                                      train_seconds=info.get("train_seconds")))
@@ -278,6 +291,7 @@ def receive(
     public pretrained weights are used, never the target's data (only ``test`` is read, to evaluate).
     """
     cfg = (cfg or ReceiveConfig()).check()
+    dev = resolve_device(cfg.device)
     student = cfg.student
     t0 = time.time()
     if model_out is not None:
@@ -327,7 +341,7 @@ def receive(
         # pretrained, else EfficientNet-Lite0 (a scratch student has no features of its own).
         fm = (feature_model(student.model, student.res) if student.mode != "scratch"
               else feature_model("efficientnet-lite0", 64))
-        feats = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress)
+        feats = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress, device=dev)
         expansion = receiver.expand(mode, feats, indices, labels, n_cls, seed=student.seed, pseudo=cfg.pseudo,
                                     k=cfg.knn, rounds=cfg.rounds, allowed=~pool.missing, progress=progress)
     train_cfg = student
@@ -339,14 +353,15 @@ def receive(
     order = np.argsort(rows, kind="stable")
     rows, rlabels = rows[order], rlabels[order]
     if student.mode == "linear" and feats is not None:  # the head trains on cached pool features, not images
-        model = train_student(pool.images, rlabels, n_cls, train_cfg, progress=progress, feats=np.asarray(feats[rows]))
+        model = train_student(pool.images, rlabels, n_cls, train_cfg, progress=progress, feats=np.asarray(feats[rows]),
+                              device=dev)
     else:
-        model = train_student(np.asarray(pool.images[rows]), rlabels, n_cls, train_cfg, progress=progress)
+        model = train_student(np.asarray(pool.images[rows]), rlabels, n_cls, train_cfg, progress=progress, device=dev)
     report = {"kept": int(len(indices)), "dropped_missing": dropped, "student": asdict(train_cfg), "seconds": 0.0,
               "receiver": {**expansion.info, "from": mode_from, "trained_on": int(len(rows))}}
     if testset is not None:
         report["student_accuracy"] = accuracy(
-            predict(model, testset.images, desc="student eval", progress=progress), testset.labels
+            predict(model, testset.images, desc="student eval", progress=progress, device=dev), testset.labels
         )
     if model_out is not None:
         backbones.save(model, model_out, list(p.class_names), {k: v for k, v in report.items() if k != "seconds"})
@@ -377,6 +392,7 @@ def score(
     if (target is None) == (model_path is None):
         raise PladaError("score needs either a target dataset (whose teacher scores the pool) or --model, not both")
     cfg = (cfg or SendConfig()).check()
+    dev = resolve_device(cfg.device)
     chunk_size()
     engines.check_engine(cfg.engine)
     if out is not None:
@@ -389,7 +405,8 @@ def score(
         src = load_source(target, data, progress=progress)
         train = src.split(train_split)
         test = src.split(test_split) if test_split in src.splits() else None
-        model, tinfo = train_teacher(train, test, cfg.teacher, cache_root() / "teachers", progress=progress)
+        model, tinfo = train_teacher(train, test, cfg.teacher, cache_root() / "teachers", progress=progress,
+                                     device=dev)
         class_names = train.class_names
     pool = pool if isinstance(pool, Pool) else open_any(pool, data, progress=progress)
     if out is not None:
@@ -397,10 +414,11 @@ def score(
                         + ([Path(model_path)] if model_path is not None else []), "scores")
     t1 = time.time()
     scores = engines.score(model, pool, cache_root() / "scores", engine=cfg.engine, progress=progress,
-                           actors=cfg.actors)
+                           actors=cfg.actors, device=dev)
     seconds = time.time() - t1
     labels, en = scores.labels, scores.energy(cfg.temperature)
     report = {"pool": pool.name, "pool_size": len(pool), "fingerprint": pool.fingerprint, "engine": cfg.engine,
+              "device": str(dev),
               "classes": list(class_names), "teacher_accuracy": tinfo.get("test_accuracy"),
               "per_class": np.bincount(labels, minlength=len(class_names)).tolist(),
               "energy": {"min": float(en.min()), "mean": float(en.mean()), "max": float(en.max())} if len(en) else None,

@@ -48,6 +48,7 @@ KNN_MAX = 50  # the cached graph keeps this many; a smaller k reads its first co
 KNN_DIM = 128  # PCA width the graph is computed in: 10x fewer flops than 1280-d, same neighbours mostly
 SPREAD_ALPHA = 0.99  # label spreading: weight of the neighbours against the payload's own labels
 SPREAD_ITERS = 40
+PROPAGATE_WEIGHTED = True  # propagate: pseudo-labels weighted by the spreading's confidence (else all count 1)
 EDGE_POWER = 3  # edge weight = cosine similarity ** EDGE_POWER (Iscen et al.): near neighbours count most
 FINETUNE_CAP = 6000  # a fine-tuned student trains on at most this many images ...
 FINETUNE_STEP_FACTOR = 2.0  # ... and for at most this many times the steps the payload alone would take
@@ -129,7 +130,7 @@ def expand(
     pseudo: int | None = None,
     k: int | None = None,
     rounds: int | None = None,
-    weighted: bool = True,
+    weighted: bool | None = None,
     allowed: np.ndarray | None = None,
     graph_key: str | None = None,
     progress: bool = True,
@@ -139,8 +140,8 @@ def expand(
     ``feats`` are the pool's frozen features (a memory map is fine); ``allowed`` marks the pool rows that
     may be pseudo-labelled (rows a receiver's pool lacks are black squares: never); ``graph_key`` names
     the features for the kNN graph's cache (None: their file name or a content hash). ``pseudo`` (images
-    to add), ``k`` and ``rounds`` default to the validated constants above; ``weighted`` (propagate only)
-    weights each pseudo-label by the spreading's confidence.
+    to add), ``k``, ``rounds`` and ``weighted`` (propagate only: each pseudo-label weighted by the
+    spreading's confidence) default to the validated constants above.
     """
     indices = np.asarray(indices, dtype=np.int64)
     labels = np.asarray(labels, dtype=np.int64)
@@ -153,6 +154,7 @@ def expand(
     pseudo = int(round(PSEUDO_SHARE * len(feats))) if pseudo is None else pseudo
     pred, conf, ok, info = pool_labels(mode, feats, indices, labels, n_classes, seed=seed, pseudo=pseudo, k=k,
                                        rounds=rounds, allowed=allowed, graph_key=graph_key, progress=progress)
+    weighted = PROPAGATE_WEIGHTED if weighted is None else weighted
     return from_pool_labels(indices, labels, pred, conf, ok, pseudo, n_classes, weighted and mode == "propagate",
                             info)
 

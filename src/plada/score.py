@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from .backbones import Classifier
@@ -104,9 +105,12 @@ def score_dir(cache: str | os.PathLike, pool: Pool, model: Classifier, chunk: in
 
 def score_pool(
     model: Classifier, pool: Pool, cache: Path, batch_size: int = 256, progress: bool = True,
-    chunk: int | None = None,
+    chunk: int | None = None, device: torch.device | str | None = None,
 ) -> Scores:
-    """Teacher logits for the whole pool, resumable chunk by chunk from `cache`."""
+    """Teacher logits for the whole pool, resumable chunk by chunk from `cache`.
+
+    ``device`` (None: the CPU) is not part of the cache: chunks scored on a GPU resume a CPU run and the
+    other way round, as chunks from another thread count would (labels and ranks agree in practice)."""
     chunk = chunk or chunk_size()
     d = score_dir(cache, pool, model, chunk)
     d.mkdir(parents=True, exist_ok=True)
@@ -117,7 +121,8 @@ def score_pool(
             path = d / f"{a:012d}.npy"
             logits = load_chunk(path, min(chunk, n - a), classes)
             if logits is None:
-                logits = predict(model, pool.images[a : a + chunk], batch_size=batch_size, progress=False)
+                logits = predict(model, pool.images[a : a + chunk], batch_size=batch_size, progress=False,
+                                 device=device)
                 logits = logits.astype(np.float32)
                 atomic_save_npy(path, logits)
             parts.append(logits)

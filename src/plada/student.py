@@ -20,9 +20,11 @@ MODES = STUDENT_MODES
 
 def train_student(
     images: np.ndarray, labels: np.ndarray, n_classes: int, cfg: StudentConfig, progress: bool = True,
-    feats: np.ndarray | None = None,
+    feats: np.ndarray | None = None, device: torch.device | str | None = None,
 ) -> backbones.Classifier:
-    """A student trained on (pool images, payload labels); `feats` lets linear mode reuse cached features."""
+    """A student trained on (pool images, payload labels); `feats` lets linear mode reuse cached features.
+
+    ``device`` is where it trains (None: the CPU); the student comes back on the CPU either way."""
     if cfg.mode not in MODES:
         raise PladaError(f"unknown student mode '{cfg.mode}' (have: {', '.join(MODES)})")
     if len(labels) == 0:
@@ -30,8 +32,8 @@ def train_student(
     torch.manual_seed(cfg.seed)  # the fresh head's init must be seeded too
     model = backbones.create(cfg.model, n_classes, cfg.res, pretrained=cfg.mode != "scratch")
     if cfg.mode == "linear":
-        fit_linear(model, images, labels, seed=cfg.seed, progress=progress, feats=feats)
+        fit_linear(model, images, labels, seed=cfg.seed, progress=progress, feats=feats, device=device)
     else:
         fit(model, images, labels, cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, flip=cfg.flip,
-            desc="student", progress=progress)
+            desc="student", progress=progress, device=device)
     return model

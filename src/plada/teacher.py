@@ -28,11 +28,14 @@ MODES = TEACHER_MODES
 
 
 def train_teacher(
-    train: Split, test: Split | None, cfg: TeacherConfig, cache: Path, progress: bool = True
+    train: Split, test: Split | None, cfg: TeacherConfig, cache: Path, progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> tuple[backbones.Classifier, dict]:
     """Fine-tune (or linear-probe) a teacher, or load the cached one; info has its test accuracy.
 
-    A cached teacher first trained without a test split gets its test accuracy measured once and stored."""
+    A cached teacher first trained without a test split gets its test accuracy measured once and stored.
+    ``device`` is where it trains and is measured (None: the CPU); it is not part of the cache key, so a
+    teacher trained on a GPU serves a later CPU run of the same configuration, and the other way round."""
     if cfg.mode not in MODES:
         raise PladaError(f"unknown teacher mode '{cfg.mode}' (have: {', '.join(MODES)})")
     key = hashlib.sha256(
@@ -45,7 +48,7 @@ def train_teacher(
     if cached is not None:
         model, info = cached
         if test is not None and "test_accuracy" not in info:
-            info["test_accuracy"] = _test_accuracy(model, train, test, progress)
+            info["test_accuracy"] = _test_accuracy(model, train, test, progress, device)
             write_json_atomic(ipath, info)
         return model, info
     d.mkdir(parents=True, exist_ok=True)
@@ -55,12 +58,12 @@ def train_teacher(
     t0 = time.time()
     if cfg.mode == "finetune":
         fit(model, sub.images, sub.labels, cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
-            flip=cfg.flip, desc="teacher fine-tune", progress=progress)
+            flip=cfg.flip, desc="teacher fine-tune", progress=progress, device=device)
     else:
-        fit_linear(model, sub.images, sub.labels, seed=cfg.seed, progress=progress)
+        fit_linear(model, sub.images, sub.labels, seed=cfg.seed, progress=progress, device=device)
     info = {"config": asdict(cfg), "train_images": len(sub), "train_seconds": round(time.time() - t0, 1)}
     if test is not None:
-        info["test_accuracy"] = _test_accuracy(model, train, test, progress)
+        info["test_accuracy"] = _test_accuracy(model, train, test, progress, device)
     backbones.save(model, wpath, train.class_names, info)
     write_json_atomic(ipath, info)
     return model, info
@@ -83,7 +86,8 @@ def _load_cached(wpath: Path, ipath: Path, class_names: list[str]) -> tuple[back
     return model, info
 
 
-def _test_accuracy(model: backbones.Classifier, train: Split, test: Split, progress: bool) -> float:
+def _test_accuracy(model: backbones.Classifier, train: Split, test: Split, progress: bool,
+                   device: torch.device | str | None = None) -> float:
     if test.class_names != train.class_names:
         raise PladaError("target train and test splits have different class folders")
-    return accuracy(predict(model, test.images, desc="teacher eval", progress=progress), test.labels)
+    return accuracy(predict(model, test.images, desc="teacher eval", progress=progress, device=device), test.labels)
