@@ -14,9 +14,10 @@ optional weights) using only those:
 Every step is seeded or deterministic (stable sorts, ties broken by pool row), so one seed gives one
 training set. The pool's features are computed once and memory-mapped (`features.cached_features`);
 the kNN graph is computed in row chunks (never an N x N matrix), saved chunk by chunk so an interrupted
-build resumes, and cached under the features' key. The constants below were chosen on target *train*
-images (never a test split) by ``python -m benchmarks.receiver``; benchmarks/reports/RECEIVER.md has
-the numbers behind each.
+build resumes, and cached under the features' key. The constants below are NOT yet tuned: they are the
+published defaults of label spreading (Zhou et al.; Iscen et al.) and hand-set shares. ``python -m
+benchmarks.receiver`` runs a validation grid on target *train* images (never a test split) to choose them;
+until its numbers are in benchmarks/reports/RECEIVER.md the default receiver stays ``plain``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from .train import torch_threads, train_head
 MODES = ReceiveConfig.MODES
 DEFAULT_MODE = "plain"
 
-# Chosen on validation data (target train images): see benchmarks/reports/RECEIVER.md, "Validation".
+# Not yet chosen on data (see the module docstring): literature defaults and hand-set shares.
 PSEUDO_SHARE = 0.05  # pseudo-labelled images: this share of the pool (balanced over classes)
 SELFTRAIN_ROUNDS = 2  # label, refit, label again ...
 ROUND_STEPS = 300  # head steps of each self-training round (the student's own head trains longer)
