@@ -184,25 +184,24 @@ class ReceiveConfig:
 
 
 def check_teacher(t: TeacherConfig) -> None:
-    _model("teacher.model", t.model)
-    _integer("teacher.res", t.res, lo=8, hi=1024)
-    _one_of("teacher.mode", t.mode, TEACHER_MODES)
-    _finite("teacher.epochs", t.epochs, lo=0, hi=1000, lo_open=True)
-    _finite("teacher.lr", t.lr, lo=0, hi=10, lo_open=True)
-    _integer("teacher.batch_size", t.batch_size, lo=1, hi=65536)
+    _check_train("teacher", t, TEACHER_MODES)
     if t.limit is not None:
         _integer("teacher.limit", t.limit, lo=1)
-    _seed(t.seed)
 
 
 def check_student(s: StudentConfig) -> None:
-    _model("student.model", s.model)
-    _integer("student.res", s.res, lo=8, hi=1024)
-    _one_of("student.mode", s.mode, STUDENT_MODES)
-    _finite("student.epochs", s.epochs, lo=0, hi=1000, lo_open=True)
-    _finite("student.lr", s.lr, lo=0, hi=10, lo_open=True)
-    _integer("student.batch_size", s.batch_size, lo=1, hi=65536)
-    _seed(s.seed)
+    _check_train("student", s, STUDENT_MODES)
+
+
+def _check_train(name: str, c: TrainConfig, modes: typing.Sequence[str]) -> None:
+    """The recipe fields teacher and student share, named `name.field` in every message."""
+    _model(f"{name}.model", c.model)
+    _integer(f"{name}.res", c.res, lo=8, hi=1024)
+    _one_of(f"{name}.mode", c.mode, modes)
+    _finite(f"{name}.epochs", c.epochs, lo=0, hi=1000, lo_open=True)
+    _finite(f"{name}.lr", c.lr, lo=0, hi=10, lo_open=True)
+    _integer(f"{name}.batch_size", c.batch_size, lo=1, hi=65536)
+    _seed(c.seed)
 
 
 def with_seed(cfg: Any, seed: int) -> Any:

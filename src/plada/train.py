@@ -130,6 +130,15 @@ def _optimizer(model: Classifier, lr: float, weight_decay: float, total: int, fr
     return opt, sched
 
 
+def _logits(model: Classifier, x: torch.Tensor, freeze_backbone: bool) -> torch.Tensor:
+    """A training forward: a frozen backbone runs without a graph, so only the head learns."""
+    if freeze_backbone:
+        with torch.no_grad():
+            feats = model.embed(x)
+        return model.head(feats)
+    return model(x)
+
+
 def fit(
     model: Classifier,
     images: np.ndarray,
@@ -181,12 +190,7 @@ def fit(
         if augment:
             xb = _augment(xb, gen, flip)
         x = prepare(xb, model.res)
-        if freeze_backbone:
-            with torch.no_grad():
-                feats = model.embed(x)
-            logits = model.head(feats)
-        else:
-            logits = model(x)
+        logits = _logits(model, x, freeze_backbone)
         loss = F.cross_entropy(logits, y_all[idx], label_smoothing=label_smoothing)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -248,12 +252,7 @@ def _fit_on(dev: torch.device, model: Classifier, images: np.ndarray, labels: np
             x = prepare(x, model.res).contiguous(memory_format=torch.channels_last)
             y = y_all[idx.to(dev, non_blocking=cuda)]
             with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
-                if freeze_backbone:
-                    with torch.no_grad():
-                        feats = model.embed(x)
-                    logits = model.head(feats)
-                else:
-                    logits = model(x)
+                logits = _logits(model, x, freeze_backbone)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
