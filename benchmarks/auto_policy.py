@@ -137,10 +137,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
     test_f = np.asarray(cached_features(fm, test.images, split_key(src.root, "test", len(test))))
     held_f = split_features(fm, train, src.root, held, "auto-heldout")
 
-    base_meta = {"target": src.name, "keep": None, "temperature": 1.0,
-                 "teacher": {"model": tcfg.model, "res": tcfg.res, "mode": tcfg.mode,
-                             "test_accuracy": tinfo.get("test_accuracy")}}
-    size_of = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, base_meta, groups=gid)
+    size_of = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, groups=gid)
     measured: dict[tuple[bytes, int], np.ndarray] = {}  # (selection digest, seed) -> test image correct?
 
     def as_sent(row: dict) -> rate.Selection:
@@ -155,11 +152,8 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
 
     def fixed_rows(budget: int) -> list[dict]:
         """The full teacher's candidates as the default search sizes them, unforecast: the hindsight field."""
-        def meta(pol: auto.Policy, kk: int) -> dict:
-            return auto.search_meta(pol, kk, budget, len(held), cfg.proxy_steps, cfg.search_seed)
-
         plan = auto.plan_candidates(auto.DEFAULT_POLICIES, labels=scores.labels, energy=energy, entropy=entropy,
-                                    n_classes=n_cls, size_of=size_of, meta_for=meta, budget_bytes=budget,
+                                    n_classes=n_cls, size_of=size_of, budget_bytes=budget,
                                     nearest_key=nearest, groups=gid, confidence=conf, seed=cfg.search_seed,
                                     fractions=cfg.fractions)
         return [{**c.row(n_cls), "forecast": None, "forecast_seeds": 0, "chosen": False} for c in plan]

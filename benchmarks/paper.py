@@ -183,8 +183,7 @@ def run_target(target: str, pool: Pool, cfg: Config, data: str | None, log) -> d
         return select.select(plabels, key, k, n_cls, safety_share=share, alpha=alpha)
 
     def payload_bytes(idx: np.ndarray, name: str, keep: float) -> dict:
-        p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, plabels[idx],
-                            {"policy": name, "keep": keep, "target": target})
+        p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, plabels[idx])
         costs = payload.index_costs(idx, len(pool), labels=plabels[idx], n_classes=n_cls)
         lab = len(zstandard.ZstdCompressor(level=19).compress(plabels[idx].astype(np.uint8 if n_cls <= 256
                                                                                   else np.uint16).tobytes()))

@@ -87,10 +87,8 @@ def run_target(target: str, pool: Pool, cfg: RateConfig, data: str | None, log) 
     accs: dict[bytes, dict] = {}
 
     def measure(family: str, knobs: dict, sel: rate.Selection, codecs=None) -> dict:
-        # Both lowest-energy families write the same header, so their bytes differ only by codec.
-        policy = ("highest-energy" if highest else "lowest-energy") if family in ("paper", LE_CTX) else family
-        p = payload.Payload(pool.fingerprint, len(pool), names, sel.indices, sel.labels,
-                            {"policy": policy, "target": target, **knobs})
+        # Every family writes the same header (format 1.0 holds no policy), so bytes differ only by selection and codec.
+        p = payload.Payload(pool.fingerprint, len(pool), names, sel.indices, sel.labels)
         blob = payload.encode(p, groups=gid, codecs=codecs)
         key = sel.indices.tobytes() + sel.labels.astype(np.int64).tobytes()
         if key not in accs:

@@ -201,8 +201,7 @@ def run_target(target: str, pool: Pool, cfg: ReceiverConfig, data: str | None, l
     for kp in cfg.paper_keeps:
         k = select.budget(len(pool), keep=kp)
         idx = select.select(plabels, -energy if highest else energy, k, n_cls)
-        p = payload.Payload(pool.fingerprint, len(pool), names, idx, plabels[idx],
-                            {"policy": "highest-energy" if highest else "lowest-energy", "target": target, "keep": kp})
+        p = payload.Payload(pool.fingerprint, len(pool), names, idx, plabels[idx])
         e = receiver.Expansion(idx, plabels[idx], None, {"payload": len(idx)})
         accs = heads([head_acc(e, s, test_f, test.labels) for s in cfg.seeds], cfg.workers)
         paper_pts.append({"keep": kp, "kept": int(k), "bytes": len(payload.encode(p, groups=gid, codecs=PAPER_CODECS)),

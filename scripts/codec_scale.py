@@ -77,7 +77,7 @@ def peak_mb(fn, *args, **kwargs) -> float:
 def measure(kind: str, gid: np.ndarray, groups: codec.Grouping, rng: np.random.Generator) -> dict:
     idx, labels = selection(rng, gid, kind)
     names = tuple(f"class-{i}" for i in range(CLASSES))
-    p = P.Payload(FP, POOL, names, idx, labels, {"policy": f"synthetic-{kind}"})
+    p = P.Payload(FP, POOL, names, idx, labels)
 
     blob, encode_s = timed(codec.encode, idx, labels, POOL, CLASSES, groups)
     (got_idx, got_lab), decode_s = timed(codec.decode, blob, idx.size, POOL, CLASSES, groups)

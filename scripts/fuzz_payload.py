@@ -2,9 +2,12 @@
 
 A payload arrives from the network, so `payload.decode` must answer any bytes with a one-line
 `PayloadError` (or accept a valid payload), quickly and in bounded memory. Each case takes a valid
-payload and damages it: truncation, bit flips, byte insertions and deletions, random bytes, header
-rewrites and section corruption with a recomputed checksum (so the damage gets past the checksum),
-splices of two payloads, and zstd bombs whose header claims up to `--bomb-count` kept images.
+format 1.0 payload and damages it: truncation, bit flips, byte insertions and deletions, random bytes,
+header rewrites (every field, `forecast`, `receiver` and `groups` included; re-compressed with the
+header dictionary, so the damage reaches the JSON checks), damage to the header's zstd frame itself,
+section corruption with a recomputed checksum (so the damage gets past the checksum), extra words after
+a joint section, splices of two payloads, and zstd bombs, in a section or in the header, whose header
+claims up to `--bomb-count` kept images.
 
 Plain seeded mutations rather than coverage-guided fuzzing: case i is rebuilt from `(seed, i)` alone,
 so `--case i` replays any failure exactly. Memory is traced per case (tracemalloc, which sees numpy
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import random
 import resource
@@ -38,75 +40,93 @@ from plada.data import atomic_write
 from plada.errors import PladaError
 
 PREFIX = struct.Struct("<8sHI")
-GROUPED = "groups" in inspect.signature(P.decode).parameters  # format version 2 (joint, per-group codec)
+HEADER_ZDICT = zstd.ZstdCompressionDict(P.HEADER_DICT, dict_type=zstd.DICT_TYPE_RAWCONTENT)
+# Prefix versions to write: plada 0.x's drafts, near misses of 1.0 (0.255, 1.1), other majors, and 1.0 itself.
+VERSIONS = [0, *P.DRAFT_VERSIONS, 5, 255, P.FORMAT_VERSION - 1, P.FORMAT_VERSION, P.FORMAT_VERSION + 1, 0x0200, 0xFFFF]
 INTS = [0, 1, -1, 2, 7, 255, 256, 65535, 65536, 2**31, 2**32, 2**40, 2**40 + 1, 2**53, 2**63, 2**64, -(2**63),
         P.MAX_COUNT, P.MAX_COUNT + 1, 10**30]
 NAMES = [f"n{i}" for i in range(65536)]
 ODD = [None, True, False, 1.5, float("nan"), float("inf"), "", "x", "0" * 64, [], {}, [1, 2], {"a": 1}, "\ud800"]
+FORECASTS = [None, 0, 1, 0.0, 1.0, 0.5, 0.12345678, -0.0, -1e-9, 1.0000001, 2, -1, 1e308, 10**400, True, False,
+             "0.5", [0.5], {"p": 0.5}]
+RECEIVERS = [*P.RECEIVERS, "Plain", "PLAIN", "distill", "", " plain", "plain\n", None, 0, ["plain"], {"plain": 1}]
 
 
 def corpus() -> tuple[list[tuple[bytes, np.ndarray | None]], list[float]]:
     """Valid payloads of every shape the reader knows, each with the groups it was coded with (or None).
 
-    Empty, sparse, dense (bitmap), many classes, huge N; and, where the format has a per-group joint
-    codec, the same selections coded per group. Weights: the 65,535-class payload has a 0.5 MB
-    header that would otherwise eat the run.
+    Empty, sparse, dense (bitmap), many classes, huge N, each forecast and receiver mode; the smallest
+    codec wins (index + labels or joint), and each selection is also coded per group (the joint section
+    with a `groups` header). Weights: the 65,535-class payload has a 0.5 MB header that would otherwise
+    eat the run.
     """
     rng = np.random.default_rng(0)
     shapes = [(1, 0, 1), (1, 1, 1), (10, 3, 2), (320, 32, 3), (1000, 500, 10), (120_000, 1200, 10),
               (120_000, 30_000, 10), (5000, 2000, 300), (70_000, 5000, 65535), (2**40, 5, 2), (1_000_000, 20_000, 200)]
     seeds, weights = [], []
-    for n, k, c in shapes:
+    for j, (n, k, c) in enumerate(shapes):
         idx = np.sort(rng.choice(n, size=k, replace=False)) if n < 2**32 else np.sort(rng.integers(0, n, k))
         idx = np.unique(idx)
         labels = rng.integers(0, c, idx.size)
-        meta = {"policy": "lowest-energy", "keep": 0.01, "nested": {"a": [1, 2, {"b": None}]}}
+        forecast = [None, 0.4123, 1.0, 0.0, 0.98765][j % 5]
         p = P.Payload(hashlib.sha256(f"{n}".encode()).hexdigest(), n, tuple(f"c{i}" for i in range(c)),
-                      idx, labels, meta)
+                      idx, labels, forecast=forecast, receiver=P.RECEIVERS[j % len(P.RECEIVERS)])
         weight = 0.05 if c > 1000 else 1.0
         seeds.append((P.encode(p, level=3), None))
         weights.append(weight)
-        if GROUPED and 1 < n <= 2**31:
+        if k < 5000:  # the same selection in the index + labels layout, wherever the joint section won
+            seeds.append((P.encode(p, level=3, codecs=("gap-zstd", "bitmap-zstd")), None))
+            weights.append(weight)
+        if 1 < n <= 2**31:
             groups = np.arange(n) * 10 // n  # ten folders
-            seeds.append((P.encode(p, level=3, groups=groups), groups))
+            seeds.append((P.encode(p, level=3, groups=groups, codecs=(P.JOINT_CODEC,)), groups))
             weights.append(weight)
     return seeds, weights
 
 
-ZHEADER = getattr(P, "ZHEADER_VERSIONS", {})  # format versions 3 and 4: the header is a zstd frame
+def zip_header(text: bytes, level: int = 3, **kw: object) -> bytes:
+    """A header frame as 1.0 writes it: the header dictionary, content size declared, no dictionary ID."""
+    kw = {"write_content_size": True, "write_dict_id": False, **kw}
+    return zstd.ZstdCompressor(level=level, dict_data=HEADER_ZDICT, **kw).compress(text)
 
 
-def split(data: bytes) -> tuple[dict, list[bytes], int]:
-    """Header (inflated if compressed), sections, and the file's format version."""
-    _, version, hlen = PREFIX.unpack_from(data)
-    stored = data[PREFIX.size : PREFIX.size + hlen]
-    if version in ZHEADER:
-        d = zstd.ZstdCompressionDict(P.HEADER_DICT, dict_type=zstd.DICT_TYPE_RAWCONTENT)
-        stored = zstd.ZstdDecompressor(dict_data=d).decompress(stored)
-    header = json.loads(stored)
+def unzip_header(stored: bytes) -> bytes:
+    """A (possibly damaged) stored header inflated with the dictionary, never past 1 MiB; raises if unreadable."""
+    return zstd.ZstdDecompressor(dict_data=HEADER_ZDICT).decompress(stored, max_output_size=P.MAX_HEADER_BYTES)
+
+
+def split(data: bytes) -> tuple[dict, list[bytes]]:
+    """Inflated header and sections of a valid (seed or bomb) file."""
+    _, _, hlen = PREFIX.unpack_from(data)
+    header = json.loads(unzip_header(data[PREFIX.size : PREFIX.size + hlen]))
     blobs, pos = [], PREFIX.size + hlen
     for sec in header["sections"]:
         blobs.append(data[pos : pos + sec["length"]])
         pos += sec["length"]
-    return header, blobs, version
+    return header, blobs
+
+
+def dumps(header: dict) -> bytes:
+    return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+
+
+def seal(stored: bytes, blobs: list[bytes], hlen: int | None = None, version: int = P.FORMAT_VERSION) -> bytes:
+    """Prefix, the stored header bytes as given, sections and a fresh, valid checksum."""
+    body = PREFIX.pack(P.MAGIC, version, len(stored) if hlen is None else hlen) + stored + b"".join(blobs)
+    return body + hashlib.sha256(body).digest()
 
 
 def pack(header: dict | bytes, blobs: list[bytes], fix_lengths: bool = True, hlen: int | None = None,
-         version: int = 1) -> bytes:
-    """Header and sections with a fresh, valid checksum: damage that the checksum does not stop.
-
-    Versions 3 and 4 get the (damaged) header compressed, so the damage reaches the JSON checks through
-    the compressed path too."""
+         version: int = P.FORMAT_VERSION) -> bytes:
+    """Header (a dict, or JSON text) compressed with the header dictionary, sections, and a fresh, valid
+    checksum: damage that the checksum does not stop, reaching the JSON checks behind the header frame."""
     if isinstance(header, dict):
         if fix_lengths and isinstance(header.get("sections"), list):
             for sec, blob in zip(header["sections"], blobs, strict=False):
                 if isinstance(sec, dict):
                     sec["length"] = len(blob)
-        header = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    if version in ZHEADER:
-        header = P._compress_header(header, 3)
-    body = PREFIX.pack(P.MAGIC, version, len(header) if hlen is None else hlen) + header + b"".join(blobs)
-    return body + hashlib.sha256(body).digest()
+        header = dumps(header)
+    return seal(zip_header(header), blobs, hlen, version)
 
 
 def reseal(data: bytes) -> bytes:
@@ -136,15 +156,44 @@ def bytes_mutation(r: random.Random, data: bytes) -> tuple[str, bytes]:
 
 
 def header_mutation(r: random.Random, data: bytes) -> tuple[str, bytes]:
-    header, blobs, version = split(data)
-    kind = r.choice(["field", "field", "section", "keys", "raw", "hlen", "version", "nesting", "names"])
+    header, blobs = split(data)
+    kind = r.choice(["field", "field", "section", "keys", "raw", "hlen", "version", "nesting", "names",
+                     "forecast", "receiver", "groups", "frame", "frame"])
     fix = True
     if kind == "field":
-        key = r.choice(["pool_fingerprint", "pool_size", "count", "class_names", "meta"])
+        key = r.choice(["pool_fingerprint", "pool_size", "count", "class_names", "forecast", "receiver", "groups"])
         if key in ("pool_size", "count") and r.random() < 0.5:  # near misses reach the deeper checks
             header[key] = max(0, header["count"] + r.choice([-2, -1, 1, 2]))
         else:
             header[key] = r.choice(INTS + ODD)
+    elif kind == "forecast":
+        header["forecast"] = r.choice(FORECASTS + [r.random(), r.uniform(-0.5, 1.5)])
+    elif kind == "receiver":
+        header["receiver"] = r.choice(RECEIVERS)
+    elif kind == "groups":  # valid-looking groups on either layout, near misses of a real one, and odd values
+        g = header["groups"] if isinstance(header["groups"], dict) else {"count": 10, "sha256": "0" * 64}
+        header["groups"] = r.choice([
+            None, dict(g), {**g, "count": g["count"] + r.choice([-1, 1])}, {**g, "count": 1},
+            {**g, "count": header["pool_size"] + 1}, {**g, "count": True}, {**g, "count": float(g["count"])},
+            {**g, "sha256": g["sha256"][::-1]}, {**g, "sha256": g["sha256"].upper()}, {**g, "sha256": None},
+            {"count": g["count"]}, {**g, "extra": 1}, {}, [], 0, False, "groups",
+        ])
+    elif kind == "frame":  # the stored header frame itself: damaged, lying, unbounded or not zstd at all
+        text = dumps(header)
+        good = zip_header(text)
+        frame = r.choice(["bytes", "no-size", "extra", "plain", "no-dict", "checksum", "bomb", "skippable", "empty"])
+        stored = {
+            "bytes": lambda: bytes_mutation(r, good)[1],
+            "no-size": lambda: zip_header(text, write_content_size=False),
+            "extra": lambda: good + r.choice([b"\x00", good, r.randbytes(r.choice([1, 4, 32]))]),
+            "plain": lambda: text,
+            "no-dict": lambda: zstd.ZstdCompressor(level=3).compress(text),
+            "checksum": lambda: zip_header(text, write_checksum=True)[:-1] + r.randbytes(1),
+            "bomb": lambda: zip_header(text[:-1] + b" " * r.choice([P.MAX_HEADER_BYTES, 2**22, 2**24]) + b"}", 1),
+            "skippable": lambda: b"\x50\x2a\x4d\x18" + struct.pack("<I", len(good)) + good,
+            "empty": lambda: b"",
+        }[frame]()
+        return f"header-frame-{frame}", seal(stored, blobs)
     elif kind == "section":
         sec = r.choice(header["sections"])
         field = r.choice(["name", "codec", "length", "extra"])
@@ -154,7 +203,8 @@ def header_mutation(r: random.Random, data: bytes) -> tuple[str, bytes]:
         elif field == "extra":
             sec["offset"] = 0
         else:
-            sec[field] = r.choice(["index", "labels", "gap-zstd", "bitmap-zstd", "u8-zstd", "u16-zstd", "", 3, None])
+            sec[field] = r.choice(["index", "labels", "joint", "gap-zstd", "bitmap-zstd", "u8-zstd", "u16-zstd",
+                                   "ctx-range", "", 3, None])
         if r.random() < 0.3:
             header["sections"] = r.choice([[], header["sections"][::-1], header["sections"] * 2, {}, None])
     elif kind == "keys":
@@ -168,33 +218,55 @@ def header_mutation(r: random.Random, data: bytes) -> tuple[str, bytes]:
                                           ["\ud800"]])
     elif kind == "nesting":  # written as text: deeper than json.dumps itself would go
         depth = r.choice([10, 500, 5000, 100_000])
-        header["meta"] = "META"
-        raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        raw = raw.replace(b'"META"', b"[" * depth + b"]" * depth)
-        return "header-" + kind, pack(raw, blobs, version=version)
+        slot = r.choice(["forecast", "receiver", "groups", "class_names"])
+        header[slot] = "NEST"
+        raw = dumps(header)
+        nest = b"[" * depth + b"]" * depth if r.random() < 0.5 else b'{"a":' * depth + b"1" + b"}" * depth
+        return "header-" + kind, pack(raw.replace(b'"NEST"', nest), blobs)
     elif kind == "raw":
-        raw = bytearray(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+        raw = bytearray(dumps(header))
         for _ in range(r.choice([1, 3])):
             pos = r.randrange(len(raw))
             raw[pos : pos + 1] = r.choice([b"", b"\x00", b"\xff", b"{", b'"', b",", b"NaN", b"1e999", b"-",
                                            r.randbytes(1)])
-        raw = raw.replace(b'"count"', b'"count":0,"count"') if r.random() < 0.1 else raw
-        return "header-" + kind, pack(bytes(raw), blobs, version=version)
+        if r.random() < 0.1:
+            key = r.choice([b'"count"', b'"forecast"', b'"receiver"', b'"groups"', b'"name"'])
+            raw = raw.replace(key, key + b':0,' + key, 1)  # a duplicated key
+        if r.random() < 0.1:
+            raw = raw.replace(b'"forecast":', b'"forecast":' + r.choice([b"NaN", b"Infinity", b"-Infinity", b"1e999",
+                                                                         b"1" + b"0" * 400]) + b',"x":', 1)
+        return "header-" + kind, pack(bytes(raw), blobs)
     elif kind == "hlen":
-        raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-        return "header-" + kind, pack(raw, blobs, hlen=r.choice([0, 1, len(raw) - 1, len(raw) + 1, 2**20 + 1,
-                                                                  2**32 - 1, r.randrange(2**32)]), version=version)
+        stored = zip_header(dumps(header))
+        return "header-" + kind, seal(stored, blobs, hlen=r.choice([0, 1, len(stored) - 1, len(stored) + 1, 2**20 + 1,
+                                                                     2**32 - 1, r.randrange(2**32)]))
     elif kind == "version":
-        return "header-" + kind, pack(header, blobs, version=r.choice([0, 1, 2, 3, 4, 5, 255, 65535]))
-    return "header-" + kind, pack(header, blobs, fix_lengths=fix, version=version)
+        return "header-" + kind, pack(header, blobs, version=r.choice(VERSIONS))
+    return "header-" + kind, pack(header, blobs, fix_lengths=fix)
 
 
 def section_mutation(r: random.Random, data: bytes) -> tuple[str, bytes]:
-    header, blobs, version = split(data)
+    header, blobs = split(data)
     if not blobs:
         return "section-none", data
     i = r.randrange(len(blobs))
-    kind = r.choice(["bytes", "recompress", "swap", "empty", "concat"])
+    joint = header["sections"][i]["codec"] == P.JOINT_CODEC
+    kind = r.choice(["bytes", "recompress", "swap", "empty", "concat", *(["words"] * 2 if joint else [])])
+    if kind == "words":  # the joint section must be exactly the coder's sealed words: add, drop or alter one
+        b = bytearray(blobs[i])
+        how = r.choice(["append-zero", "append", "prepend", *(["drop-last", "alter"] if b else [])])  # no no-ops
+        word = b"\x00" * 4 if how == "append-zero" else r.randbytes(4)
+        if how in ("append", "append-zero"):
+            b += word * r.choice([1, 1, 2])
+        elif how == "prepend":
+            b[:0] = word
+        elif how == "drop-last":
+            del b[-4:]
+        else:
+            pos = r.randrange(len(b) // 4) * 4
+            b[pos : pos + 4] = word
+        blobs[i] = bytes(b)
+        return f"section-words-{how}", pack(header, blobs)
     if kind == "bytes":
         blobs[i] = bytes_mutation(r, blobs[i])[1] if blobs[i] else r.randbytes(8)
     elif kind == "recompress":  # valid zstd framing around damaged content: reaches the codec logic
@@ -212,7 +284,7 @@ def section_mutation(r: random.Random, data: bytes) -> tuple[str, bytes]:
         blobs[i] = b""
     else:
         blobs[i] = blobs[i] + blobs[i]
-    return "section-" + kind, pack(header, blobs, version=version)
+    return "section-" + kind, pack(header, blobs)
 
 
 def bombs(max_count: int) -> list[bytes]:
@@ -231,9 +303,10 @@ def bombs(max_count: int) -> list[bytes]:
             raw = (fill * (size // len(fill) + 1))[:size]
             idx = zstd.ZstdCompressor(level=3).compress(raw)
             labels = zstd.ZstdCompressor(level=3).compress(bytes(c))
-            header = {"pool_fingerprint": "ab" * 32, "pool_size": pool, "class_names": ["a", "b"],
-                      "count": c, "meta": {}, "sections": [{"name": "index", "codec": codec, "length": 0},
-                                                           {"name": "labels", "codec": "u8-zstd", "length": 0}]}
+            header = {"pool_fingerprint": "ab" * 32, "pool_size": pool, "class_names": ["a", "b"], "count": c,
+                      "groups": None, "forecast": 0.5, "receiver": "plain",
+                      "sections": [{"name": "index", "codec": codec, "length": 0},
+                                   {"name": "labels", "codec": "u8-zstd", "length": 0}]}
             out.append(pack(header, [idx, labels]))
     return out
 
@@ -277,7 +350,7 @@ def claims(data: bytes) -> tuple[int, int]:
     """(count, pool_size) the damaged header claims, clipped to what the reader accepts; (0, 0) if unreadable."""
     try:
         _, _, hlen = PREFIX.unpack_from(data)
-        h = json.loads(data[PREFIX.size : PREFIX.size + min(hlen, P.MAX_HEADER_BYTES)])
+        h = json.loads(unzip_header(data[PREFIX.size : PREFIX.size + min(hlen, P.MAX_HEADER_BYTES)]))
         c, n = h["count"], h["pool_size"]
         if not (isinstance(c, int) and isinstance(n, int) and 0 <= c <= n):
             return 0, 0
@@ -319,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [a.case] if a.case is not None else range(a.cases)
     outcomes: Counter[str] = Counter()
     kinds: Counter[str] = Counter()
+    by_mutation: dict[str, Counter[str]] = {}
     failures: list[dict] = []
     worst_time = (0.0, None, None)
     worst_mem = (0, None, None, (0, 0))
@@ -341,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         dt = time.perf_counter() - t0
         peak = tracemalloc.get_traced_memory()[1] - base
         outcomes[outcome] += 1
+        by_mutation.setdefault(kind, Counter())[outcome] += 1
         if dt > worst_time[0]:
             worst_time = (dt, i, kind)
         if peak > worst_mem[0]:
@@ -371,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "failure_examples": failures[:20],
         "outcomes": dict(outcomes),
         "mutations": dict(kinds),
+        "outcomes_by_mutation": {k: dict(v) for k, v in sorted(by_mutation.items())},
         "seconds": round(time.perf_counter() - t_start, 1),
         "max_case_seconds": round(worst_time[0], 4),
         "max_case_seconds_at": {"case": worst_time[1], "mutation": worst_time[2]},

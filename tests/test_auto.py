@@ -66,37 +66,36 @@ def search(w: dict, size_of, **kw) -> auto.AutoChoice:
                        heldout_labels=w["heldout_labels"], n_classes=w["n_classes"], size_of=size_of, **kw)
 
 
-def run(w: dict, base_meta: dict | None = None, **kw) -> auto.AutoChoice:
-    return search(w, auto.payload_sizer(FP, len(w["labels"]), names(w["n_classes"]), base_meta), **kw)
+def run(w: dict, receiver: str = "plain", **kw) -> auto.AutoChoice:
+    return search(w, auto.payload_sizer(FP, len(w["labels"]), names(w["n_classes"]), receiver), **kw)
 
 
-def smallest(w: dict, base: dict | None = None) -> int:
+def smallest(w: dict, receiver: str = "plain") -> int:
     """Bytes of a one-image payload: budgets are set relative to it, so a codec change cannot break the tests."""
-    size_of = auto.payload_sizer(FP, len(w["labels"]), names(w["n_classes"]), base)
-    return size_of(np.array([0]), w["labels"][:1], auto._meta(auto.Policy("lowest-energy"), 1, 10**6, 0.1234,
-                                                             len(w["heldout_labels"]), STEPS, 0))
+    size_of = auto.payload_sizer(FP, len(w["labels"]), names(w["n_classes"]), receiver)
+    return size_of(np.array([0]), w["labels"][:1], 0.1234)
 
 
 @pytest.mark.parametrize("extra", [20, 60, 150])
 def test_never_exceeds_budget(extra: int) -> None:
     w = world()
-    base = {"target": "synthetic", "teacher": {"test_accuracy": 0.8}}
-    budget = smallest(w, base) + extra
-    ch = run(w, base, budget_bytes=budget)
+    budget = smallest(w, "selftrain") + extra
+    ch = run(w, "selftrain", budget_bytes=budget)
     assert ch.payload_bytes <= budget
     assert all(r["bytes"] <= budget for r in ch.candidates)
     assert sum(r["chosen"] for r in ch.candidates) == 1
     # the file the pipeline will write is exactly the size the search measured
-    p = payload.Payload(FP, len(w["labels"]), names(3), ch.indices, ch.labels, {**base, **ch.meta()})
+    p = payload.Payload(FP, len(w["labels"]), names(3), ch.indices, ch.labels, forecast=ch.forecast,
+                        receiver="selftrain")
     data = payload.encode(p)
     assert len(data) == ch.payload_bytes
-    meta = payload.decode(data).meta
-    assert meta["policy"] == ch.policy and meta["count"] == ch.k == len(ch.indices)
-    assert meta["auto"]["forecast_accuracy"] == round(ch.forecast, 4) and meta["auto"]["budget_bytes"] == budget
+    got = payload.decode(data)
+    assert got.count == ch.k == len(ch.indices) and got.receiver == "selftrain"
+    assert got.forecast == round(ch.forecast, 4)
     # the largest size per policy is really the largest: one more image does not fit (with the room kept for
     # the real forecast's digits, which move the compressed header by a byte or so)
     assert all(r["bytes"] <= budget - auto.FORECAST_SLACK for r in ch.candidates if not r["chosen"])
-    size_of = auto.payload_sizer(FP, len(w["labels"]), names(3), base)
+    size_of = auto.payload_sizer(FP, len(w["labels"]), names(3), "selftrain")
     tops: dict[str, dict] = {}
     for r in ch.candidates:
         if r["k"] > tops.get(r["name"], {"k": 0})["k"]:
@@ -108,8 +107,7 @@ def test_never_exceeds_budget(extra: int) -> None:
         key = auto.policy_key(pol, w["energy"], w["entropy"], seed=0,
                               nearest_key=auto.nearest_target_key(w["pool_feats"], w["target_feats"]))
         idx = select.select(w["labels"], key, r["k"] + 1, 3, safety_share=pol.safety_share, alpha=pol.alpha)
-        meta_more = auto._meta(pol, r["k"] + 1, budget, 0.1234, 150, STEPS, 0)
-        assert size_of(idx, w["labels"][idx], meta_more) > budget - auto.FORECAST_SLACK
+        assert size_of(idx, w["labels"][idx], 0.1234) > budget - auto.FORECAST_SLACK
     # every policy got at least one size (whole-groups needs the pool's groups, which this world lacks)
     assert set(tops) == {p.name for p in auto.DEFAULT_POLICIES if p.policy != auto.WHOLE_GROUPS}
 
@@ -187,12 +185,12 @@ def test_non_monotone_sizes_are_guarded() -> None:
     """A caller's sizer (or a codec) whose bytes wobble with k: every candidate is still measured to fit."""
     w = world()
 
-    def size_of(indices: np.ndarray, labels: np.ndarray, meta: dict) -> int:
+    def size_of(indices: np.ndarray, labels: np.ndarray, forecast: float | None) -> int:
         k = len(indices)
         return 3 * k + (10_000 if k % 7 == 3 else 0) + (500 if 40 <= k < 60 else 0)
 
     ch = search(w, size_of, budget_bytes=300)
-    assert all(size_of(np.zeros(r["k"]), None, {}) <= 300 for r in ch.candidates)
+    assert all(size_of(np.zeros(r["k"]), None, None) <= 300 for r in ch.candidates)
     assert all(r["bytes"] <= 300 for r in ch.candidates) and ch.payload_bytes <= 300
     assert max(r["k"] for r in ch.candidates) <= 100
 
@@ -339,7 +337,7 @@ def test_whole_groups_choice_round_trips_through_select_policy() -> None:
     size_of = auto.payload_sizer(FP, 600, names(3))
     ch = search(w, size_of, budget_bytes=budget, groups=groups, confidence=conf,
                 policies=[auto.Policy(auto.WHOLE_GROUPS, tau=1.0)])
-    assert ch.policy == auto.WHOLE_GROUPS and ch.tau == 1.0 and ch.meta()["tau"] == 1.0
+    assert ch.policy == auto.WHOLE_GROUPS and ch.tau == 1.0 and ch.rule.tau == 1.0
     assert ch.payload_bytes <= budget and len(ch.indices) % 50 == 0
     again = select_policy(ch.rule, ch.k, labels=w["labels"], energy=w["energy"], entropy=w["entropy"],
                                n_classes=3, groups=groups, confidence=conf)
@@ -493,7 +491,7 @@ def two_deciders(w: dict, seed: int = 5) -> list[auto.Decider]:
 
 def test_send_decider_sends_exactly_the_selection_it_forecast() -> None:
     """Each candidate is one decider's own selection, sized with its own labels, forecast on
-    its own rows only, and the one chosen is sent as it is, with the fold named in the header."""
+    its own rows only, and the one chosen is sent as it is, with the fold named in the report."""
     w = world(wrong_low_energy=True)
     budget = smallest(w) + 80
     decs = two_deciders(w)
@@ -509,16 +507,14 @@ def test_send_decider_sends_exactly_the_selection_it_forecast() -> None:
         wt, b = train_head(w["pool_feats"][ch.indices], ch.labels, 3, steps=STEPS, seed=0)
     hits = ((w["heldout_feats"][d.rows] @ wt.T + b).argmax(1) == w["heldout_labels"][d.rows]).sum()
     assert ch.forecast == hits / len(d.rows)  # scored on its own fold only
-    meta = ch.meta()
-    assert meta["auto"]["labels_from_fold"] == ch.decider and meta["auto"]["heldout_images"] == len(d.rows)
+    assert ch.summary()["decider"] == ch.fold and ch.heldout_images == len(d.rows)
     size_of = auto.payload_sizer(FP, len(w["labels"]), names(3))
-    assert size_of(ch.indices, ch.labels, meta) == ch.payload_bytes  # sized with the header it will carry
+    assert size_of(ch.indices, ch.labels, ch.forecast) == ch.payload_bytes  # sized with the header it will carry
     # each decider's candidates are what plan_candidates makes of its scores
     for j, dj in enumerate(decs):
         plan = auto.plan_candidates(
             auto.DEFAULT_POLICIES, labels=dj.labels, energy=dj.energy, entropy=dj.entropy, n_classes=3,
-            size_of=size_of, budget_bytes=budget, nearest_key=dj.nearest_key, seed=0, decider=j, fold=j,
-            meta_for=lambda pol, kk, j=j: auto.search_meta(pol, kk, budget, len(decs[j].rows), STEPS, 0, j))
+            size_of=size_of, budget_bytes=budget, nearest_key=dj.nearest_key, seed=0, decider=j, fold=j)
         mine = [r for r in ch.candidates if r["decider"] == j]
         assert [(c.policy.name, c.k) for c in plan] == [(r["name"].removesuffix(f" [fold {j}]"), r["k"]) for r in mine]
         assert all(c.bytes == r["bytes"] for c, r in zip(plan, mine, strict=True) if not r["chosen"])
@@ -544,7 +540,6 @@ def test_plan_candidates_is_the_default_searchs_table() -> None:
     near = auto.nearest_target_key(w["pool_feats"], w["target_feats"])
     plan = auto.plan_candidates(
         auto.DEFAULT_POLICIES, labels=w["labels"], energy=w["energy"], entropy=w["entropy"], n_classes=3,
-        size_of=size_of, budget_bytes=budget, nearest_key=near, seed=0,
-        meta_for=lambda pol, kk: auto.search_meta(pol, kk, budget, len(w["heldout_labels"]), STEPS, 0))
+        size_of=size_of, budget_bytes=budget, nearest_key=near, seed=0)
     assert [(c.policy.name, c.k) for c in plan] == [(r["name"], r["k"]) for r in ch.candidates]
     assert all(c.bytes == r["bytes"] for c, r in zip(plan, ch.candidates, strict=True) if not r["chosen"])

@@ -56,9 +56,9 @@ def test_every_send_option_changes_the_output_or_is_refused(tiny_data: Path, cac
         if field == "indices":
             assert p.indices.tolist() != base_p.indices.tolist(), opt
         elif field == "teacher":
-            assert p.meta["teacher"]["model"] == "small-cnn" != base_p.meta["teacher"]["model"]
+            assert got["selection"]["teacher"]["model"] == "small-cnn" != base["selection"]["teacher"]["model"]
         elif field == "auto":
-            assert "auto" in p.meta and "auto" not in base_p.meta
+            assert p.forecast is not None and base_p.forecast is None and "auto" in got and "auto" not in base
         else:
             assert got[field] != base[field], opt
 

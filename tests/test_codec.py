@@ -359,6 +359,9 @@ def check_decoded(data: bytes, count: int, n: int, n_classes: int, groups: objec
     assert idx.size == lab.size == count
     assert not idx.size or (idx[0] >= 0 and idx[-1] < n and bool(np.all(np.diff(idx) > 0)))
     assert not lab.size or (lab.min() >= 0 and lab.max() < n_classes)
+    if len(data) % 4 == 0:  # an accepted stream is the sealed one: one more word is never also accepted
+        with pytest.raises(PayloadError, match="joint section"):
+            C.decode(data + b"\x00" * 4, count, n, n_classes, groups)
 
 
 HOSTILE_SETUPS = [
@@ -406,6 +409,44 @@ def test_bit_flips_and_truncations(setup: tuple) -> None:
     check_decoded(data + b"\x00" * 4, count, n, n_classes, groups)
     check_decoded(data + b"\xff" * 8, count, n, n_classes, groups)
     check_decoded(data[:-1], count, n, n_classes, groups)
+
+
+@pytest.mark.parametrize("setup", HOSTILE_SETUPS)
+def test_only_the_sealed_words_decode(setup: tuple) -> None:
+    """A section must be exactly the coder's sealed words: one trailing word, zero or random, is refused.
+
+    The range decoder reads ahead, so a check on whether it is exhausted lets one extra word through;
+    decode replays what it decoded into an encoder and compares the words.
+    """
+    count, n, n_classes, kind = setup
+    groups = hostile_groups(kind, n)
+    rng = np.random.default_rng(11)
+    idx = np.sort(rng.choice(n, count, replace=False))
+    lab = rng.integers(0, n_classes, count)
+    data = round_trip(idx, lab, n, n_classes, groups)  # the sealed stream still decodes
+    assert data and len(data) % 4 == 0
+    extras = [b"\x00" * 4, b"\xff" * 4, b"\x00" * 8, data[-4:], *(rng.bytes(4) for _ in range(6))]
+    for extra in extras:
+        with pytest.raises(PayloadError, match="joint section") as info:
+            C.decode(data + extra, count, n, n_classes, groups)
+        assert "\n" not in str(info.value)
+    for _ in range(20):  # an altered word: refused, or a different selection whose sealed words these are
+        bad = bytearray(data)
+        pos = int(rng.integers(0, len(bad) // 4)) * 4
+        bad[pos : pos + 4] = rng.bytes(4)
+        check_decoded(bytes(bad), count, n, n_classes, groups)
+
+
+def test_extra_word_error_message() -> None:
+    idx, lab = np.array([2, 3, 11, 17]), np.array([0, 0, 1, 1])
+    data = C.encode(idx, lab, 20, 2)
+    assert data.hex() == "1ea08d57"  # docs/FORMAT.md's worked example: one word
+    with pytest.raises(PayloadError, match=r"not the coder's sealed output .*\(trailing or altered words\)"):
+        C.decode(data + b"\x00" * 4, 4, 20, 2)
+    with pytest.raises(PayloadError, match="trailing"):
+        C.decode(data + bytes.fromhex("9d3c51e7"), 4, 20, 2)
+    got_idx, got_lab = C.decode(data, 4, 20, 2)
+    assert got_idx.tolist() == [2, 3, 11, 17] and got_lab.tolist() == [0, 0, 1, 1]
 
 
 def test_hostile_stream_work_is_bounded() -> None:

@@ -134,8 +134,14 @@ def test_hostile_header_refused_before_inflating(sent, tmp_path: Path, capsys: p
 
     import zstandard as zstd
 
-    def never(*_):
-        raise AssertionError("a section was inflated before the pool check")
+    real = payload._decompress
+    inflated = []
+
+    def never(blob, lo, hi, what, *rest):  # the header frame may inflate (it is bounded), no section may
+        inflated.append(what)
+        if what != "header":
+            raise AssertionError("a section was inflated before the pool check")
+        return real(blob, lo, hi, what, *rest)
 
     fp = payload.read(sent.payload).pool_fingerprint
     monkeypatch.setattr(payload, "_decompress", never)
@@ -143,18 +149,23 @@ def test_hostile_header_refused_before_inflating(sent, tmp_path: Path, capsys: p
     nbytes = 384 * count + payload.BITMAP_SLACK  # the largest bitmap the format allows for this count
     blob = zstd.ZstdCompressor(level=19).compress(b"\xff" * nbytes)
     labels = zstd.ZstdCompressor(level=19).compress(bytes(count))
+    zdict = zstd.ZstdCompressionDict(payload.HEADER_DICT, dict_type=zstd.DICT_TYPE_RAWCONTENT)
     for claimed_fp, message in ((fp, "payload is for a pool of"), ("cd" * 32, "payload was made for pool cdcdcdcd")):
-        header = json.dumps({"pool_fingerprint": claimed_fp, "pool_size": 8 * nbytes, "class_names": ["a"],
-                             "count": count, "meta": {}, "sections": [
-                                 {"name": "index", "codec": "bitmap-zstd", "length": len(blob)},
-                                 {"name": "labels", "codec": "u8-zstd", "length": len(labels)}]},
-                            sort_keys=True, separators=(",", ":")).encode()
-        body = struct.pack("<8sHI", payload.MAGIC, 1, len(header)) + header + blob + labels
+        text = json.dumps({"pool_fingerprint": claimed_fp, "pool_size": 8 * nbytes, "class_names": ["a"],
+                           "count": count, "groups": None, "forecast": None, "receiver": "plain", "sections": [
+                               {"name": "index", "codec": "bitmap-zstd", "length": len(blob)},
+                               {"name": "labels", "codec": "u8-zstd", "length": len(labels)}]},
+                          sort_keys=True, separators=(",", ":")).encode()
+        header = zstd.ZstdCompressor(level=19, dict_data=zdict, write_content_size=True,
+                                     write_dict_id=False).compress(text)
+        body = struct.pack("<8sHI", payload.MAGIC, payload.FORMAT_VERSION, len(header)) + header + blob + labels
         bomb = tmp_path / "bomb.plada"
         bomb.write_bytes(body + hashlib.sha256(body).digest())
         assert len(bomb.read_bytes()) < 1000
+        inflated.clear()
         code, _, err = run(capsys, "receive", str(bomb), "--pool", "tinypool", *STUDENT)
         assert code == 2 and message in err and one_line(err)
+        assert "header" in inflated  # it got as far as the header: refused as another pool's, not as malformed
 
 
 def test_bad_images_skipped(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture) -> None:

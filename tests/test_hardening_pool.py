@@ -227,19 +227,33 @@ def _gap_bomb(count: int, pool_size: int = 1 << 30) -> bytes:
     """A valid few-hundred-byte payload that keeps `count` images: all-zero gaps and labels compress to nothing."""
     index = zstd.ZstdCompressor(level=19).compress(bytes(count))
     labels = zstd.ZstdCompressor(level=19).compress(bytes(count))
-    return _pack({"pool_fingerprint": FP, "pool_size": pool_size, "class_names": ["a"], "count": count, "meta": {},
+    return _pack({"pool_fingerprint": FP, "pool_size": pool_size, "class_names": ["a"], "count": count,
+                  "groups": None, "forecast": None, "receiver": "plain",
                   "sections": [{"name": "index", "codec": "gap-zstd", "length": len(index)},
                                {"name": "labels", "codec": "u8-zstd", "length": len(labels)}]}, [index, labels])
 
 
 def _pack(header: dict, blobs: list[bytes]) -> bytes:
+    """A format 1.0 file: the canonical JSON header as one zstd frame made with the header dictionary."""
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    body = struct.pack("<8sHI", P.MAGIC, 1, len(text)) + text + b"".join(blobs)
+    zdict = zstd.ZstdCompressionDict(P.HEADER_DICT, dict_type=zstd.DICT_TYPE_RAWCONTENT)
+    stored = zstd.ZstdCompressor(level=19, dict_data=zdict, write_content_size=True, write_dict_id=False).compress(text)
+    body = struct.pack("<8sHI", P.MAGIC, P.FORMAT_VERSION, len(stored)) + stored + b"".join(blobs)
     return body + hashlib.sha256(body).digest()
 
 
-def _never(*_: object) -> bytes:
-    raise AssertionError("a section was inflated")
+_decompress = P._decompress
+
+
+def _never(blob: bytes, lo: int, hi: int, what: str, *rest: object) -> bytes:
+    """Stands in for `payload._decompress`: the header frame inflates (it is bounded to 1 MiB), no section does."""
+    if what != "header":
+        raise AssertionError(f"the {what} section was inflated")
+    return _decompress(blob, lo, hi, what, *rest)
+
+
+def _never_codec(*_: object) -> object:
+    raise AssertionError("the joint section was decoded")
 
 
 def test_header_claims_are_bounded_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -250,9 +264,11 @@ def test_header_claims_are_bounded_by_default(tmp_path: Path, monkeypatch: pytes
     blob = zstd.ZstdCompressor(level=1).compress(bytes(nbytes))
     labels = zstd.ZstdCompressor(level=1).compress(bytes(50_000))
     bitmap = _pack({"pool_fingerprint": FP, "pool_size": 8 * nbytes, "class_names": ["a"], "count": 50_000,
-                    "meta": {}, "sections": [{"name": "index", "codec": "bitmap-zstd", "length": len(blob)},
-                                             {"name": "labels", "codec": "u8-zstd", "length": len(labels)}]},
+                    "groups": None, "forecast": None, "receiver": "plain",
+                    "sections": [{"name": "index", "codec": "bitmap-zstd", "length": len(blob)},
+                                 {"name": "labels", "codec": "u8-zstd", "length": len(labels)}]},
                    [blob, labels])
+    assert P.peek_header(bomb)["count"] == count and P.peek_header(bitmap)["count"] == 50_000  # well-formed 1.0
     (tmp_path / "bomb.plada").write_bytes(bomb)
     with monkeypatch.context() as mp:
         mp.setattr(P, "_decompress", _never)
@@ -290,14 +306,14 @@ def test_describe_without_the_pools_groups_reports_sizes(monkeypatch: pytest.Mon
     p = P.Payload(FP, gid.size, tuple(f"c{i}" for i in range(10)), idx, rng.integers(0, 10, 400)[gid[idx]])
     data = P.encode(p, groups=gid)
     with monkeypatch.context() as mp:
-        mp.setattr(P.codec, "decode", _never)
+        mp.setattr(P.codec, "decode", _never_codec)
         info = P.describe(data)  # no error: the header and sizes, and what is needed to decode
     full = P.describe(data, groups=gid)
     assert full["decoded"] and full["groups"]["count"] == 400
     assert not info["decoded"] and "--pool" in info["note"] and info["groups"] == full["groups"]
     assert [(s["name"], s["codec"], s["stored_bytes"]) for s in info["sections"]] == \
         [(s["name"], s["codec"], s["stored_bytes"]) for s in full["sections"]]
-    assert {k: info[k] for k in ("format_version", "header_bytes", "count", "pool_size", "class_names")} == \
-        {k: full[k] for k in ("format_version", "header_bytes", "count", "pool_size", "class_names")}
-    with pytest.raises(PayloadError, match="needs the pool's groups"):
+    keys = ("format", "header_bytes", "count", "pool_size", "class_names", "forecast", "receiver")
+    assert {k: info[k] for k in keys} == {k: full[k] for k in keys} and info["format"] == "1.0"
+    with pytest.raises(PayloadError, match="coded per folder of its pool"):
         P.decode(data)  # decoding still needs them

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,8 +32,13 @@ def test_send_inspect_receive(tiny_data: Path, cache: Path, tmp_path: Path, caps
 
     code, info, err = run(capsys, "inspect", str(out))
     assert code == 0, err
-    assert info["count"] == 96
-    assert info["meta"]["policy"] == "lowest-energy" and info["meta"]["safety_share"] == 0.5
+    assert info["count"] == 96 and info["format"] == "1.0" and info["receiver"] == "plain"
+    assert info["forecast"] is None  # a fixed policy forecasts nothing
+    # how the selection was made is in the report beside the payload, not in it
+    report = json.loads((tmp_path / "t.plada.json").read_text())
+    assert report["plada"] == "send report" and report["payload_bytes"] == out.stat().st_size
+    assert report["selection"]["policy"] == "lowest-energy" and report["selection"]["safety_share"] == 0.5
+    assert report["selection"]["teacher"]["mode"] == "linear"
 
     model = tmp_path / "student.safetensors"
     code, rec, err = run(capsys, "receive", str(out), "--pool", "tinypool", "--data", str(tiny_data),
@@ -164,21 +170,23 @@ def test_send_with_byte_budget(tiny_data: Path, cache: Path, tmp_path: Path, cap
     assert sent["payload_bytes"] == out.stat().st_size <= 1000
     assert 0.0 <= sent["forecast_accuracy"] <= 1.0
     p = payload.read(out)
-    assert p.meta["auto"]["budget_bytes"] == 1000 and p.meta["policy"] != "auto"
+    assert p.forecast == round(sent["forecast_accuracy"], 4) and p.receiver == "plain"
+    assert sent["auto"]["budget_bytes"] == 1000 and sent["selection"]["policy"] != "auto"
     # the teacher used all of train, so (default) two teachers each without its own 10% slice decided, and the
     # best forecast's own selection and labels were sent
-    assert p.meta["auto"]["heldout_images"] == 12  # tinytarget: 3 colours x 40 train images
-    j = p.meta["auto"]["labels_from_fold"]
-    assert j in (0, 1) and sent["auto"]["decider"] == j
+    assert sent["auto"]["heldout_images"] == 12  # tinytarget: 3 colours x 40 train images
+    j = sent["auto"]["decider"]
+    assert j in (0, 1)
     assert {c["decider"] for c in sent["auto"]["candidates"]} == {0, 1}  # both teachers' selections competed
-    # the full teacher would label nothing, so only the deciding teachers were fine-tuned; the sender is reported,
-    # in the report and in the header (each decider's candidates were sized with its own accuracy in it)
+    # the full teacher would label nothing, so only the deciding teachers were fine-tuned; the sender is reported
     assert len(list((cache / "teachers").iterdir())) == 2
-    assert 0 <= sent["teacher_accuracy"] <= 1 and p.meta["teacher"]["test_accuracy"] == sent["teacher_accuracy"]
+    assert 0 <= sent["teacher_accuracy"] <= 1
+    assert sent["selection"]["teacher"]["test_accuracy"] == sent["teacher_accuracy"]
+    assert json.loads((tmp_path / "b.plada.json").read_text())["auto"] == sent["auto"]
     assert sent["auto"]["payload_bytes"] == sent["payload_bytes"]  # sized exactly as written
     assert sent["kept_per_class"] == np.bincount(p.labels, minlength=3).tolist()
     code, info, err = run(capsys, "inspect", str(out))
-    assert code == 0 and info["meta"]["auto"]["forecast_accuracy"] == round(sent["forecast_accuracy"], 4)
+    assert code == 0 and info["forecast"] == round(sent["forecast_accuracy"], 4)
     with pytest.raises(SystemExit) as exit_info:
         main(["send", "tinytarget", "--pool", "tinypool", "-o", str(tmp_path / "c.plada"), "--budget", "ten"])
     assert exit_info.value.code == 2 and "not a size" in capsys.readouterr().err
@@ -211,7 +219,7 @@ def test_send_holds_out_whole_groups(tiny_data: Path, cache: Path, tmp_path: Pat
         assert not set(groups[fit]) & set(groups[held])
     # whole groups of 10 until 30% of the images: 40, 40, then the 30 left before the last group
     assert [len(h) for _, h in splits] == [40, 40, 30]
-    assert payload.read(out).meta["auto"]["heldout_images"] in (30, 40)  # the sending decider's own slice
+    assert sent["auto"]["heldout_images"] in (30, 40)  # the sending decider's own slice
     # one deciding teacher, grouped: by default without auto.GROUPED_HOLDOUT_FRACTION (20%) of train, i.e. whole
     # groups of 10 until 24 of the 120 images are held out: 30 (10% would hold out 20); --holdout-fraction overrides
     args1 = args[:-4]
@@ -222,7 +230,7 @@ def test_send_holds_out_whole_groups(tiny_data: Path, cache: Path, tmp_path: Pat
         assert code == 0, err
         (groups, [(fit, held)]) = seen[-1]
         assert len(held) == want and not set(groups[fit]) & set(groups[held])
-        assert payload.read(one).meta["auto"]["heldout_images"] == want
+        assert sent["auto"]["heldout_images"] == want
     # the default, two deciders: the first slice is the one-teacher slice (its teacher is shared), the second
     # another 20% of whole groups, disjoint from it
     code, sent, err = run(capsys, *args1, "-o", str(tmp_path / "two.plada"), "--set", r"holdout_groups=^\d(\d)")

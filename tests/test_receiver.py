@@ -122,14 +122,14 @@ def test_knn_graph_exact_cached_and_resumable(cache: Path, monkeypatch: pytest.M
 
 
 def test_resolve_mode() -> None:
-    assert receiver.resolve_mode(None, {}) == ("plain", "default")
-    assert receiver.resolve_mode(None, {"receiver": "propagate"}) == ("propagate", "payload")
-    assert receiver.resolve_mode("plain", {"receiver": "propagate"}) == ("plain", "option")
-    assert receiver.resolve_mode("selftrain", {"receiver": "no-such"}) == ("selftrain", "option")
+    assert receiver.resolve_mode(None, "plain") == ("plain", "payload")
+    assert receiver.resolve_mode(None, "propagate") == ("propagate", "payload")
+    assert receiver.resolve_mode("plain", "propagate") == ("plain", "option")
+    assert receiver.MODES == payload.RECEIVERS  # every mode a header may name is one this receiver has
     for bad in ("no-such", 3, ["plain"], "x" * 500):
         with pytest.raises(PladaError, match="receiver mode") as e:
-            receiver.resolve_mode(None, {"receiver": bad})
-        assert "\n" not in str(e.value) and len(str(e.value)) < 300
+            receiver.resolve_mode(bad, "plain")
+        assert "\n" not in str(e.value) and len(str(e.value)) < 600
 
 
 def test_config_refuses_idle_knobs() -> None:
@@ -153,22 +153,39 @@ def test_cap_keeps_payload_and_every_class() -> None:
     assert receiver.finetune_budget(1300, 1200, 15.0, 128) == 15.0
 
 
-def _tiny_payload(tiny_data: Path, tmp_path: Path, meta: dict) -> Path:
+def _tiny_payload(tiny_data: Path, tmp_path: Path, receiver: str = "plain") -> Path:
     pool = open_any("tinypool", tiny_data, progress=False)
     # tinypool's folders 0-2 are red, green, blue: four images of each, labelled with tinytarget's classes
     folders = pool.groups()[0]
     idx = np.sort(np.concatenate([np.flatnonzero(folders == g)[:4] for g in range(3)]))
     lut = {0: 2, 1: 1, 2: 0}  # tinytarget's classes sort as blue, green, red
     labels = np.array([lut[int(folders[i])] for i in idx])
-    p = payload.Payload(pool.fingerprint, len(pool), ("blue", "green", "red"), idx, labels, meta)
+    p = payload.Payload(pool.fingerprint, len(pool), ("blue", "green", "red"), idx, labels, receiver=receiver)
     out = tmp_path / "t.plada"
     payload.write(out, p, groups=folders)
     return out
 
 
+def _renamed_receiver(data: bytes, mode: str) -> bytes:
+    """The same payload with another receiver mode in its header (a newer sender's, say), re-sealed."""
+    import hashlib
+    import json
+
+    import zstandard as zstd
+
+    hlen = int.from_bytes(data[10:14], "little")
+    zd = zstd.ZstdCompressionDict(payload.HEADER_DICT, dict_type=zstd.DICT_TYPE_RAWCONTENT)
+    header = json.loads(zstd.ZstdDecompressor(dict_data=zd).decompress(data[14 : 14 + hlen]))
+    header["receiver"] = mode
+    packed = zstd.ZstdCompressor(dict_data=zd, write_content_size=True, write_dict_id=False).compress(
+        json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    body = data[:10] + len(packed).to_bytes(4, "little") + packed + data[14 + hlen : -32]
+    return body + hashlib.sha256(body).digest()
+
+
 def test_receive_uses_header_mode_and_never_opens_target_train(tiny_data: Path, cache: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    out = _tiny_payload(tiny_data, tmp_path, {"receiver": "propagate"})
+    out = _tiny_payload(tiny_data, tmp_path, "propagate")
     opened = []
     real = data.Source.split
 
@@ -192,10 +209,13 @@ def test_receive_uses_header_mode_and_never_opens_target_train(tiny_data: Path, 
 
 def test_unknown_header_mode_refused_in_one_line(tiny_data: Path, cache: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
-    out = _tiny_payload(tiny_data, tmp_path, {"receiver": "telepathy"})
-    code, _, err = run(capsys, "receive", str(out), "--pool", "tinypool", "--data", str(tiny_data),
-                       "--student-mode", "linear", "--set", "student.res=32")
-    assert code == 2 and one_line(err) and "telepathy" in err and "--receiver" in err
+    out = _tiny_payload(tiny_data, tmp_path)
+    odd = tmp_path / "odd.plada"
+    odd.write_bytes(_renamed_receiver(out.read_bytes(), "telepathy"))
+    for extra in ([], ["--receiver", "selftrain"]):  # the sender's forecast assumed it: no override receives it
+        code, _, err = run(capsys, "receive", str(odd), "--pool", "tinypool", "--data", str(tiny_data),
+                           "--student-mode", "linear", "--set", "student.res=32", *extra)
+        assert code == 2 and one_line(err) and "telepathy" in err and "unknown receiver mode" in err
     code, rep, err = run(capsys, "receive", str(out), "--pool", "tinypool", "--data", str(tiny_data),
                          "--student-mode", "linear", "--set", "student.res=32", "--receiver", "selftrain",
                          "--set", "pseudo=30")

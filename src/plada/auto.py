@@ -12,8 +12,8 @@ Everything here takes plain arrays, so the pipeline, the benchmarks and the test
 - ``labels``, ``energy``, ``entropy``: the teacher's per-pool-image scores (``score.Scores``).
 - ``pool_feats``: frozen backbone features of every pool image (``features.cached_features``).
 - ``heldout_feats``/``heldout_labels``: target train images the teacher did not see, with true labels.
-- ``size_of(indices, labels, meta) -> bytes``: the exact payload size (see ``payload_sizer``). The
-  search passes the ``meta`` the payload header will carry, so the budget holds for the file written.
+- ``size_of(indices, labels, forecast) -> bytes``: the exact payload size (see ``payload_sizer``). The
+  search passes the forecast the header will carry, so the budget holds for the file written.
 
 Choice rule: highest forecast; ties go to more kept images (a tie is no evidence either way, and a
 bigger labelled set is the better prior: on Flowers-5 at 20 KB the tie went to half the images and cost
@@ -63,15 +63,15 @@ GROUPED_HOLDOUT_FRACTION = 0.2
 # three seeds (one: 6 of 9), Flowers-5 in 5 of 6 either way; the cost is one more teacher fine-tune.
 DECIDERS = 2
 
-FORECAST_DIGITS = 4
+FORECAST_DIGITS = payload.FORECAST_DIGITS
 # Widest value ``round(x, FORECAST_DIGITS)`` can print as for x in [0, 1]; used while sizing, before the
-# forecast is known. The header is zstd-compressed (payload format versions 3 and 4), so the real forecast's
+# forecast is known. The header is zstd-compressed, so the real forecast's
 # digits can still make it a byte longer (measured: -3..+1 bytes over 1,600 forecasts on auto headers);
 # sizing keeps FORECAST_SLACK bytes free for that, and the chosen payload is re-measured with its forecast.
 _FORECAST_PLACEHOLDER = 0.1234
 FORECAST_SLACK = 2
 
-SizeFn = Callable[[np.ndarray, np.ndarray, dict], int]
+SizeFn = Callable[[np.ndarray, np.ndarray, float | None], int]
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ class AutoChoice:
     alpha: float
     k: int
     forecast: float  # held-out accuracy of the proxy student, in [0, 1]
-    payload_bytes: int  # exact size of the payload carrying ``meta()``
+    payload_bytes: int  # exact size of the payload carrying this forecast
     budget_bytes: int | None
     seed: int
     heldout_images: int
@@ -142,12 +142,7 @@ class AutoChoice:
     def rule(self) -> Policy:
         return Policy(self.policy, self.safety_share, self.alpha, self.tau)
 
-    fold: int | None = None  # the header's `labels_from_fold`: None when the sending teacher decided itself
-
-    def meta(self) -> dict:
-        """Header fields describing this choice; merge over the caller's base meta when writing the payload."""
-        return _meta(self.rule, self.k, self.budget_bytes, self.forecast, self.heldout_images, self.head_steps,
-                     self.seed, self.fold)
+    fold: int | None = None  # the deciding teacher's slice: None when the sending teacher decided itself
 
     def summary(self) -> dict:
         """JSON-ready report (no arrays): what the CLI prints and the benchmarks store."""
@@ -163,7 +158,7 @@ class Decider:
     """A teacher that did not see some held-out images: its pool scores, and which held-out rows are its own.
 
     Its candidates are its own selections, sized with its own labels and forecast on its own rows only.
-    ``fold`` names it in the payload header (``labels_from_fold``); None for a sending teacher that
+    ``fold`` names it in the send report (``auto.decider``); None for a sending teacher that
     decides itself (it trained on a subset of train and the rest is its held-out set).
     """
 
@@ -178,43 +173,19 @@ class Decider:
     train_seconds: float | None = None  # its fine-tune, for reports
 
 
-def _meta(pol: Policy, k: int, budget_bytes: int | None, forecast: float, heldout: int, steps: int,
-          seed: int, decider: int | None = None) -> dict:
-    rule = {"policy": pol.policy, "safety_share": pol.safety_share, "alpha": pol.alpha}
-    if pol.tau is not None:
-        rule["tau"] = pol.tau
-    auto = {
-        "budget_bytes": budget_bytes,
-        "forecast_accuracy": round(float(forecast), FORECAST_DIGITS),
-        "heldout_images": int(heldout),
-        "proxy": f"linear head, {steps} steps",
-    }
-    if decider is not None:  # the labels are a deciding teacher's, not the full teacher's
-        auto["labels_from_fold"] = int(decider)
-    return {**rule, "count": int(k), "seed": int(seed), "auto": auto}
-
-
-def search_meta(pol: Policy, k: int, budget_bytes: int | None, heldout: int, steps: int = PROXY_STEPS,
-                seed: int = 0, decider: int | None = None) -> dict:
-    """The header fields `search` sizes a candidate with (forecast at its widest placeholder), for `plan_candidates`."""
-    return _meta(pol, k, budget_bytes, _FORECAST_PLACEHOLDER, heldout, steps, seed, decider)
-
-
 def payload_sizer(
-    pool_fingerprint: str, pool_size: int, class_names: Sequence[str], base_meta: dict | None = None,
+    pool_fingerprint: str, pool_size: int, class_names: Sequence[str], receiver: str = "plain",
     **encode_kwargs: Any,
 ) -> SizeFn:
     """Size candidates by encoding the very payload that would be written: header, codecs and checksum included.
 
-    ``base_meta`` and ``encode_kwargs`` (e.g. ``groups=pool.groups()[0]``, ``level``) must be exactly what
-    the caller will write with, the choice's ``meta()`` merged over ``base_meta``, or the measured sizes
-    would not be the file's.
+    ``receiver`` and ``encode_kwargs`` (e.g. ``groups=pool.groups()[0]``, ``level``) must be exactly what
+    the caller will write with, or the measured sizes would not be the file's.
     """
-    base = dict(base_meta or {})
     names = tuple(class_names)
 
-    def size_of(indices: np.ndarray, labels: np.ndarray, meta: dict) -> int:
-        p = payload.Payload(pool_fingerprint, pool_size, names, indices, labels, {**base, **meta})
+    def size_of(indices: np.ndarray, labels: np.ndarray, forecast: float | None) -> int:
+        p = payload.Payload(pool_fingerprint, pool_size, names, indices, labels, forecast=forecast, receiver=receiver)
         size_of.last = payload.encode(p, **encode_kwargs)  # type: ignore[attr-defined]
         return len(size_of.last)  # type: ignore[attr-defined]
 
@@ -463,7 +434,7 @@ class Planned:
 
 def plan_candidates(
     policies: Sequence[Policy], *, labels: np.ndarray, energy: np.ndarray, entropy: np.ndarray | None,
-    n_classes: int, size_of: SizeFn, meta_for: Callable[[Policy, int], dict], budget_bytes: int | None = None,
+    n_classes: int, size_of: SizeFn, budget_bytes: int | None = None,
     k: int | None = None, fractions: Sequence[float] = DEFAULT_FRACTIONS, nearest_key: np.ndarray | None = None,
     groups: np.ndarray | None = None, confidence: np.ndarray | None = None, seed: int = 0,
     max_k: int | None = None, decider: int = 0, fold: int | None = None, log: Callable[[str], None] | None = None,
@@ -472,7 +443,7 @@ def plan_candidates(
 
     One teacher's scores in, so a search sizes either the sending teacher's selections or each deciding
     teacher's own (their labels code differently), and a benchmark can rebuild a search's table without
-    forecasting it. ``meta_for(pol, k)`` is the header the payload will carry (`search_meta`); sizes must fit
+    forecasting it. Sizes are measured with a placeholder forecast of maximal width and must fit
     ``budget_bytes - FORECAST_SLACK``. Policies whose inputs are missing (nearest key, entropy, groups,
     confidences) are skipped.
     """
@@ -492,7 +463,7 @@ def plan_candidates(
         def pick(kk: int, pol: Policy = pol, make=make, sel: dict = sel) -> rate.Selection:
             if kk not in sel:
                 got = make(kk)
-                sel[kk] = (got, int(size_of(got.indices, got.labels, meta_for(pol, len(got.indices)))))
+                sel[kk] = (got, int(size_of(got.indices, got.labels, _FORECAST_PLACEHOLDER)))
             return sel[kk][0]
 
         if budget_bytes is None:
@@ -575,9 +546,8 @@ def search(
     Give exactly one of ``budget_bytes`` (sizes: the largest k that fits, times each of ``fractions``) or
     ``k`` (one size; only the policy varies). A policy is tried for a decider whose scores hold its inputs
     (nearest key, entropy, confidences; ``groups`` for whole-groups). Each candidate is sized with its
-    decider's labels (``size_of`` gets the header meta, whose ``auto.labels_from_fold`` names the decider)
-    and forecast by a proxy head scored on that decider's own held-out rows. Deterministic given ``seed``:
-    it seeds the random policy and every proxy head (the same seed for all, so candidates differ only by
+    decider's labels and forecast by a proxy head scored on that decider's own held-out rows. Deterministic
+    given ``seed``: it seeds the random policy and every proxy head (the same seed for all, so candidates differ only by
     data); finalists (within ``finalist_band`` of the best) are re-forecast over ``finalist_seeds`` proxy
     seeds. ``workers``: proxy heads trained at once (default: one per CPU core); it changes no forecast.
     """
@@ -589,20 +559,16 @@ def search(
     say = log or (lambda s: None)
     parts = [np.asarray(d.rows) for d in deciders]
 
-    def meta_for(pol: Policy, kk: int, j: int, forecast: float = _FORECAST_PLACEHOLDER) -> dict:
-        return _meta(pol, kk, budget_bytes, forecast, len(parts[j]), head_steps, seed, deciders[j].fold)
-
     # 1. Sizes: per decider and policy, the keep sizes whose real payload fits.
     planned: list[Planned] = []
     for j, d in enumerate(deciders):
         planned += plan_candidates(policies, labels=labs[j], energy=d.energy, entropy=d.entropy, n_classes=n_classes,
-                                   size_of=size_of, meta_for=lambda pol, kk, j=j: meta_for(pol, kk, j),
+                                   size_of=size_of,
                                    budget_bytes=budget_bytes, k=k, fractions=fractions, nearest_key=d.nearest_key,
                                    groups=groups, confidence=d.confidence, seed=seed, max_k=max_k, decider=j,
                                    fold=d.fold, log=say)
     if not planned:
-        smallest = min((int(size_of(np.array([0]), labs[0][:1], meta_for(p, 1, 0))) for p in policies
-                        if p.policy != NEAREST), default=None)
+        smallest = int(size_of(np.array([0]), labs[0][:1], _FORECAST_PLACEHOLDER))
         raise PladaError(f"byte budget {budget_bytes} is too small: even a payload keeping one image needs about "
                          f"{smallest} bytes (its header alone holds the pool fingerprint and class names)")
 
@@ -636,7 +602,7 @@ def search(
     for i in _preference(rows, finalists, margin):
         c = planned[i]
         idx, sent = c.selection
-        nbytes = int(size_of(idx, sent, meta_for(c.policy, len(idx), c.decider, rows[i]["forecast"])))
+        nbytes = int(size_of(idx, sent, rows[i]["forecast"]))
         if budget_bytes is None or nbytes <= budget_bytes:
             for j, r in enumerate(rows):
                 r["chosen"] = j == i

@@ -237,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_help = "folder of dataset archives (default: $PLADA_DATA)"
 
     pool = sub.add_parser("pool", help="reference pools").add_subparsers(dest="pool_cmd", required=True)
-    b = pool.add_parser("build", help="build a pool manifest from sources (NAME or NAME:split,split)")
+    b = pool.add_parser("build", help="build a pool manifest from sources (NAME, NAME:split,split, or one folder "
+                                      "of image files or WebDataset shards)")
     b.add_argument("sources", nargs="+")
     b.add_argument("--name", default=None)
     b.add_argument("--out", default=None, help="pool folder (default: the cache)")

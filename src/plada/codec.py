@@ -180,7 +180,9 @@ class _Decoder:
     def __init__(self, data: bytes) -> None:
         if len(data) % 4:
             raise PayloadError(f"joint section length {len(data)} is not a whole number of 32-bit words")
-        self.coder = constriction.stream.queue.RangeDecoder(np.frombuffer(data, dtype="<u4").astype(np.uint32))
+        self.words = np.frombuffer(data, dtype="<u4").astype(np.uint32)
+        self.coder = constriction.stream.queue.RangeDecoder(self.words)
+        self.log: list[tuple[Any, np.ndarray, np.ndarray]] = []  # every decoded batch, replayed by `finish`
 
     def categorical(self, probs: np.ndarray, widths: np.ndarray, symbols: None = None) -> np.ndarray:
         if not widths.size:
@@ -197,14 +199,27 @@ class _Decoder:
 
     def _decode(self, model: Any, params: np.ndarray) -> np.ndarray:
         try:
-            return np.asarray(self.coder.decode(model, params), dtype=np.int64)
+            out = np.asarray(self.coder.decode(model, params), dtype=np.int64)
         except (AssertionError, ValueError, RuntimeError, OverflowError) as e:
             raise PayloadError(f"joint section is corrupt: {' '.join(str(e).split())[:120]}") from None
+        self.log.append((model, params, out))
+        return out
 
     def finish(self) -> None:
-        # The range decoder reads one word ahead, so at most one trailing word goes unnoticed.
+        """Refuse any word the coder's seal would not have written for the symbols decoded.
+
+        The range decoder reads ahead, so `maybe_exhausted` lets one extra word through; replaying the
+        decoded symbols into an encoder gives the one sealed word sequence they have, whatever choices the
+        writer made (its choices are symbols too), and the section must be exactly that.
+        """
         if not self.coder.maybe_exhausted():
             raise PayloadError("joint section has trailing data after the coded selection")
+        enc = constriction.stream.queue.RangeEncoder()
+        for model, params, out in self.log:
+            enc.encode(out.astype(np.int32), model, params)
+        if not np.array_equal(enc.get_compressed().astype(np.uint32), self.words):
+            raise PayloadError("joint section is not the coder's sealed output for what it decodes to "
+                               "(trailing or altered words)")
 
 
 _Channel = _Encoder | _Decoder

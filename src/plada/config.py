@@ -19,6 +19,7 @@ from typing import Any
 
 from .device import check as _device
 from .errors import PladaError
+from .payload import RECEIVERS
 
 POLICIES = ("lowest-energy", "highest-energy", "lowest-entropy", "random", "auto")
 ENGINES = ("local", "ray")
@@ -148,7 +149,7 @@ class ReceiveConfig:
     """What `plada receive` does with a payload: the receiver mode that builds the training set, the student."""
 
     # plain: the payload's images only; selftrain / propagate also pseudo-label the pool (plada.receiver)
-    MODES: typing.ClassVar[tuple[str, ...]] = ("plain", "selftrain", "propagate")
+    MODES: typing.ClassVar[tuple[str, ...]] = RECEIVERS  # the modes a payload header may name
     student: StudentConfig = field(default_factory=StudentConfig)
     allow_missing: bool = False  # drop kept images the pool lacks instead of refusing
     mode: str | None = None  # receiver mode; None: the one the payload header names, else plain

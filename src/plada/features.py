@@ -9,6 +9,7 @@ dataset or backbone is never served stale features, and a damaged entry is recom
 from __future__ import annotations
 
 import hashlib
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from . import backbones
 from .data import atomic_save_npy, cache_root
+from .images import LazyImages
 from .train import predict
 
 
@@ -55,8 +57,14 @@ def cached_features(
     except (OSError, ValueError, EOFError):  # absent, or torn: computed again
         pass
     path.parent.mkdir(parents=True, exist_ok=True)
-    feats = predict(model, images, batch_size=batch_size, desc=f"features {key[:24]}", progress=progress,
-                    features=True, device=device)
+    if isinstance(images, LazyImages):  # a folder or shard pool: decoded at the model's size, prefetched
+        with closing(images.at(model.res).stream(0, len(images), batch_size)) as rows:
+            feats = predict(model, rows, batch_size=batch_size, desc=f"features {key[:24]}", progress=progress,
+                            features=True, device=device)
+        images.warn_bad()
+    else:
+        feats = predict(model, images, batch_size=batch_size, desc=f"features {key[:24]}", progress=progress,
+                        features=True, device=device)
     atomic_save_npy(path, feats.astype(np.float32))
     return np.load(path, mmap_mode="r")
 

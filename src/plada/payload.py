@@ -1,70 +1,15 @@
-"""The `.plada` payload: which reference-pool images to keep, and a label for each.
+"""The `.plada` payload, format 1.0: which reference-pool images to keep, and a label for each.
 
-The file is meant to be as easy to read and as hard to abuse as safetensors: a small length-prefixed
-JSON header, raw sections, and a checksum, with every size checked before anything is allocated.
+Made to be as easy to read and as hard to abuse as safetensors: a fixed prefix, a small zstd-compressed
+JSON header holding only what a receiver acts on, sections whose codec the header names, and a checksum;
+every size is checked before anything is allocated. docs/FORMAT.md is the specification (layout, header
+keys, each codec, the bounds every reader checks); this module is its reference implementation.
 
-Layout (all integers little-endian)::
+What the sender did to choose the selection (policy, teacher, candidates, timings) is not in the file:
+`plada send` writes it to a JSON report beside the payload, so the bytes a budget pays for are the ones
+a receiver needs, and the format need not change when the method does.
 
-    offset  size  field
-    0       8     magic  b"PLADA\\x00\\r\\n"  (the NUL and CR/LF catch text-mode and 7-bit mangling)
-    8       2     u16 format version (1 to 4, see below)
-    10      4     u32 header length H (at most 1 MiB)
-    14      H     header: UTF-8 JSON object (sorted keys, no whitespace); versions 3 and 4: one zstd frame of it
-    14+H    ...   sections, back to back, in the order the header lists them
-    end-32  32    SHA-256 of every byte before it
-
-Header keys (exactly these, no others):
-
-- ``pool_fingerprint``: 64 lowercase hex chars, the SHA-256 of the pool manifest.
-- ``pool_size``: N, images in the pool, 0 < N <= 2**40.
-- ``class_names``: list of 1..65535 unique non-empty strings; label i names ``class_names[i]``.
-- ``count``: k, images kept, 0 <= k <= min(N, 50_000_000).
-- ``meta``: JSON object of selection parameters (may be empty).
-- ``sections``: version 1: ``[{"name": "index", "codec": ..., "length": L0}, {"name": "labels",
-  "codec": ..., "length": L1}]``; version 2: ``[{"name": "joint", "codec": "ctx-range", "length": L}]``.
-  Offsets are implied by order, and 14 + H + (sum of lengths) + 32 must equal the file size exactly.
-- ``groups`` (version 2 only): null, or ``{"count": G, "sha256": ...}`` when the joint section was coded
-  per group of the pool (its folders, ``Pool.groups()[0]``). The hash covers the partition of the pool
-  into groups (`plada.codec.grouping`), not the ids, so it is the same on any receiver holding the same
-  pool and folder layout; a receiver must pass its groups to `decode`, and a payload coded with another
-  grouping is refused rather than misdecoded.
-
-Version 1 sections are each one zstd frame that states its decompressed size, and the decoder knows
-from the header which sizes are legal, so it never inflates more than that:
-
-- index ``gap-zstd``: the first index, then each gap minus one, as unsigned LEB128 varints (canonical,
-  at most 6 bytes each since indices are below 2**40); k..6k bytes before compression.
-- index ``bitmap-zstd``: an N-bit bitmap, bit i set iff index i is kept, packed LSB-first
-  (``numpy.packbits(bitorder="little")``), ceil(N/8) bytes; the padding bits must be zero. Only used
-  when N <= 2**31 and ceil(N/8) <= 64 * 6k + 64 KiB, so its memory is bounded by the count too.
-- labels ``u8-zstd`` (at most 256 classes) or ``u16-zstd`` (more): the k labels as uint8/uint16,
-  exactly k or 2k bytes before compression.
-
-Version 2 has one section, ``joint`` / ``ctx-range``: the indices and labels together, range-coded
-with per-group context models (`plada.codec` documents the model). Its length is a multiple of 4 (32-bit
-words); it is allowed only for N <= `codec.MAX_POOL` (2**31) and k <= `codec.MAX_COUNT` (2**22), which
-bound the decoder's work.
-
-The encoder builds every candidate (both index codecs, skipping the bitmap when it is hopelessly larger
-than the gap list before compression, and the joint codec when allowed) and keeps the smallest whole
-file; a tie goes to ``gap-zstd``, then to version 1. A file is written as version 1 whenever a zstd codec
-wins, byte for byte as before version 2 existed, so older readers still read it; only files that need
-the joint codec are version 2. Output is deterministic: same payload, level and groups, same bytes.
-
-Versions 3 and 4 are versions 1 and 2 with the header stored as one zstd frame (it must declare its
-decompressed size, at most 1 MiB, and nothing may follow it), compressed with `HEADER_DICT`, a fixed
-raw-content dictionary of the header's usual keys and values (SHA-256 `HEADER_DICT_SHA256`). A JSON
-header is 600-1,000 bytes, most of a 1 KB payload; compressed it is about 200-270 (measured on the
-benchmark targets' headers), so a 1 KB budget carries hundreds of images instead of a few dozen. The
-encoder writes whichever of the plain and compressed header makes the smaller file, a tie going to the
-plain one. The dictionary is part of the format: changing a byte of it needs a new version number.
-
-Those limits bound a hostile file's cost by what its header claims, which is still gigabytes (a 3 KB gap
-list claiming 50M images). So readers also refuse, by default and before inflating anything, more than
-`DEFAULT_MAX_IMAGES` kept images or a bitmap spanning more than `BITMAP_BITS_PER_IMAGE` pool images per
-image of that limit (``max_images``; None lifts it, for a receiver that checked the claims against its pool).
-`describe` reports the header and section sizes without decoding when asked (``header_only``) or when a
-payload coded per pool folder comes without the pool's groups.
+Drafts before 1.0 (versions 1-4, written by plada 0.x) are refused with a message naming them.
 """
 
 from __future__ import annotations
@@ -78,7 +23,7 @@ import re
 import secrets
 import stat
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,10 +34,9 @@ from plada import codec
 from plada.errors import PayloadError, PladaError, reading
 
 MAGIC = b"PLADA\x00\r\n"
-FORMAT_VERSION = 1  # index + labels sections; still written whenever a zstd codec is smallest
-JOINT_FORMAT_VERSION = 2  # one context-coded joint section; written only when it is smallest
-ZHEADER_VERSIONS = {3: FORMAT_VERSION, 4: JOINT_FORMAT_VERSION}  # compressed header -> layout it wraps
-READABLE_VERSIONS = (FORMAT_VERSION, JOINT_FORMAT_VERSION, *ZHEADER_VERSIONS)
+FORMAT_VERSION = 0x0100  # 1.0: major in the high byte, minor in the low one
+FORMAT = "1.0"
+DRAFT_VERSIONS = (1, 2, 3, 4)  # plada 0.x's drafts: refused, with a message saying so
 MAX_HEADER_BYTES = 1 << 20
 MAX_POOL_SIZE = 1 << 40
 MAX_COUNT = 50_000_000
@@ -107,31 +51,39 @@ BITMAP_BITS_PER_IMAGE = 64  # a bitmap index may span 64 pool images per image o
 BITMAP_MAX_BITS = 1 << 31  # a 256 MiB bitmap; bigger pools always use the gap list
 BITMAP_RATIO = 64
 BITMAP_SLACK = 64 << 10
+# Receiver modes a header may name (plada.receiver implements them); an unknown one is refused, since the
+# sender's forecast assumed it and a receiver that silently trained otherwise would miss that forecast.
+RECEIVERS = ("plain", "selftrain", "propagate")
+FORECAST_DIGITS = 4  # the header's forecast is rounded to this many decimals
 
-# Raw-content zstd dictionary for compressed headers (versions 3 and 4): strings a header usually holds,
-# most frequent last (zstd reaches the end of a dictionary cheapest). Frozen: files depend on every byte.
+# Raw-content zstd dictionary of the compressed header: the canonical header's keys and usual values in
+# the order they appear, the most frequent last (zstd reaches the end of a dictionary cheapest). A 1 KB
+# payload's header (fingerprint, ten class names, counts) then costs ~110 bytes instead of ~330 as JSON.
+# Part of the format: changing one byte of it needs a new major version.
 HEADER_DICT = "".join((
-    '"groups":{"count":"sha256":"groups":null,"u16-zstd","bitmap-zstd","length":',
-    '{"codec":"gap-zstd","length":"name":"index"},{"codec":"u8-zstd","length":"name":"labels"}]}',
-    '"policy":"whole-groups","tau":"policy":"nearest-target","policy":"random","policy":"lowest-entropy",',
-    '"policy":"highest-energy","policy":"lowest-energy","safety_share":0.3,"safety_share":0.1,',
-    '"efficientnet-lite2","efficientnet-lite1","mode":"linear","keep":0.01,',
-    '{"class_names":["meta":{"alpha":-0.2,"alpha":0.5,"auto":{"budget_bytes":"forecast_accuracy":0.',
-    '"heldout_images":"labels_from_fold":0,"proxy":"linear head, 1000 steps"},"count":"keep":null,',
-    '"safety_share":0.0,"seed":0,"target":"',
-    '"teacher":{"mode":"finetune","model":"efficientnet-lite0","res":64,"test_accuracy":0.',
-    '"temperature":1.0},"pool_fingerprint":"pool_size":',
-    '"sections":[{"codec":"ctx-range","length":"name":"joint"}]}',
+    '"groups":{"count":,"sha256":"',
+    '"receiver":"propagate","receiver":"selftrain",',
+    '{"codec":"bitmap-zstd","length":{"codec":"u16-zstd","length":',
+    '"sections":[{"codec":"gap-zstd","length":,"name":"index"},{"codec":"u8-zstd","length":,"name":"labels"}]}',
+    '"forecast":0.',
+    '{"class_names":["',
+    '"],"count":',
+    ',"forecast":null,"groups":null,"pool_fingerprint":"',
+    '","pool_size":',
+    ',"receiver":"plain","sections":[{"codec":"ctx-range","length":',
+    ',"name":"joint"}]}',
 )).encode("utf-8")
-HEADER_DICT_SHA256 = "7edc60d81e3c65c55dd3a79ab2e43f136cbb6490b1b8abc95f91a9c18dd8ee75"
+HEADER_DICT_SHA256 = hashlib.sha256(HEADER_DICT).hexdigest()  # pinned by a test and by docs/FORMAT.md
 _HEADER_ZDICT = zstd.ZstdCompressionDict(HEADER_DICT, dict_type=zstd.DICT_TYPE_RAWCONTENT)
 
 _PREFIX = struct.Struct("<8sHI")
 _DIGEST_BYTES = 32
 _MIN_BYTES = _PREFIX.size + _DIGEST_BYTES
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_MAX_WINDOW = 1 << 27  # largest zstd window a reader must provide (docs/FORMAT.md)
 _FINGERPRINT_RE = re.compile(r"[0-9a-f]{64}")
-_HEADER_KEYS = frozenset({"pool_fingerprint", "pool_size", "class_names", "count", "meta", "sections"})
+_HEADER_KEYS = frozenset({"pool_fingerprint", "pool_size", "class_names", "count", "groups", "forecast",
+                          "receiver", "sections"})
 _SECTION_KEYS = frozenset({"name", "codec", "length"})
 _INDEX_CODECS = ("gap-zstd", "bitmap-zstd")
 JOINT_CODEC = "ctx-range"
@@ -186,12 +138,31 @@ def _check_indices(values: Any, pool_size: int) -> np.ndarray:
     return arr
 
 
+def _check_forecast(value: Any) -> float | None:
+    if value is None:
+        return None
+    bad = isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
+    if bad or not 0 <= value <= 1:  # compared exactly: a 400-digit integer must not overflow float()
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "…"
+        raise PayloadError(f"forecast must be null or a number in [0, 1], got {shown}")
+    return round(float(value), FORECAST_DIGITS)
+
+
+def _check_receiver(value: Any) -> str:
+    if value not in RECEIVERS:
+        raise PayloadError(f"unknown receiver mode {value!r} (this plada knows {', '.join(RECEIVERS)}): "
+                           "a newer plada may be needed to receive this payload as its sender meant")
+    return str(value)
+
+
 @dataclass(frozen=True, eq=False)
 class Payload:
     """A kept subset of the shared pool with labels; constructing one validates it completely.
 
     Arrays are stored as read-only copies (indices int64, labels uint8 or uint16 by class count) so a
-    validated payload cannot drift into an unencodable state; ``meta`` is a detached JSON copy.
+    validated payload cannot drift into an unencodable state. ``forecast`` is the sender's expected test
+    accuracy for a receiver in mode ``receiver`` (None when it made none); it is stored rounded to
+    `FORECAST_DIGITS` decimals, so a payload equals its decoded copy.
     """
 
     pool_fingerprint: str
@@ -199,7 +170,8 @@ class Payload:
     class_names: tuple[str, ...]
     indices: np.ndarray
     labels: np.ndarray
-    meta: dict = field(default_factory=dict)
+    forecast: float | None = None
+    receiver: str = "plain"
 
     def __post_init__(self) -> None:
         if not _is_int(self.pool_size):
@@ -223,7 +195,8 @@ class Payload:
         labels.setflags(write=False)
         object.__setattr__(self, "indices", indices)
         object.__setattr__(self, "labels", labels)
-        object.__setattr__(self, "meta", self._checked_meta())
+        object.__setattr__(self, "forecast", _check_forecast(self.forecast))
+        object.__setattr__(self, "receiver", _check_receiver(self.receiver))
 
     def _check_scalars(self) -> None:
         fp = self.pool_fingerprint
@@ -244,30 +217,9 @@ class Payload:
         if len(set(self.class_names)) != n:
             raise PayloadError("class names must be unique")
 
-    def _checked_meta(self) -> dict:
-        if not isinstance(self.meta, dict):
-            raise PayloadError(f"meta must be a dict, got {type(self.meta).__name__}")
-        try:
-            text = _dumps(self.meta)
-            text.encode("utf-8")
-            copy = json.loads(text)
-        except (TypeError, ValueError, RecursionError) as e:
-            raise PayloadError(f"meta is not JSON-serialisable: {_one_line(e)}") from None
-        if copy != self.meta:
-            # Tuples, non-string keys and the like would come back different after a round trip.
-            raise PayloadError("meta does not survive a JSON round trip (use str keys, lists, finite floats)")
-        return copy
-
     @property
     def count(self) -> int:
         return int(self.indices.size)
-
-    def validate(self) -> None:
-        """Re-check the parts a caller could still have mutated since construction (``meta``)."""
-        self._check_scalars()
-        if self.count > MAX_COUNT:
-            raise PayloadError(f"payload keeps {self.count} images; more than {MAX_COUNT} is unreasonable")
-        self._checked_meta()
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Payload):
@@ -279,7 +231,8 @@ class Payload:
             and np.array_equal(self.indices, other.indices)
             and self.labels.dtype == other.labels.dtype
             and np.array_equal(self.labels, other.labels)
-            and self.meta == other.meta
+            and self.forecast == other.forecast
+            and self.receiver == other.receiver
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -302,11 +255,13 @@ def _decompress(blob: bytes, lo: int, hi: int, what: str, dict_data: zstd.ZstdCo
         raise PayloadError(f"{what} section has a bad zstd frame header: {_one_line(e)}") from None
     if declared == zstd.CONTENTSIZE_UNKNOWN:
         raise PayloadError(f"{what} section's zstd frame does not declare its decompressed size")
+    if zstd.get_frame_parameters(blob).window_size > _MAX_WINDOW:  # one-shot inflation would not check it
+        raise PayloadError(f"{what} section's zstd frame needs a window over {_MAX_WINDOW} bytes")
     if not lo <= declared <= hi:
         want = f"{lo}" if lo == hi else f"{lo}..{hi}"
         raise PayloadError(f"{what} section declares {declared} decompressed bytes, expected {want}")
     try:
-        raw = zstd.ZstdDecompressor(max_window_size=1 << 27, dict_data=dict_data).decompress(
+        raw = zstd.ZstdDecompressor(max_window_size=_MAX_WINDOW, dict_data=dict_data).decompress(
             blob, max_output_size=hi, allow_extra_data=False
         )
     except zstd.ZstdError as e:
@@ -459,18 +414,16 @@ def _compress_header(header_bytes: bytes, level: int) -> bytes:
     ).compress(header_bytes)
 
 
-def _assemble(version: int, header: dict, blobs: list[bytes], level: int = 19) -> bytes:
-    """The file with the plain header (``version``) or the compressed one (its version + 2), whichever is smaller."""
+def _assemble(header: dict, blobs: list[bytes], level: int = 19) -> bytes:
+    """Prefix, compressed canonical header, sections, checksum."""
     header_bytes = _dumps(header).encode("utf-8")
     if len(header_bytes) > MAX_HEADER_BYTES:
         raise PayloadError(
-            f"payload header too large: {len(header_bytes)} bytes (limit {MAX_HEADER_BYTES}); "
-            "shorten class names or meta"
+            f"payload header too large: {len(header_bytes)} bytes of JSON (limit {MAX_HEADER_BYTES}); "
+            "shorten the class names"
         )
     packed = _compress_header(header_bytes, level)
-    if len(packed) < len(header_bytes):
-        version, header_bytes = version + 2, packed
-    body = b"".join([_PREFIX.pack(MAGIC, version, len(header_bytes)), header_bytes, *blobs])
+    body = b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(packed)), packed, *blobs])
     if len(body) + _DIGEST_BYTES > MAX_PAYLOAD_BYTES:
         raise PayloadError(
             f"payload too large: {len(body) + _DIGEST_BYTES} bytes (limit {MAX_PAYLOAD_BYTES})"
@@ -478,13 +431,16 @@ def _assemble(version: int, header: dict, blobs: list[bytes], level: int = 19) -
     return body + hashlib.sha256(body).digest()
 
 
-def _base_header(p: Payload) -> dict:
+def _header(p: Payload, groups: dict | None, sections: list[dict]) -> dict:
     return {
         "pool_fingerprint": p.pool_fingerprint,
         "pool_size": p.pool_size,
         "class_names": list(p.class_names),
         "count": p.count,
-        "meta": p.meta,
+        "groups": groups,
+        "forecast": p.forecast,
+        "receiver": p.receiver,
+        "sections": sections,
     }
 
 
@@ -495,12 +451,11 @@ def _encode_zstd(p: Payload, level: int, allowed: frozenset[str]) -> bytes | Non
     index_codec, index_blob = index
     labels_codec = _label_codec(len(p.class_names))
     labels_blob = _compress(p.labels.astype(_LABEL_CODECS[labels_codec]).tobytes(), level)
-    header = _base_header(p)
-    header["sections"] = [
+    sections = [
         {"name": "index", "codec": index_codec, "length": len(index_blob)},
         {"name": "labels", "codec": labels_codec, "length": len(labels_blob)},
     ]
-    return _assemble(FORMAT_VERSION, header, [index_blob, labels_blob], level)
+    return _assemble(_header(p, None, sections), [index_blob, labels_blob], level)
 
 
 def _joint_possible(p: Payload) -> bool:
@@ -510,11 +465,10 @@ def _joint_possible(p: Payload) -> bool:
 def _encode_joint(p: Payload, groups: Any, level: int) -> bytes:
     gr = codec.grouping(groups, p.pool_size)
     blob = codec.encode(p.indices, p.labels, p.pool_size, len(p.class_names), gr)
-    header = _base_header(p)
     # A one-group partition codes exactly like no groups, so only a real grouping binds the payload to it.
-    header["groups"] = None if gr.count == 1 else {"count": gr.count, "sha256": gr.digest}
-    header["sections"] = [{"name": "joint", "codec": JOINT_CODEC, "length": len(blob)}]
-    return _assemble(JOINT_FORMAT_VERSION, header, [blob], level)
+    named = None if gr.count == 1 else {"count": gr.count, "sha256": gr.digest}
+    sections = [{"name": "joint", "codec": JOINT_CODEC, "length": len(blob)}]
+    return _assemble(_header(p, named, sections), [blob], level)
 
 
 def encode(p: Payload, level: int = 19, *, groups: Any = None, codecs: Any = None) -> bytes:
@@ -522,14 +476,14 @@ def encode(p: Payload, level: int = 19, *, groups: Any = None, codecs: Any = Non
 
     ``groups`` is the pool's group id per image (``Pool.groups()[0]``, its folders); the joint codec
     then codes per group, and a payload that uses them can only be decoded with the same grouping.
-    ``codecs`` restricts the candidates (default: all of `CODECS`); a tie goes to format version 1.
-    ``level`` is the zstd level of the zstd sections and of a compressed header.
+    Groups only act on the joint section, which pools over 2**31 images cannot use (`codec.MAX_POOL`).
+    ``codecs`` restricts the candidates (default: all of `CODECS`); a tie goes to the zstd sections.
+    ``level`` is the zstd level of the zstd sections and of the header.
     """
     if not isinstance(p, Payload):
         raise PladaError(f"encode() needs a Payload, got {type(p).__name__}")
     level = _check_level(level)
     allowed = _check_codecs(codecs)
-    p.validate()
     if groups is not None and p.pool_size <= codec.MAX_POOL:
         groups = codec.grouping(groups, p.pool_size)  # check it even when a zstd codec wins
     best = _encode_zstd(p, level, allowed)
@@ -566,8 +520,37 @@ def _header_int(header: dict, key: str) -> int:
     return value
 
 
+def _check_sections(header: dict) -> None:
+    """The section list: [index, labels] with zstd codecs and no groups, or [joint] with the range codec."""
+    sections = header["sections"]
+    if not isinstance(sections, list) or len(sections) not in (1, 2):
+        raise PayloadError("payload header field 'sections' must list [index, labels] or [joint]")
+    for sec in sections:
+        if not isinstance(sec, dict) or set(sec) != _SECTION_KEYS:
+            raise PayloadError(f"payload section entry must have exactly the keys {sorted(_SECTION_KEYS)}")
+        length = sec["length"]
+        if not _is_int(length) or length < 0:
+            raise PayloadError(f"{sec['name']!r} section length must be a non-negative integer, got {length!r}")
+    names = [sec["name"] for sec in sections]
+    if names not in (["index", "labels"], ["joint"]):
+        raise PayloadError(f"payload sections must be ['index', 'labels'] or ['joint'], got {names!r}")
+    if names == ["joint"]:
+        _check_joint_header(header)
+        return
+    if header["groups"] is not None:
+        raise PayloadError("payload header names pool groups, but only a joint section is coded per group")
+    index_codec, labels_codec = sections[0]["codec"], sections[1]["codec"]
+    if index_codec not in _INDEX_CODECS:
+        raise PayloadError(f"unknown index codec {index_codec!r} (known: {', '.join(_INDEX_CODECS)})")
+    want = _label_codec(len(header["class_names"]))
+    if labels_codec != want:
+        raise PayloadError(
+            f"labels codec {labels_codec!r} does not fit {len(header['class_names'])} classes (expected {want!r})"
+        )
+
+
 def _check_joint_header(header: dict) -> None:
-    """Version 2: one joint section, and the grouping (if any) that the decoder must reproduce."""
+    """One joint section, and the grouping (if any) that the decoder must reproduce."""
     pool_size, count = header["pool_size"], header["count"]
     if pool_size > codec.MAX_POOL or count > codec.MAX_COUNT:
         raise PayloadError(
@@ -585,23 +568,13 @@ def _check_joint_header(header: dict) -> None:
             raise PayloadError(f"payload header 'groups' count {g!r} out of range (2..pool_size)")
         if not isinstance(groups["sha256"], str) or not _FINGERPRINT_RE.fullmatch(groups["sha256"]):
             raise PayloadError("payload header 'groups' sha256 must be 64 lowercase hex characters")
-    sections = header["sections"]
-    if not isinstance(sections, list) or len(sections) != 1:
-        raise PayloadError("payload header field 'sections' must list exactly the joint section (format version 2)")
-    sec = sections[0]
-    if not isinstance(sec, dict) or set(sec) != _SECTION_KEYS:
-        raise PayloadError(f"payload section entry must have exactly the keys {sorted(_SECTION_KEYS)}")
-    if sec["name"] != "joint":
-        raise PayloadError(f"payload section must be 'joint' in format version 2, got {sec['name']!r}")
-    if sec["codec"] != JOINT_CODEC:
-        raise PayloadError(f"unknown joint codec {sec['codec']!r} (known: {JOINT_CODEC})")
-    length = sec["length"]
-    if not _is_int(length) or length < 0:
-        raise PayloadError(f"joint section length must be a non-negative integer, got {length!r}")
+    codec_id = header["sections"][0]["codec"]
+    if codec_id != JOINT_CODEC:
+        raise PayloadError(f"unknown joint codec {codec_id!r} (known: {JOINT_CODEC})")
 
 
-def _parse_header(raw: bytes, version: int) -> dict:
-    """Parse and check a header; ``version`` is the layout (1 or 2), a compressed header already inflated."""
+def _parse_header(raw: bytes) -> dict:
+    """Parse and check an inflated header completely: keys, types, ranges, sections."""
     try:
         header = json.loads(
             raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
@@ -614,11 +587,13 @@ def _parse_header(raw: bytes, version: int) -> dict:
         raise PayloadError(f"payload header is not valid JSON: {_one_line(e)}") from None
     if not isinstance(header, dict):
         raise PayloadError("payload header must be a JSON object")
-    want_keys = _HEADER_KEYS if version == FORMAT_VERSION else _HEADER_KEYS | {"groups"}
-    if set(header) != want_keys:
-        missing = sorted(want_keys - set(header))
-        extra = sorted(set(header) - want_keys)
+    if set(header) != _HEADER_KEYS:
+        missing = sorted(_HEADER_KEYS - set(header))
+        extra = sorted(set(header) - _HEADER_KEYS)
         raise PayloadError(f"payload header keys wrong: missing {missing}, unexpected {extra}")
+    fp = header["pool_fingerprint"]
+    if not isinstance(fp, str) or not _FINGERPRINT_RE.fullmatch(fp):
+        raise PayloadError("payload header 'pool_fingerprint' must be 64 lowercase hex characters (sha256)")
     pool_size = _header_int(header, "pool_size")
     count = _header_int(header, "count")
     if not 0 < pool_size <= MAX_POOL_SIZE:
@@ -630,35 +605,16 @@ def _parse_header(raw: bytes, version: int) -> dict:
     names = header["class_names"]
     if not isinstance(names, list) or not 1 <= len(names) <= MAX_CLASSES:
         raise PayloadError(f"payload header field 'class_names' must be a list of 1..{MAX_CLASSES} strings")
-    if not isinstance(header["meta"], dict):
-        raise PayloadError("payload header field 'meta' must be a JSON object")
-    if version == JOINT_FORMAT_VERSION:
-        _check_joint_header(header)
-        return header
-    sections = header["sections"]
-    if not isinstance(sections, list) or len(sections) != 2:
-        raise PayloadError("payload header field 'sections' must list exactly the index and labels sections")
-    for want, sec in zip(("index", "labels"), sections, strict=True):
-        if not isinstance(sec, dict) or set(sec) != _SECTION_KEYS:
-            raise PayloadError(f"payload section entry must have exactly the keys {sorted(_SECTION_KEYS)}")
-        if sec["name"] != want:
-            raise PayloadError(f"payload sections out of order: expected {want!r}, got {sec['name']!r}")
-        length = sec["length"]
-        if not _is_int(length) or length < 0:
-            raise PayloadError(f"{want} section length must be a non-negative integer, got {length!r}")
-    index_codec, labels_codec = sections[0]["codec"], sections[1]["codec"]
-    if index_codec not in _INDEX_CODECS:
-        raise PayloadError(f"unknown index codec {index_codec!r} (known: {', '.join(_INDEX_CODECS)})")
-    if labels_codec != _label_codec(len(names)):
-        want = _label_codec(len(names))
-        raise PayloadError(
-            f"labels codec {labels_codec!r} does not fit {len(names)} classes (expected {want!r})"
-        )
+    if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise PayloadError("payload header 'class_names' must be distinct non-empty strings")
+    header["forecast"] = _check_forecast(header["forecast"])
+    _check_receiver(header["receiver"])
+    _check_sections(header)
     return header
 
 
-def _checked_header(data: bytes) -> tuple[dict, int, int, bytes, bytes]:
-    """(header, version, header length, body, digest) with every header check done, no section inflated."""
+def _checked_header(data: bytes) -> tuple[dict, int, bytes, bytes]:
+    """(header, stored header length, body, digest): every header and length check, no section inflated."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise PayloadError(f"payload must be bytes, got {type(data).__name__}")
     data = bytes(data)
@@ -672,11 +628,12 @@ def _checked_header(data: bytes) -> tuple[dict, int, int, bytes, bytes]:
     if total < _PREFIX.size:
         raise PayloadError(f"payload truncated: {total} bytes, a payload is at least {_MIN_BYTES}")
     _, version, header_len = _PREFIX.unpack_from(data)
-    if version not in READABLE_VERSIONS:
-        raise PayloadError(
-            f"unsupported payload format version {version} (this plada reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))})"
-        )
+    if version in DRAFT_VERSIONS:
+        raise PayloadError(f"payload is in draft format {version} of plada 0.x; this plada reads format {FORMAT} "
+                           "(ask its sender to send it again)")
+    if version != FORMAT_VERSION:
+        raise PayloadError(f"unsupported payload format {version >> 8}.{version & 0xFF} "
+                           f"(this plada reads format {FORMAT})")
     if total < _MIN_BYTES:
         raise PayloadError(f"payload truncated: {total} bytes, a payload is at least {_MIN_BYTES}")
     if total > MAX_PAYLOAD_BYTES:
@@ -689,21 +646,21 @@ def _checked_header(data: bytes) -> tuple[dict, int, int, bytes, bytes]:
         raise PayloadError(f"payload header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte limit")
     if _PREFIX.size + header_len > len(body):
         raise PayloadError(f"payload truncated: header length {header_len} runs past the end of the file")
-    stored = body[_PREFIX.size : _PREFIX.size + header_len]
-    if version in ZHEADER_VERSIONS:
-        # Bounded like a section: a frame that does not declare a size of at most 1 MiB is never inflated.
-        stored = _decompress(stored, 0, MAX_HEADER_BYTES, "compressed header", _HEADER_ZDICT)
-    header = _parse_header(stored, ZHEADER_VERSIONS.get(version, version))
-    return header, version, header_len, body, digest
+    # Bounded like a section: a frame that does not declare a size of at most 1 MiB is never inflated.
+    stored = _decompress(body[_PREFIX.size : _PREFIX.size + header_len], 0, MAX_HEADER_BYTES, "header",
+                         _HEADER_ZDICT)
+    header = _parse_header(stored)
+    _section_lengths(header, header_len, body)
+    return header, header_len, body, digest
 
 
 def peek_header(data: bytes) -> dict:
-    """The validated header alone: lets a receiver refuse another pool's payload before inflating anything."""
+    """The header after every check short of inflating a section: refuse another pool's payload cheaply."""
     try:
         return _checked_header(data)[0]
     except PayloadError:
         raise
-    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as e:
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, zstd.ZstdError) as e:
         raise PayloadError(f"malformed payload: {_one_line(e)}") from None
 
 
@@ -744,22 +701,21 @@ def _section_lengths(header: dict, header_len: int, body: bytes) -> int:
     return available
 
 
-def _info(header: dict, version: int, total: int, header_len: int, digest: bytes, sections: list[dict],
-          decoded: bool) -> dict:
+def _info(header: dict, total: int, header_len: int, digest: bytes, sections: list[dict], decoded: bool) -> dict:
     names = header["class_names"]
     return {
-        "format_version": version,
+        "format": FORMAT,
         "total_bytes": total,
         "header_bytes": header_len,
-        "header_codec": "zstd-dict" if version in ZHEADER_VERSIONS else "json",
         "checksum_sha256": digest.hex(),
         "pool_fingerprint": header["pool_fingerprint"],
         "pool_size": header["pool_size"],
         "count": header["count"],
         "class_count": len(names),
         "class_names": list(names),
-        "meta": header["meta"],
-        "groups": header.get("groups"),
+        "forecast": header["forecast"],
+        "receiver": header["receiver"],
+        "groups": header["groups"],
         "sections": sections,
         "decoded": decoded,
     }
@@ -776,8 +732,7 @@ def _declared_size(blob: bytes) -> int | None:
 
 def _undecoded(data: bytes, note: str) -> dict:
     """What describe says of a payload it will not decode: the checked header and each section's size."""
-    header, version, header_len, body, digest = _checked_header(data)
-    _section_lengths(header, header_len, body)
+    header, header_len, body, digest = _checked_header(data)
     start, sections = _PREFIX.size + header_len, []
     for sec in header["sections"]:
         blob = body[start : start + sec["length"]]
@@ -785,63 +740,44 @@ def _undecoded(data: bytes, note: str) -> dict:
         raw = len(blob) if sec["codec"] == JOINT_CODEC else _declared_size(blob)
         sections.append({"name": sec["name"], "codec": sec["codec"], "entries": header["count"],
                          "raw_bytes": raw, "stored_bytes": sec["length"]})
-    info = _info(header, version, len(data), header_len, digest, sections, decoded=False)
+    info = _info(header, len(data), header_len, digest, sections, decoded=False)
     info["note"] = note
     return info
 
 
 def _decode(data: bytes, groups: Any = None, max_images: int | None = DEFAULT_MAX_IMAGES) -> tuple[Payload, dict]:
-    header, version, header_len, body, digest = _checked_header(data)
-    total = len(data)
+    header, header_len, body, digest = _checked_header(data)
     pool_size, count = header["pool_size"], header["count"]
-    available = _section_lengths(header, header_len, body)
     _check_work(header, max_images)
     start = _PREFIX.size + header_len
-    if ZHEADER_VERSIONS.get(version, version) == JOINT_FORMAT_VERSION:
-        indices, labels = _decode_joint(header, body[start:], groups)
-        sections = [
-            {
-                "name": "joint",
-                "codec": JOINT_CODEC,
-                "entries": count,
-                "raw_bytes": available,
-                "stored_bytes": available,
-            }
-        ]
-        return _finish(header, indices, labels, sections, version, total, header_len, digest)
-    sec_index, sec_labels = header["sections"]
-    index_blob = body[start : start + sec_index["length"]]
-    labels_blob = body[start + sec_index["length"] :]
-
-    if sec_index["codec"] == "gap-zstd":
-        index_raw = _decompress(index_blob, count, MAX_VARINT_BYTES * count, "index")
-        indices = _gap_indices(index_raw, count, pool_size)
+    sections: list[dict] = []
+    if header["sections"][0]["name"] == "joint":
+        blob = body[start:]
+        indices, labels = _decode_joint(header, blob, groups)
+        sections.append({"name": "joint", "codec": JOINT_CODEC, "entries": count, "raw_bytes": len(blob),
+                         "stored_bytes": len(blob)})
     else:
-        if not _bitmap_allowed(pool_size, MAX_VARINT_BYTES * count):
-            raise PayloadError(f"bitmap index codec not allowed for pool_size {pool_size} with count {count}")
-        nbytes = (pool_size + 7) // 8
-        index_raw = _decompress(index_blob, nbytes, nbytes, "index")
-        indices = _bitmap_indices(index_raw, count, pool_size)
-    dtype = _LABEL_CODECS[sec_labels["codec"]]
-    labels_raw = _decompress(labels_blob, count * dtype.itemsize, count * dtype.itemsize, "labels")
-    labels = np.frombuffer(labels_raw, dtype=dtype)
-    sections = [
-        {
-            "name": "index",
-            "codec": sec_index["codec"],
-            "entries": count,
-            "raw_bytes": len(index_raw),
-            "stored_bytes": sec_index["length"],
-        },
-        {
-            "name": "labels",
-            "codec": sec_labels["codec"],
-            "entries": count,
-            "raw_bytes": len(labels_raw),
-            "stored_bytes": sec_labels["length"],
-        },
-    ]
-    return _finish(header, indices, labels, sections, version, total, header_len, digest)
+        sec_index, sec_labels = header["sections"]
+        index_blob = body[start : start + sec_index["length"]]
+        labels_blob = body[start + sec_index["length"] :]
+        if sec_index["codec"] == "gap-zstd":
+            index_raw = _decompress(index_blob, count, MAX_VARINT_BYTES * count, "index")
+            indices = _gap_indices(index_raw, count, pool_size)
+        else:
+            if not _bitmap_allowed(pool_size, MAX_VARINT_BYTES * count):
+                raise PayloadError(f"bitmap index codec not allowed for pool_size {pool_size} with count {count}")
+            nbytes = (pool_size + 7) // 8
+            index_raw = _decompress(index_blob, nbytes, nbytes, "index")
+            indices = _bitmap_indices(index_raw, count, pool_size)
+        dtype = _LABEL_CODECS[sec_labels["codec"]]
+        labels_raw = _decompress(labels_blob, count * dtype.itemsize, count * dtype.itemsize, "labels")
+        labels = np.frombuffer(labels_raw, dtype=dtype)
+        for sec, raw in ((sec_index, index_raw), (sec_labels, labels_raw)):
+            sections.append({"name": sec["name"], "codec": sec["codec"], "entries": count, "raw_bytes": len(raw),
+                             "stored_bytes": sec["length"]})
+    payload = Payload(header["pool_fingerprint"], pool_size, tuple(header["class_names"]), indices, labels,
+                      forecast=header["forecast"], receiver=header["receiver"])
+    return payload, _info(header, len(data), header_len, digest, sections, decoded=True)
 
 
 def _decode_joint(header: dict, blob: bytes, groups: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -852,8 +788,8 @@ def _decode_joint(header: dict, blob: bytes, groups: Any) -> tuple[np.ndarray, n
     else:
         if groups is None:
             raise PayloadError(
-                f"this payload needs the pool's groups: it was coded per group ({want['count']} groups, "
-                "the pool's folders); pass groups=Pool.groups()[0] of the pool it was made for"
+                f"this payload was coded per folder of its pool ({want['count']} groups): decoding it needs "
+                "the pool (plada inspect --pool POOL; in Python, decode(data, groups=pool.groups()[0]))"
             )
         grouping = codec.grouping(groups, pool_size)
         if grouping.count != want["count"] or grouping.digest != want["sha256"]:
@@ -863,21 +799,6 @@ def _decode_joint(header: dict, blob: bytes, groups: Any) -> tuple[np.ndarray, n
                 f"sha256 {grouping.digest[:16]}…): sender and receiver must group the pool alike"
             )
     return codec.decode(blob, count, pool_size, len(header["class_names"]), grouping)
-
-
-def _finish(header: dict, indices: np.ndarray, labels: np.ndarray, sections: list[dict], version: int,
-            total: int, header_len: int, digest: bytes) -> tuple[Payload, dict]:
-    payload = Payload(
-        pool_fingerprint=header["pool_fingerprint"],
-        pool_size=header["pool_size"],
-        class_names=tuple(header["class_names"]),
-        indices=indices,
-        labels=labels,
-        meta=header["meta"],
-    )
-    info = _info(header, version, total, header_len, digest, sections, decoded=True)
-    info["meta"] = payload.meta
-    return payload, info
 
 
 def decode(data: bytes, groups: Any = None, *, max_images: int | None = DEFAULT_MAX_IMAGES) -> Payload:
@@ -912,7 +833,7 @@ def describe(data: bytes, groups: Any = None, *, max_images: int | None = DEFAUL
         if header_only:
             return _undecoded(data, "sections not decoded (header only)")
         header = peek_header(data)
-        if groups is None and header.get("groups") is not None:
+        if groups is None and header["groups"] is not None:
             return _undecoded(data, f"the index was coded per pool folder ({header['groups']['count']} groups): "
                                     "pass --pool to decode it")
         return _decode(data, groups, max_images)[1]

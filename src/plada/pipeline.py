@@ -12,7 +12,7 @@ import stat
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -116,30 +116,62 @@ def send(
     chunk_size()  # a bad PLADA_SCORE_CHUNK fails now, not after the teacher
     engines.check_engine(cfg.engine)
     out = check_output(out, "payload", payload.MAGIC)
+    check_output(report_path(out), "report", ours=_is_report)
     t0 = time.time()
     src = load_source(target, data, progress=progress)
     train = src.split(train_split)
     test = src.split(test_split) if test_split in src.splits() else None
     pool = pool if isinstance(pool, Pool) else open_any(pool, data, progress=progress)
-    check_not_input(out, [resolve_source(target, data), src.root, cache_root(), *_pool_inputs(pool, data)], "payload")
+    for o, what in ((out, "payload"), (report_path(out), "report")):
+        check_not_input(o, [resolve_source(target, data), src.root, cache_root(), *_pool_inputs(pool, data)], what)
     if pool.missing.any():  # its zero rows would be scored, kept and labelled like real images
         raise PladaError(f"pool '{pool.name}' lacks {int(pool.missing.sum())} of its manifest's images; "
                          "a sender needs the complete pool")
     groups = pool.groups()[0]
     if cfg.auto:  # the very bytes the search measured
         idx, labels, encoded, report = _send_auto(src.name, train, test, pool, groups, cfg, progress, dev)
+        _check_readable(pool)
         nbytes = payload.write_bytes(out, encoded)
     else:
-        idx, labels, meta, report = _send_fixed(src.name, train, test, pool, cfg, progress, dev)
-        p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, labels, meta)
-        nbytes = payload.write(out, p, groups=groups)
-    return {"payload": str(out), "payload_bytes": nbytes, "kept": int(len(idx)), "pool_size": len(pool), **report,
-            "kept_per_class": np.bincount(labels, minlength=len(train.class_names)).tolist(),
-            "device": str(dev), "seconds": round(time.time() - t0, 1)}
+        idx, labels, report = _send_fixed(src.name, train, test, pool, cfg, progress, dev)
+        _check_readable(pool)
+        nbytes = payload.write(out, payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx,
+                                                    labels), groups=groups)
+    report = {"payload": str(out), "payload_bytes": nbytes, "report": str(report_path(out)), "kept": int(len(idx)),
+              "pool": pool.name, "pool_size": len(pool), "pool_fingerprint": pool.fingerprint, **report,
+              "kept_per_class": np.bincount(labels, minlength=len(train.class_names)).tolist(),
+              "device": str(dev), "seconds": round(time.time() - t0, 1)}
+    atomic_write(report_path(out), json.dumps({"plada": "send report", **report}, indent=1).encode())
+    return report
 
 
-def _teacher_meta(t: TeacherConfig, test_accuracy: float | None) -> dict:
-    return {"model": t.model, "res": t.res, "mode": t.mode, "test_accuracy": test_accuracy}
+def _check_readable(pool: Pool) -> None:
+    """Refuse to send when pool files read as zeros: they were scored as black images and could be kept.
+
+    A folder or shard pool leaves unreadable files out when it is built; one that breaks afterwards (edited,
+    truncated, removed) fails its hash check when read, and a receiver would train on other pixels than ours.
+    """
+    bad = getattr(pool.images, "bad", None)
+    if bad is not None and len(bad):
+        names = ", ".join(str(pool.paths[int(i)]) for i in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3
+                                                                       else "")
+        raise PladaError(f"{len(bad)} file(s) of pool '{pool.name}' changed or became unreadable since it was built "
+                         f"({names}): restore them, or rebuild the pool and publish its new manifest")
+
+
+def _is_report(head: bytes) -> bool:
+    return head.startswith(b'{\n "plada": ')
+
+
+def report_path(payload_path: str | os.PathLike) -> Path:
+    """The sender's run record beside its payload (`t.plada` -> `t.plada.json`): how the selection was made."""
+    p = Path(payload_path)
+    return p.with_name(p.name + ".json")
+
+
+def _selection(name: str, t: TeacherConfig, test_accuracy: float | None, **rule: Any) -> dict:
+    return {"target": name, **rule, "teacher": {"model": t.model, "res": t.res, "mode": t.mode,
+                                                "test_accuracy": test_accuracy}}
 
 
 def _send_fixed(name: str, train: Split, test: Split | None, pool: Pool, cfg: SendConfig, progress: bool,
@@ -155,10 +187,9 @@ def _send_fixed(name: str, train: Split, test: Split | None, pool: Pool, cfg: Se
     labels = scores.labels
     key = select.rank_key(cfg.policy, scores.energy(cfg.temperature), scores.entropy(), seed=cfg.seed)
     idx = select.select(labels, key, k, len(train.class_names), safety_share=safety, alpha=alpha)
-    meta = {"target": name, "policy": cfg.policy, "keep": cfg.keep_share, "count": k,
-            "temperature": cfg.temperature, "safety_share": safety, "alpha": alpha, "seed": cfg.seed,
-            "teacher": _teacher_meta(cfg.teacher, tinfo.get("test_accuracy"))}
-    return idx, labels[idx], meta, {"teacher_accuracy": tinfo.get("test_accuracy")}
+    rule = _selection(name, cfg.teacher, tinfo.get("test_accuracy"), policy=cfg.policy, keep=cfg.keep_share,
+                      count=k, temperature=cfg.temperature, safety_share=safety, alpha=alpha, seed=cfg.seed)
+    return idx, labels[idx], {"teacher_accuracy": tinfo.get("test_accuracy"), "selection": rule}
 
 
 def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: np.ndarray, cfg: SendConfig,
@@ -172,13 +203,11 @@ def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: 
     if own_teacher and (cfg.deciders is not None or cfg.holdout_fraction is not None):
         raise PladaError(f"the teacher leaves {len(unseen)} train images unseen (teacher.limit), so it decides "
                          "itself: deciders and holdout_fraction do not act")
-    base = {"target": name, "keep": None, "temperature": cfg.temperature,
-            "teacher": _teacher_meta(cfg.teacher, None)}
     k = None if cfg.budget is not None else select.budget(len(pool), keep=cfg.keep_share, count=cfg.count)
+    size_of = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, groups=groups)
     # the cheapest payload this target can have: refuse a budget below it before any teacher trains
     if cfg.budget is not None:
-        one = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, base, groups=groups)(
-            np.array([0]), np.array([0]), auto.search_meta(auto.Policy("lowest-energy"), 1, cfg.budget, 1))
+        one = size_of(np.array([0]), np.array([0]), 1.0)
         if cfg.budget < one:
             raise PladaError(f"byte budget {cfg.budget} is too small: a payload keeping one image of this target "
                              f"and pool needs about {one} bytes")
@@ -206,24 +235,18 @@ def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: 
                                     temperature=cfg.temperature, engine=cfg.engine, actors=cfg.actors,
                                     progress=progress, groups=tgroups, device=device)
 
-    def header_of(d: auto.Decider) -> dict:  # each decider's candidates carry its own accuracy: sized exactly
-        return {**base, "teacher": {**base["teacher"], "test_accuracy": d.test_accuracy}}
-
-    sizers = {d.fold: auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, header_of(d),
-                                         groups=groups) for d in deciders}
-
-    def size_of(indices: np.ndarray, labels: np.ndarray, meta: dict) -> int:
-        return sizers[meta["auto"].get("labels_from_fold")](indices, labels, meta)
-
     choice = auto.search(deciders=deciders, pool_feats=pool_f, heldout_feats=feats(held_idx, "held"),
                          heldout_labels=train.labels[held_idx], n_classes=len(train.class_names), size_of=size_of,
                          budget_bytes=cfg.budget, k=k, groups=groups, seed=cfg.seed)
     sender = deciders[choice.decider]
-    encoded = sizers[sender.fold].last  # the search's last measure is its choice, with its forecast in the header
+    encoded = size_of.last  # the search's last measure is its choice, with its forecast in the header
     if len(encoded) != choice.payload_bytes:
         raise AssertionError("the search's last measured payload is not its choice")  # a bug, not a user mistake
+    rule = _selection(name, cfg.teacher, sender.test_accuracy, policy=choice.policy, keep=None, count=choice.k,
+                      temperature=cfg.temperature, safety_share=choice.safety_share, alpha=choice.alpha,
+                      seed=cfg.seed, **({} if choice.tau is None else {"tau": choice.tau}))
     report = {"teacher_accuracy": sender.test_accuracy, "policy": choice.name, "forecast_accuracy": choice.forecast,
-              "auto": choice.summary()}
+              "selection": rule, "auto": choice.summary()}
     return choice.indices, choice.labels, encoded, report
 
 
@@ -304,7 +327,7 @@ def receive(
     from . import receiver
 
     # Before the pool is opened: a header naming a receiver mode this plada lacks is refused in one line.
-    mode, mode_from = receiver.resolve_mode(cfg.mode, header["meta"])
+    mode, mode_from = receiver.resolve_mode(cfg.mode, header["receiver"])
     replace(cfg, mode=mode).check()  # the header's mode: its knobs are checked as if it had been given
     pool = pool if isinstance(pool, Pool) else open_any(pool, data, progress=progress)
     if model_out is not None:
@@ -356,7 +379,8 @@ def receive(
         model = train_student(pool.images, rlabels, n_cls, train_cfg, progress=progress, feats=np.asarray(feats[rows]),
                               device=dev)
     else:
-        model = train_student(np.asarray(pool.images[rows]), rlabels, n_cls, train_cfg, progress=progress, device=dev)
+        model = train_student(np.asarray(pool.images_at(train_cfg.res)[rows]), rlabels, n_cls, train_cfg,
+                              progress=progress, device=dev)
     report = {"kept": int(len(indices)), "dropped_missing": dropped, "student": asdict(train_cfg), "seconds": 0.0,
               "receiver": {**expansion.info, "from": mode_from, "trained_on": int(len(rows))}}
     if testset is not None:

@@ -12,6 +12,10 @@ A receiver whose copy of the pool is incomplete (lost files, bit rot) builds it 
 published manifest instead: the pool then has the canonical order and fingerprint, and its
 per-image hashes mark which rows it really holds (`missing`), so a payload can be checked image by
 image rather than refused as a whole.
+
+Pools as users hold them (a folder of JPEGs, WebDataset shards) are not decoded at all: their manifest
+paths are the files' paths under the folder (or the samples' original names), and `Pool.images` decodes
+the files on access at the resolution the model asks for (`Pool.images_at`, `plada.images`).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .data import atomic_save_npy, atomic_write, cache_root, load_source, write_json_atomic
+from .data import atomic_save_npy, atomic_write, cache_root, load_source, resolve_source, write_json_atomic
 from .errors import PladaError, PoolMismatchError, reading
+from .images import DEFAULT_RES, MAX_PIXELS, FolderFiles, LazyImages, TarMembers, layout_of, scan_folder, scan_shards
 from .manifest import Manifest, manifest_text, unstorable_paths
 
 try:
@@ -51,6 +56,8 @@ DEFAULT_POOL = "tinyimagenet32"
 # `pools/NAME/images.npy` keep working; folders built before versions existed hold the files themselves.
 _CURRENT = "current"
 _FILES = ("images.npy", "missing.npy", "manifest.tsv", "pool.json")  # pool.json marks a pool folder
+_FILES_LAZY = ("missing.npy", "manifest.tsv", "pool.json")  # a folder or shard pool: no decoded images
+_KIND_FILES = "files"  # pool.json "kind" of a pool read from the user's own image files or shards
 _LOCK = ".lock"
 _VERSION = re.compile(r"v-[0-9a-f]{16}")
 _TEMP = re.compile(r"\..+\.[0-9a-f]{16}\.tmp")
@@ -62,7 +69,7 @@ class Pool:
 
     name: str
     root: Path
-    images: np.ndarray  # (N, R, R, 3) uint8
+    images: np.ndarray  # (N, R, R, 3) uint8; a folder or shard pool's is a `LazyImages` at images.DEFAULT_RES
     paths: Sequence[str]  # list, or a view over the manifest's bytes (plada.manifest)
     hashes: Sequence[str]
     fingerprint: str
@@ -76,6 +83,16 @@ class Pool:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def images_at(self, res: int) -> np.ndarray:
+        """The images as a model of input size `res` reads them.
+
+        Why: a folder or shard pool has no resolution of its own and decodes each file straight to `res`
+        (one resize, from the full-resolution file); a decoded pool has one resolution, and `train.prepare`
+        resizes its rows, so it is returned unchanged and its results stay byte-identical.
+        """
+        at = getattr(self.images, "at", None)
+        return self.images if at is None else at(res)
 
     def groups(self) -> tuple[np.ndarray, list[str]]:
         """Group id per image (its folder) and the group names: the pool's only structure we use."""
@@ -164,7 +181,9 @@ def build_pool(
     """Join sources (each `NAME` or `NAME:split,...`) into one pool with a manifest and fingerprint.
 
     With `manifest`, the pool takes that manifest's order and fingerprint; rows the sources lack,
-    or hold with other bytes, become zeros flagged in `missing`.
+    or hold with other bytes, become zeros flagged in `missing`. One folder of image files (ImageNet's
+    `train/<wnid>/<file>.JPEG`) or of WebDataset `.tar` shards is a pool by itself: only its manifest is
+    written, and its images are decoded from the files when read (`plada.images`).
     """
     if not sources:
         raise PladaError("a pool needs at least one source")
@@ -174,6 +193,9 @@ def build_pool(
         raise PladaError(f"pool name must be a plain folder name, got {name!r}")
     root = Path(out) if out is not None else pools_dir() / name
     _check_replaceable(root)
+    files = _files_source(sources, data)
+    if files is not None:
+        return _build_files_pool(files[0], files[1], name, root, canon, progress)
     rows: list[tuple[str, str, int, int]] = []  # path, hash, source idx, row in source
     loaded = []
     skipped = 0
@@ -245,6 +267,127 @@ def build_pool(
             raise
         _clean(root, keep=version.name)
     return pool
+
+
+def _files_source(sources: list[str], data: str | os.PathLike | None) -> tuple[Path, str] | None:
+    """(folder, layout) when the sources name a folder of image files or of WebDataset shards, else None.
+
+    Such a folder is a pool by itself (nothing decoded, nothing copied), so it must be the only source and
+    taken whole: joined with others or split by `:split`, its manifest would no longer be its own.
+    """
+    found = []
+    for spec in sources:
+        src_name, splits = parse_spec(spec)
+        try:
+            path = resolve_source(src_name, data)
+        except PladaError:
+            continue  # the decoded path below names what is wrong with it
+        layout = layout_of(path)
+        if layout is not None:
+            found.append((path, layout, splits))
+    if not found:
+        return None
+    path, layout, splits = found[0]
+    if len(sources) > 1 or splits is not None:
+        raise PladaError(f"{path} is a {'folder of images' if layout == 'folder' else 'folder of tar shards'}: it is "
+                         "a pool on its own, built alone and whole (no other sources, no :split)")
+    return path, layout
+
+
+def _build_files_pool(src: Path, layout: str, name: str, root: Path,
+                      canon: tuple[Sequence[str], Sequence[str], bytes] | None, progress: bool) -> Pool:
+    """A pool read from the user's own files: its manifest, missing mask and shard index, no pixels.
+
+    Hashing reads every file once (in parallel); decoding waits until a model asks for a resolution.
+    """
+    src = src.resolve()
+    got = scan_folder(src, progress) if layout == "folder" else scan_shards(src, progress)
+    members = got.members
+    if canon is None:
+        text = _storable_manifest(got.paths, got.hashes)
+        paths = got.paths
+        missing = np.zeros(len(paths), dtype=bool)
+    else:
+        paths, hashes, text = canon
+        have = {p: i for i, p in enumerate(got.paths)}
+        at = np.fromiter((have.get(p, -1) for p in paths), dtype=np.int64, count=len(paths))
+        same = np.fromiter((i >= 0 and got.hashes[i] == h for i, h in zip(at.tolist(), hashes, strict=True)),
+                           dtype=bool, count=len(paths))
+        if not same.any():
+            raise PladaError(
+                f"{src} holds none of the manifest's {len(paths)} images (manifest paths look like {paths[0]!r}, "
+                f"{src.name} gives e.g. {got.paths[0]!r})")
+        missing = ~same
+        if members is not None:
+            members = np.where(same[:, None], members[np.maximum(at, 0)], np.array([-1, 0, 0]))
+    fp = hashlib.sha256(text).hexdigest()
+    with _locked(root, name, progress) as created:
+        _check_replaceable(root)
+        version = root / f"v-{secrets.token_hex(8)}"
+        try:
+            version.mkdir()
+            atomic_write(version / "manifest.tsv", text)
+            atomic_save_npy(version / "missing.npy", missing)
+            if members is not None:
+                atomic_save_npy(version / "members.npy", np.ascontiguousarray(members, dtype=np.int64))
+            meta = {"name": name, "kind": _KIND_FILES, "layout": layout, "source": str(src), "sources": [str(src)],
+                    "size": len(paths), "fingerprint": fp, "missing": int(missing.sum()), "skipped": len(got.skipped),
+                    "default_res": DEFAULT_RES, "max_pixels": MAX_PIXELS}
+            if got.shards is not None:
+                meta["shards"] = got.shards
+            write_json_atomic(version / "pool.json", meta)
+            _fsync(version)
+            pool = _open_version(version, root)
+            _swap(root, version.name, _FILES_LAZY)
+        except BaseException:
+            if not _published(root, version):
+                shutil.rmtree(version, ignore_errors=True)
+                if created:
+                    _remove_if_only_lock(root)
+            raise
+        stale = root / "images.npy"  # the decoded pool this replaced linked its images there: nothing now
+        if stale.is_symlink() and not stale.exists():
+            stale.unlink(missing_ok=True)
+        _clean(root, keep=version.name)
+    return pool
+
+
+def _open_files(folder: Path, root: Path, meta: dict, paths: Sequence[str], hashes: Sequence[str],
+                fp: str) -> Pool:
+    """A folder or shard pool: its images a `LazyImages` over the files it was built from, checked present."""
+    rebuild = "rebuild it with `plada pool build FOLDER`"
+    src = Path(str(meta.get("source", "")))
+    layout = meta.get("layout")
+    if layout not in ("folder", "shards") or not src.is_absolute():
+        raise PladaError(f"pool {root} is damaged: pool.json lacks where its images are; {rebuild}")
+    if not src.is_dir():
+        raise PladaError(f"pool '{meta['name']}' reads its images from {src}, which is not there (moved or "
+                         f"unmounted?); {rebuild}")
+    try:
+        missing = np.load(folder / "missing.npy")
+        members = np.load(folder / "members.npy", mmap_mode="r") if layout == "shards" else None
+    except (OSError, ValueError, EOFError):
+        raise PladaError(f"pool {root} is damaged: its missing mask or shard index cannot be read; {rebuild}") from None
+    if missing.shape != (len(paths),) or missing.dtype != bool:
+        raise PladaError(f"pool {root} is damaged: its missing mask does not match its manifest")
+    if layout == "folder":
+        source: FolderFiles | TarMembers = FolderFiles(src, paths)
+    else:
+        shards = meta.get("shards")
+        if (members is None or members.shape != (len(paths), 3) or members.dtype != np.int64
+                or not isinstance(shards, list) or not all(isinstance(f, str) and "/" not in f for f in shards)):
+            raise PladaError(f"pool {root} is damaged: its shard index does not match its manifest; {rebuild}")
+        gone = [f for f in shards if not (src / f).is_file()]
+        if gone:
+            raise PladaError(f"pool '{meta['name']}' lacks shard {src / gone[0]}" +
+                             (f" and {len(gone) - 1} more" if len(gone) > 1 else "") + f"; {rebuild}")
+        source = TarMembers([src / f for f in shards], members, paths)
+    max_pixels = meta.get("max_pixels", MAX_PIXELS)
+    images = LazyImages(source, DEFAULT_RES, hashes=hashes, missing=missing if missing.any() else None,
+                        label=f"pool '{meta['name']}'", max_pixels=max_pixels if isinstance(max_pixels, int) else
+                        MAX_PIXELS)
+    return Pool(meta["name"], root, images, paths, hashes, fp, missing,  # type: ignore[arg-type]
+                int(meta.get("skipped", 0)))
 
 
 def _fsync(path: Path) -> None:
@@ -350,7 +493,7 @@ def _link(root: Path, name: str, target: str) -> None:
         raise
 
 
-def _swap(root: Path, version: str) -> None:
+def _swap(root: Path, version: str, files: Sequence[str] = _FILES) -> None:
     """Publish `version`; switching `current` is the one step that does it, atomically.
 
     Before the switch every reader opens the old pool, after it the new one: `open_pool` reads a folder
@@ -358,7 +501,7 @@ def _swap(root: Path, version: str) -> None:
     old layout). The top-level links are made before the switch where nothing is there yet (so a fresh
     folder never holds `current` without `pool.json`), and after it where an old-layout file is replaced.
     """
-    links = {f: f"{_CURRENT}/{f}" for f in _FILES}
+    links = {f: f"{_CURRENT}/{f}" for f in files}
     for f, want in links.items():
         if not (root / f).exists() and not (root / f).is_symlink():
             _link(root, f, want)
@@ -440,6 +583,8 @@ def _open_version(folder: Path, root: Path) -> Pool:
     fp = hashlib.sha256(text).hexdigest()
     if fp != meta["fingerprint"]:
         raise PladaError(f"pool {root} is damaged: its manifest does not match its recorded fingerprint")
+    if meta.get("kind") == _KIND_FILES:
+        return _open_files(folder, root, meta, paths, hashes, fp)
     try:
         images = np.load(folder / "images.npy", mmap_mode="r")
         missing = np.load(folder / "missing.npy") if (folder / "missing.npy").is_file() else None  # older: complete

@@ -100,23 +100,18 @@ class Expansion:
         return Expansion(self.indices[keep], self.labels[keep], w, {**self.info, "capped_to": int(cap)})
 
 
-def resolve_mode(explicit: str | None, meta: dict) -> tuple[str, str]:
-    """(mode, where it came from): the caller's choice, else the payload header's ``receiver``, else plain.
+def resolve_mode(explicit: str | None, named: str) -> tuple[str, str]:
+    """(mode, where it came from): the caller's choice, else the one the payload header names.
 
-    A header naming a mode this plada lacks is refused rather than received as plain: the sender sized
-    the payload for that receiver, and a silently different receiver is a wrong result nobody sees.
+    The header's mode is the one its sender's forecast assumed; `plada.payload` refuses a header naming
+    a mode this plada lacks (`payload.RECEIVERS`), so a different receiver is only ever asked for.
     """
     if explicit is not None:
         if explicit not in MODES:
             raise PladaError(f"unknown receiver mode {explicit!r} (have: {', '.join(MODES)})")
         return explicit, "option"
-    named = meta.get("receiver") if isinstance(meta, dict) else None
-    if named is None:
-        return DEFAULT_MODE, "default"
-    if not isinstance(named, str) or named not in MODES:
-        shown = named if isinstance(named, str) and len(named) <= 40 and named.isprintable() else "?"
-        raise PladaError(f"the payload asks for receiver mode {shown!r}, which this plada does not have "
-                         f"(have: {', '.join(MODES)}); pass --receiver MODE to receive it anyway")
+    if named not in MODES:  # a payload module that knows more modes than this one: a bug, said plainly
+        raise PladaError(f"the payload asks for receiver mode {named!r}, which this plada does not have")
     return named, "payload"
 
 

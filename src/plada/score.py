@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tqdm import tqdm
 from .backbones import Classifier
 from .data import atomic_save_npy
 from .errors import PladaError
+from .images import LazyImages
 from .pool import Pool
 from .train import predict
 
@@ -115,16 +117,24 @@ def score_pool(
     d = score_dir(cache, pool, model, chunk)
     d.mkdir(parents=True, exist_ok=True)
     n, classes = len(pool), model.head.out_features
+    view = pool.images_at(model.res)  # a folder or shard pool: its files decoded at the model's own size
+    lazy = view if isinstance(view, LazyImages) else None
     parts = []
     with tqdm(total=n, desc="scoring pool", unit="img", disable=not progress) as bar:
         for a in range(0, n, chunk):
             path = d / f"{a:012d}.npy"
             logits = load_chunk(path, min(chunk, n - a), classes)
             if logits is None:
-                logits = predict(model, pool.images[a : a + chunk], batch_size=batch_size, progress=False,
-                                 device=device)
+                if lazy is None:
+                    logits = predict(model, pool.images[a : a + chunk], batch_size=batch_size, progress=False,
+                                     device=device)
+                else:
+                    with closing(lazy.stream(a, a + chunk, batch_size)) as rows:  # decoding overlaps the forward
+                        logits = predict(model, rows, batch_size=batch_size, progress=False, device=device)
                 logits = logits.astype(np.float32)
                 atomic_save_npy(path, logits)
             parts.append(logits)
             bar.update(len(logits))
+    if lazy is not None:
+        lazy.warn_bad()  # the files that read as zeros, named once for the whole pool
     return Scores(np.concatenate(parts) if parts else np.zeros((0, classes), np.float32))

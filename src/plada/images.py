@@ -1,0 +1,587 @@
+"""Pool images as users hold them: image files decoded on access, at the resolution the model asks for.
+
+Why not the decoded cache (`plada.data`): ImageNet-1K's 1.28M JPEGs are 190 GB as 224 px uint8, and a
+model at 224 px read from a 64 px cache sees blurred pixels. So a folder or WebDataset pool keeps only
+its manifest and where each image's bytes are (a file under a root, or a byte range of a tar shard);
+`LazyImages` decodes rows when they are read, at the resolution it was opened at, and drops in wherever
+`pool.images[a:b]` is sliced. Decoding uses a thread pool (PIL releases the GIL while decoding and
+resizing), with the next batch decoded while the current one is consumed (`LazyImages.batches`).
+
+Safety, since pool files are whoever's bytes: an image whose header declares more than `MAX_PIXELS`
+pixels is refused from the header alone, before PIL allocates its pixels (a 60000x60000 PNG of a few
+kilobytes would otherwise ask for 10 GB); a file that fails to read or decode, or whose bytes no longer
+hash to its manifest entry, reads as a zero row, is recorded (`LazyImages.bad`) and named once in one
+warning line, and never aborts a run.
+
+Manifest paths: a folder's images are keyed by their path under its root (`n01440764/x.JPEG`); a shard
+sample by its original file name (`filename` or `fname` in its `.json` member), else by its WebDataset key
+plus extension. Hashes are those of every manifest (blake2b-64 of the file's bytes), so the same images
+held as a folder or as shards in any order and shuffle give one manifest and one fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import tarfile
+import threading
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .data import _check_name, _is_image, _shown, _to_8bit, _to_square, _walk_files
+from .errors import PladaError
+
+__all__ = ["DEFAULT_RES", "MAX_PIXELS", "BadImage", "FolderFiles", "LazyImages", "Scanned", "TarMembers",
+           "check_header", "decode", "file_hash", "layout_of", "scan_folder", "scan_shards"]
+
+# Below PIL's own refusal (2 * Image.MAX_IMAGE_PIXELS, about 179M), so this is the limit that applies, and it
+# holds even where a program has switched PIL's off. 134M pixels: an 11,585 px square photo still passes.
+MAX_PIXELS = 2**27
+DEFAULT_RES = 224  # what `Pool.images` of a lazy pool decodes at; models ask for their own via `images_at`
+DRAFT_GAP = 2.0  # JPEG DCT downscaling stops at twice the target size, so the final resize still antialiases
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference when one sample has several
+NAME_KEYS = ("filename", "fname")
+_BLOCK = 2048  # files hashed per thread-pool round: bounds the futures (and bytes) held at once
+
+
+class BadImage(Exception):
+    """An image that reads as a zero row; the message says why, for the one warning line."""
+
+
+def file_hash(raw: bytes) -> str:
+    """The manifest hash of a file's bytes: blake2b-64 hex, as `plada.data` hashes every source image."""
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+def _open(raw: bytes, max_pixels: int) -> Image.Image:
+    """The image's header parsed (pixels not yet read), refused when it declares more than `max_pixels`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below is the rule
+        try:
+            img = Image.open(io.BytesIO(raw))
+        except Image.DecompressionBombError:
+            raise BadImage("declares too many pixels (decompression bomb): refused unread") from None
+        except Exception as e:  # PIL raises many types on hostile headers
+            raise BadImage(f"not an image PIL can read ({type(e).__name__})") from None
+    w, h = img.size
+    if w < 1 or h < 1 or w * h > max_pixels:
+        img.close()
+        raise BadImage(f"declares {w}x{h} pixels (limit {max_pixels}): refused unread")
+    return img
+
+
+def check_header(raw: bytes, max_pixels: int = MAX_PIXELS) -> None:
+    """Raise `BadImage` unless `raw` starts like an image of at most `max_pixels`: what a pool build admits."""
+    _open(raw, max_pixels).close()
+
+
+def decode(raw: bytes, res: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """`(res, res, 3)` uint8: shorter side resized to `res` (antialiased), centre-cropped, as `data._to_square`.
+
+    A JPEG much larger than needed is first downscaled in the DCT domain (`draft`), which decodes a 4000 px
+    photo for 224 px at a fraction of the time and memory; it stops at `DRAFT_GAP` times the target.
+    """
+    img = _open(raw, max_pixels)
+    try:
+        with img:
+            w, h = img.size
+            if img.format == "JPEG":
+                s = res * DRAFT_GAP / min(w, h)
+                if s < 0.5:  # at least a 2x DCT reduction is possible
+                    img.draft("RGB", (max(1, math.ceil(w * s)), max(1, math.ceil(h * s))))
+            img.load()
+            if img.mode == "I" or img.mode.startswith("I;16"):
+                img = _to_8bit(img)
+            return _to_square(img.convert("RGB"), res)
+    except BadImage:
+        raise
+    except Exception as e:  # truncated data (OSError), broken streams (SyntaxError, struct.error, ...)
+        raise BadImage(f"cannot be decoded ({' '.join(str(e).split())[:80] or type(e).__name__})") from None
+
+
+class FolderFiles:
+    """Image bytes of manifest rows held as files under one folder (`root / path`)."""
+
+    def __init__(self, root: Path, paths: Sequence[str]) -> None:
+        self.root = Path(root)
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def name(self, i: int) -> str:
+        return self.paths[i]
+
+    def read(self, i: int) -> bytes:
+        with open(self.root / self.paths[i], "rb") as f:
+            return f.read()
+
+
+class TarMembers:
+    """Image bytes of manifest rows held as members of tar shards, read by byte offset (no tar parsing).
+
+    `members` is `(N, 3)` int64: shard index (into `files`), data offset and size; shard -1 is a row this
+    copy lacks. A read opens, preads and closes: file descriptors never pile up however many shards there are.
+    """
+
+    def __init__(self, files: Sequence[Path], members: np.ndarray, names: Sequence[str]) -> None:
+        self.files = [Path(f) for f in files]
+        self.members = members
+        self.names = names
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def name(self, i: int) -> str:
+        return self.names[i]
+
+    def read(self, i: int) -> bytes:
+        k, off, size = (int(v) for v in self.members[i])
+        if k < 0:
+            raise OSError("not held by any shard")
+        fd = os.open(self.files[k], os.O_RDONLY)
+        try:
+            raw = os.pread(fd, size, off)
+        finally:
+            os.close(fd)
+        if len(raw) != size:
+            raise OSError(f"shard {self.files[k].name} is cut short")
+        return raw
+
+
+class _Source(Protocol):
+    """What `LazyImages` needs of where the bytes are: `FolderFiles`, `TarMembers`, or a test's own."""
+
+    def __len__(self) -> int: ...
+    def name(self, i: int) -> str: ...
+    def read(self, i: int) -> bytes: ...
+
+
+@dataclass
+class _Bad:
+    """Rows found unreadable, shared by every resolution view of one pool, so each is named once."""
+
+    reasons: dict[int, str] = field(default_factory=dict)
+    reported: set[int] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class LazyImages:
+    """A pool's images as an `(N, res, res, 3)` uint8 array-like, decoded from their files on access.
+
+    Reading: an int, a slice, or an int or bool array gives a new uint8 array (decoded in a thread pool);
+    `batches` streams a range with the next batch prefetched; `at(res)` is the same files at another size.
+    """
+
+    def __init__(self, source: _Source, res: int = DEFAULT_RES, hashes: Sequence[str] | None = None,
+                 missing: np.ndarray | None = None, label: str = "pool", max_pixels: int = MAX_PIXELS,
+                 workers: int | None = None, _bad: _Bad | None = None) -> None:
+        if not 1 <= int(res) <= 4096:
+            raise PladaError(f"image resolution {res} out of range 1..4096")
+        self.source = source
+        self.res = int(res)
+        self.hashes = hashes  # when given, every read is checked against it (a file edited since the build)
+        self.missing = missing
+        self.label = label
+        self.max_pixels = max_pixels
+        self.workers = workers or min(32, os.cpu_count() or 1)
+        self._bad = _bad or _Bad()
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 4
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.source), self.res, self.res, 3)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __repr__(self) -> str:
+        return f"<LazyImages {self.label}: {len(self)} images at {self.res} px>"
+
+    def at(self, res: int) -> LazyImages:
+        """The same files decoded at `res` (this view itself when it already is); bad rows are shared."""
+        if int(res) == self.res:
+            return self
+        return LazyImages(self.source, res, self.hashes, self.missing, self.label, self.max_pixels, self.workers,
+                          self._bad)
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def _positions(self, key: int | slice | np.ndarray | Sequence[int]) -> np.ndarray:
+        n = len(self)
+        if isinstance(key, slice):
+            return np.arange(*key.indices(n), dtype=np.int64)
+        pos = np.asarray(key)
+        if pos.dtype == bool:
+            if pos.shape != (n,):
+                raise IndexError(f"boolean index of shape {pos.shape} for {n} images")
+            return np.flatnonzero(pos)
+        if pos.size and not np.issubdtype(pos.dtype, np.integer):
+            raise IndexError(f"images are indexed by integers, slices or boolean masks, not {pos.dtype}")
+        pos = pos.astype(np.int64).ravel()
+        pos = np.where(pos < 0, pos + n, pos)
+        if pos.size and (pos.min() < 0 or pos.max() >= n):
+            raise IndexError(f"index out of range for {n} images")
+        return pos
+
+    def _decode_into(self, pos: np.ndarray, out: np.ndarray) -> list[tuple[int, str]]:
+        """Decode rows `pos` into `out` (already zeros); returns the rows that failed, with why."""
+        bad = []
+        for j, i in enumerate(pos.tolist()):
+            if self.missing is not None and self.missing[i]:
+                continue  # a row this copy lacks: zeros, as in a decoded pool, and not a fault of its file
+            try:
+                try:
+                    raw = self.source.read(i)
+                except OSError as e:
+                    raise BadImage(f"cannot be read ({e.strerror or ' '.join(str(e).split())})") from None
+                if self.hashes is not None and file_hash(raw) != self.hashes[i]:
+                    raise BadImage("its bytes changed since the pool was built (hash differs from the manifest)")
+                out[j] = decode(raw, self.res, self.max_pixels)
+            except BadImage as e:
+                bad.append((i, str(e)))
+        return bad
+
+    def _submit(self, ex: ThreadPoolExecutor, pos: np.ndarray) -> tuple[np.ndarray, list[Future]]:
+        out = np.zeros((len(pos), self.res, self.res, 3), dtype=np.uint8)
+        parts = np.array_split(np.arange(len(pos)), min(len(pos), self.workers * 4)) if len(pos) else []
+        return out, [ex.submit(self._decode_part, pos, out, p) for p in parts if len(p)]
+
+    def _decode_part(self, pos: np.ndarray, out: np.ndarray, part: np.ndarray) -> list[tuple[int, str]]:
+        a, b = int(part[0]), int(part[-1]) + 1  # array_split parts are contiguous: out[a:b] is a view
+        return self._decode_into(pos[a:b], out[a:b])
+
+    def _collect(self, pending: tuple[np.ndarray, list[Future]]) -> np.ndarray:
+        out, futures = pending
+        self._record([b for f in futures for b in f.result()])
+        return out
+
+    def _record(self, found: list[tuple[int, str]]) -> None:
+        if found:
+            with self._bad.lock:
+                for i, why in found:
+                    self._bad.reasons.setdefault(i, why)
+
+    def __getitem__(self, key: int | slice | np.ndarray | Sequence[int]) -> np.ndarray:
+        if isinstance(key, int | np.integer):
+            n = len(self)
+            if not -n <= int(key) < n:
+                raise IndexError(f"index {key} out of range for {n} images")
+            return self[np.array([int(key) % n])][0]
+        pos = self._positions(key)
+        if len(pos) <= 1:  # no threads for one image
+            out = np.zeros((len(pos), self.res, self.res, 3), dtype=np.uint8)
+            self._record(self._decode_into(pos, out))
+        else:
+            with ThreadPoolExecutor(min(self.workers, len(pos)), thread_name_prefix="plada-decode") as ex:
+                out = self._collect(self._submit(ex, pos))
+        self.warn_bad()
+        return out
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        arr = self[:]  # every image decoded in memory: only for small pools
+        return arr if dtype is None else arr.astype(dtype)
+
+    def batches(self, start: int = 0, stop: int | None = None, batch_size: int = 256, prefetch: int = 1,
+                warn: bool = True) -> Iterator[np.ndarray]:
+        """Rows `[start, stop)` as consecutive `batch_size` arrays, the next `prefetch` decoding meanwhile.
+
+        Why prefetch: the consumer (a forward pass) and the decoders then overlap, so scoring runs at the
+        speed of the slower of the two, not of their sum. `warn`: name new bad rows once the range is done.
+        """
+        n = len(self)
+        stop = n if stop is None else min(int(stop), n)
+        start = max(0, int(start))
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        bounds = deque((a, min(a + batch_size, stop)) for a in range(start, stop, batch_size))
+        if not bounds:
+            return
+        ex = ThreadPoolExecutor(self.workers, thread_name_prefix="plada-decode")
+        try:
+            queued: deque[tuple[np.ndarray, list[Future]]] = deque()
+            while bounds or queued:
+                while bounds and len(queued) <= prefetch:
+                    a, b = bounds.popleft()
+                    queued.append(self._submit(ex, np.arange(a, b, dtype=np.int64)))
+                yield self._collect(queued.popleft())
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)
+        if warn:
+            self.warn_bad()
+
+    def stream(self, start: int, stop: int, batch_size: int = 256) -> BatchStream:
+        """Rows `[start, stop)` as an array-like that `train.predict` slices batch by batch, prefetched."""
+        return BatchStream(self, start, stop, batch_size)
+
+    # -- bad rows --------------------------------------------------------------------------------------
+
+    @property
+    def bad(self) -> np.ndarray:
+        """Sorted rows found unreadable so far (they read as zeros), across every resolution of this pool."""
+        with self._bad.lock:
+            return np.array(sorted(self._bad.reasons), dtype=np.int64)
+
+    def bad_reason(self, i: int) -> str | None:
+        return self._bad.reasons.get(int(i))
+
+    def warn_bad(self) -> int:
+        """Name the bad rows not yet named, in one line on stderr; returns how many that was.
+
+        Why one line: a million-image run with a few hundred broken files must stay readable, and must
+        still say which files they are, once, rather than abort or stay silent.
+        """
+        with self._bad.lock:
+            new = sorted(set(self._bad.reasons) - self._bad.reported)
+            self._bad.reported.update(new)
+            why = [self._bad.reasons[i] for i in new[:5]]
+        if not new:
+            return 0
+        shown = [f"{_shown(self.source.name(i))} ({w})" for i, w in zip(new, why, strict=False)]
+        more = f" and {len(new) - 5} more" if len(new) > 5 else ""
+        print(f"plada: warning: {len(new)} image(s) of {self.label} read as zeros: {'; '.join(shown)}{more}",
+              file=sys.stderr)
+        return len(new)
+
+
+class BatchStream:
+    """Rows `[start, stop)` of a `LazyImages`, served to a reader that slices them in order, batch by batch.
+
+    Why: `train.predict` (both its CPU and accelerator loops) slices `images[a:a+batch_size]` in order; this
+    answers those slices from `LazyImages.batches`, so each batch was decoding while the last one computed.
+    Any other access is answered correctly by decoding it on the spot.
+    """
+
+    def __init__(self, images: LazyImages, start: int, stop: int, batch_size: int) -> None:
+        self.images, self.start, self.batch_size = images, int(start), int(batch_size)
+        self.stop = min(int(stop), len(images))
+        self._it: Iterator[np.ndarray] | None = images.batches(self.start, self.stop, batch_size, warn=False)
+        self._next = 0
+        self.dtype, self.ndim = images.dtype, 4
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.stop - self.start, self.images.res, self.images.res, 3)
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, key: int | slice | np.ndarray) -> np.ndarray:
+        if isinstance(key, slice) and key.step in (None, 1) and self._it is not None:
+            a, b, _ = key.indices(len(self))
+            if a == self._next and b == min(a + self.batch_size, len(self)) and a < b:
+                batch = next(self._it)
+                self._next = b
+                return batch
+        pos = np.arange(len(self))[key]  # any other key, checked as numpy checks it, decoded on the spot
+        return self.images[self.start + pos]
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()  # type: ignore[attr-defined]
+            self._it = None
+
+
+# -- building a pool's manifest from files -----------------------------------------------------------------
+
+
+@dataclass
+class Scanned:
+    """A source's images in manifest order: paths, hashes, and for shards where each one's bytes are."""
+
+    paths: list[str]
+    hashes: list[str]
+    skipped: list[str]  # files refused (unreadable, not an image, a bomb), sorted; not in the manifest
+    members: np.ndarray | None = None  # (N, 3) int64 shard, offset, size: shards only
+    shards: list[str] | None = None  # shard file names under the root: shards only
+
+
+def layout_of(path: Path) -> str | None:
+    """`folder` (image files, e.g. `<wnid>/<file>.JPEG`), `shards` (WebDataset `.tar` files), or None.
+
+    None: anything `plada.data.load_source` reads (an archive, or a `[NAME/]split/class/file` folder, whose
+    first sub-folder holds folders), or a built pool. Only the first non-empty sub-folder is looked at.
+    """
+    if not path.is_dir() or (path / "pool.json").exists():
+        return None
+    try:
+        with os.scandir(path) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        return None
+    files = [e.name for e in entries if e.is_file()]
+    if any(_is_image(f) for f in files):
+        return "folder"
+    if any(f.endswith(".tar") for f in files):
+        return "shards"
+    for e in entries:
+        if not e.is_dir(follow_symlinks=False):
+            continue
+        try:
+            with os.scandir(e.path) as it:
+                sub = list(it)
+        except OSError:
+            continue
+        if any(s.is_file() and _is_image(s.name) for s in sub):
+            return "folder"
+        if sub:
+            return None
+    return None
+
+
+def _inspect(read: Callable[[], bytes], max_pixels: int) -> tuple[str | None, str]:
+    """(hash, "") of an admissible image's bytes, else (None, why)."""
+    try:
+        raw = read()
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+    try:
+        check_header(raw, max_pixels)
+    except BadImage as e:
+        return None, str(e)
+    return file_hash(raw), ""
+
+
+def _reader(path: str) -> Callable[[], bytes]:
+    def read() -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    return read
+
+
+def _warn_skipped(skipped: list[tuple[str, str]], where: Path) -> None:
+    if skipped:
+        shown = "; ".join(f"{_shown(name)} ({why})" for name, why in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        print(f"plada: warning: left {len(skipped)} file(s) of {where.name} out of the pool: {shown}{more}",
+              file=sys.stderr)
+
+
+def scan_folder(root: Path, progress: bool = True, workers: int | None = None,
+                max_pixels: int = MAX_PIXELS) -> Scanned:
+    """Every image file under `root` (any depth, any `data.IMAGE_EXTS` extension), hashed in parallel.
+
+    Why threads: hashing and PIL's header parsing release the GIL over the bytes, and reads overlap; a
+    file that cannot be read or is no admissible image is left out and named in one warning line.
+    """
+    root = Path(root)
+    rels = sorted(rel for rel, _ in _walk_files(root) if _is_image(rel))
+    if not rels:
+        raise PladaError(f"{root} holds no image files (.jpg, .jpeg, .png, .webp, ...)")
+    for rel in rels:
+        _check_name(rel, root)
+    hashes: list[str | None] = []
+    why: list[str] = []
+    base = os.fspath(root)
+    with (ThreadPoolExecutor(workers or min(32, os.cpu_count() or 1)) as ex,
+          tqdm(total=len(rels), desc=f"hashing {root.name}", unit="img", disable=not progress) as bar):
+        for a in range(0, len(rels), _BLOCK):
+            block = rels[a : a + _BLOCK]
+            for h, w in ex.map(lambda r: _inspect(_reader(os.path.join(base, r)), max_pixels), block):
+                hashes.append(h)
+                why.append(w)
+            bar.update(len(block))
+    keep = [i for i, h in enumerate(hashes) if h is not None]
+    skipped = [(rels[i], why[i]) for i, h in enumerate(hashes) if h is None]
+    _warn_skipped(skipped, root)
+    if not keep:
+        raise PladaError(f"no image in {root} could be read ({len(skipped)} refused, e.g. {skipped[0][0]})")
+    return Scanned([rels[i] for i in keep], [hashes[i] for i in keep], [s for s, _ in skipped])  # type: ignore[misc]
+
+
+def _sample_parts(name: str) -> tuple[str, str]:
+    """(WebDataset key, extension) of a member name: the key ends at the first dot of the file name."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def _index_shard(path: Path, max_pixels: int) -> list[tuple[str, str | None, int, int, str]]:
+    """(sample name, hash or None, offset, size, why refused) of each image sample in one shard."""
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            while (m := tar.next()) is not None:
+                tar.members.clear()  # tarfile otherwise keeps every TarInfo of the shard
+                if m.isfile():
+                    key, ext = _sample_parts(m.name)
+                    samples.setdefault(key, {})[ext.lower()] = m
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise PladaError(f"cannot read shard {path}: {' '.join(str(e).split()) or type(e).__name__}") from None
+    out = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for key, parts in samples.items():
+            ext = next((e for e in WDS_IMAGE_EXTS if e in parts), None)
+            if ext is None:
+                continue  # a sample without an image (labels only, or another modality)
+            m = parts[ext]
+            name = key + "." + m.name.rpartition("/")[2].partition(".")[2]
+            why = ""
+            if "json" in parts:
+                try:
+                    meta = json.loads(os.pread(fd, parts["json"].size, parts["json"].offset_data))
+                    given = next((meta[k] for k in NAME_KEYS if isinstance(meta, dict)
+                                  and isinstance(meta.get(k), str) and meta[k]), None)
+                    name = given or name
+                except (ValueError, OSError):
+                    why = "its .json record is unreadable"
+            if why:
+                out.append((name, None, 0, 0, why))
+                continue
+            h, why = _inspect(lambda m=m: os.pread(fd, m.size, m.offset_data), max_pixels)
+            out.append((name, h, m.offset_data, m.size, why))
+    finally:
+        os.close(fd)
+    return out
+
+
+def scan_shards(root: Path, progress: bool = True, workers: int | None = None,
+                max_pixels: int = MAX_PIXELS) -> Scanned:
+    """Every image sample of the `.tar` shards in `root`, keyed by its original name, shards indexed in parallel.
+
+    The manifest is sorted by name, so shard order, sample order within shards and how samples were
+    spread over shards change nothing; a name held twice is refused (it would make the order ambiguous).
+    """
+    root = Path(root)
+    shards = sorted(f for f in os.listdir(root) if f.endswith(".tar") and (root / f).is_file())
+    if not shards:
+        raise PladaError(f"{root} holds no .tar shards")
+    rows: list[tuple[str, str | None, int, int, str, int]] = []
+    with (ThreadPoolExecutor(workers or min(32, os.cpu_count() or 1)) as ex,
+          tqdm(total=len(shards), desc=f"indexing {root.name}", unit="shard", disable=not progress) as bar):
+        for k, found in enumerate(ex.map(lambda f: _index_shard(root / f, max_pixels), shards)):
+            rows.extend((*r, k) for r in found)
+            bar.update(1)
+    rows.sort(key=lambda r: r[0])
+    for a, b in zip(rows, rows[1:], strict=False):
+        if a[0] == b[0]:
+            raise PladaError(f"shards in {root} hold the image '{_shown(a[0])}' twice ({shards[a[5]]}, "
+                             f"{shards[b[5]]}): one name must be one image")
+    for r in rows:
+        try:
+            r[0].encode("utf-8")
+        except UnicodeEncodeError:
+            raise PladaError(f"{root}: sample name is not valid UTF-8: {_shown(r[0])}") from None
+    keep = [r for r in rows if r[1] is not None]
+    _warn_skipped([(r[0], r[4]) for r in rows if r[1] is None], root)
+    if not keep:
+        raise PladaError(f"no image in the shards of {root} could be read")
+    members = np.array([(r[5], r[2], r[3]) for r in keep], dtype=np.int64).reshape(-1, 3)
+    return Scanned([r[0] for r in keep], [r[1] for r in keep], sorted(r[0] for r in rows if r[1] is None),  # type: ignore[misc]
+                   members, shards)

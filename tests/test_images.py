@@ -1,0 +1,420 @@
+"""Pools as users hold them (issue 18): full-resolution JPEG folders and WebDataset shards, decoded on access.
+
+Every image here is a synthetic JPEG written to tmp_path: no data is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import struct
+import tarfile
+import time
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import one_line, run
+from PIL import Image, ImageFile
+
+from plada import backbones, images, score, train
+from plada.data import _decode, _to_square
+from plada.errors import PladaError
+from plada.images import BatchStream, FolderFiles, LazyImages, decode, file_hash
+from plada.pool import Pool, build_pool, export_manifest, open_pool
+from plada.shards import open_any
+
+CLASSES = ("n01440764", "n01443537", "n01484850")
+RES = 96  # above the decoded cache's 64 px cap
+
+
+def _jpeg(rng: np.random.Generator, w: int = 300, h: int = 200, quality: int = 90) -> bytes:
+    """A photo-like JPEG: a random colour gradient plus noise (compresses like a photo, not like noise)."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    base = rng.uniform(0, 255, 3)
+    slope = rng.uniform(-0.6, 0.6, (2, 3))
+    arr = base + x[..., None] * slope[0] + y[..., None] * slope[1] + rng.normal(0, 12, (h, w, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _folder(root: Path, n: int = 40, seed: int = 0, **kw: int) -> dict[str, bytes]:
+    """An ImageNet-style `root/<wnid>/<wnid>_<i>.JPEG` folder; returns {relative path: bytes}."""
+    rng = np.random.default_rng(seed)
+    files = {}
+    for i in range(n):
+        wnid = CLASSES[i % len(CLASSES)]
+        rel = f"{wnid}/{wnid}_{i:04d}.JPEG"
+        files[rel] = _jpeg(rng, **kw)
+        (root / wnid).mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(files[rel])
+    return files
+
+
+def _shards(out: Path, files: dict[str, bytes], n_shards: int, seed: int) -> Path:
+    """The same files as WebDataset shards: shuffled over `n_shards` tars under opaque keys.
+
+    Samples carry their original name in `KEY.json` (as "filename" or "fname", alternately); one sample has
+    no json and is keyed by its own path, so its name is KEY + extension.
+    """
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True)
+    order = rng.permutation(len(files))
+    items = list(files.items())
+    tars = [tarfile.open(out / f"train-{k:04d}.tar", "w") for k in range(n_shards)]
+    try:
+        for j, i in enumerate(order):
+            rel, raw = items[i]
+            tar = tars[j % n_shards]
+            if j == 0:
+                members = {rel: raw}  # key "n0.../n0..._0007", extension ".JPEG": the name is the path itself
+            else:
+                key = f"{rng.integers(1 << 40):012x}"
+                which = "filename" if j % 2 else "fname"
+                members = {f"{key}.jpg": raw, f"{key}.json": json.dumps({which: rel, "label": 3}).encode()}
+            for name, data in (members.items() if j % 3 else reversed(members.items())):  # json first, sometimes
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    finally:
+        for t in tars:
+            t.close()
+    return out
+
+
+def _model(res: int = RES) -> backbones.Classifier:
+    """A tiny seeded classifier at `res` (small-cnn is too slow at 96 px for a unit test on two cores)."""
+    torch.manual_seed(0)
+    embed = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 5, stride=2), torch.nn.GELU(), torch.nn.Conv2d(16, 32, 3),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    return backbones.Classifier(embed, 32, 3, res, "tiny-test").eval()
+
+
+@pytest.fixture()
+def folder(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    root = tmp_path / "imagenet" / "train"
+    return root, _folder(root)
+
+
+def test_folder_pool_scored_at_full_resolution(folder: tuple[Path, dict[str, bytes]], cache: Path,
+                                               tmp_path: Path) -> None:
+    """`plada pool build FOLDER` writes a manifest only; scoring decodes the JPEGs at the model's 96 px.
+
+    The logits equal scoring the same files decoded beforehand into an in-memory pool (same decoder),
+    chunk and batch boundaries included (chunk 16, batch 6: batches cross no chunk, the last is short).
+    """
+    root, files = folder
+    pool = build_pool([str(root)], progress=False)
+    assert isinstance(pool.images, LazyImages) and pool.name == "train"
+    paths = sorted(files)
+    assert list(pool.paths) == paths
+    assert list(pool.hashes) == [hashlib.blake2b(files[p], digest_size=8).hexdigest() for p in paths]
+    assert pool.fingerprint == hashlib.sha256((pool.root / "manifest.tsv").read_bytes()).hexdigest()
+    version = pool.root / "current"
+    assert version.is_symlink() and not (version / "images.npy").exists()  # no decoded copy
+    assert not (pool.root / "images.npy").exists() and not (pool.root / "images.npy").is_symlink()
+    assert sorted(os.listdir(version)) == ["manifest.tsv", "missing.npy", "pool.json"]
+    assert json.loads((pool.root / "pool.json").read_text())["source"] == str(root.resolve())
+
+    view = pool.images_at(RES)
+    assert view.shape == (40, RES, RES, 3) and pool.images_at(images.DEFAULT_RES) is pool.images
+    decoded = np.stack([decode(files[p], RES) for p in paths])
+    # the decoded cache's own geometry (data._to_square), at a resolution it would never store
+    assert np.array_equal(decoded[0], _to_square(_decode(files[paths[0]]), RES))
+
+    model = _model()
+    lazy = score.score_pool(model, pool, tmp_path / "s1", batch_size=6, progress=False, chunk=16)
+    eager = Pool("eager", tmp_path, decoded, paths, list(pool.hashes), pool.fingerprint)
+    ref = score.score_pool(model, eager, tmp_path / "s2", batch_size=6, progress=False, chunk=16)
+    assert lazy.logits.shape == (40, 3) and np.array_equal(lazy.logits, ref.logits)
+    again = score.score_pool(model, pool, tmp_path / "s1", batch_size=6, progress=False, chunk=16)  # from cache
+    assert np.array_equal(again.logits, lazy.logits)
+
+    reopened = open_pool("train", build=False)  # by name, as `--pool train` finds it
+    assert isinstance(reopened.images, LazyImages) and reopened.fingerprint == pool.fingerprint
+    assert np.array_equal(reopened.images_at(RES)[[3, 0, 39]], decoded[[3, 0, 39]])
+
+
+def test_accelerator_loop_reads_the_stream(folder: tuple[Path, dict[str, bytes]], cache: Path) -> None:
+    """`train._predict_on` (the GPU loop, here on the CPU) slices a `BatchStream` from its prefetch thread."""
+    root, files = folder
+    pool = build_pool([str(root)], progress=False)
+    model = _model()
+    view = pool.images_at(RES)
+    ref = train.predict(model, view[:], batch_size=8, progress=False)
+    rows = view.stream(0, 40, 8)
+    try:
+        got = train._predict_on(torch.device("cpu"), model, rows, 8, "t", False, False)
+    finally:
+        rows.close()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_shuffled_shards_give_the_folder_fingerprint(folder: tuple[Path, dict[str, bytes]], cache: Path,
+                                                     tmp_path: Path) -> None:
+    """The same images as WebDataset shards, in any shard count, order and shuffle: one manifest, one fingerprint."""
+    root, files = folder
+    by_folder = build_pool([str(root)], progress=False)
+    a = build_pool([str(_shards(tmp_path / "wds-a", files, 3, seed=1))], name="wds-a", progress=False)
+    b = build_pool([str(_shards(tmp_path / "wds-b", files, 5, seed=2))], name="wds-b", progress=False)
+    assert a.fingerprint == b.fingerprint == by_folder.fingerprint
+    assert (a.root / "manifest.tsv").read_bytes() == (by_folder.root / "manifest.tsv").read_bytes()
+    want = by_folder.images_at(64)[:]
+    assert np.array_equal(a.images_at(64)[:], want) and np.array_equal(b.images_at(64)[:], want)
+    assert not len(a.images.bad)
+    reopened = open_any("wds-b")  # every `--pool` path opens it: the manifest plus the shard index
+    assert isinstance(reopened.images, LazyImages) and reopened.fingerprint == by_folder.fingerprint
+    assert np.array_equal(reopened.images_at(64)[[5, 17]], want[[5, 17]])
+    assert reopened.groups()[1] == list(CLASSES)
+
+
+def test_corrupt_and_truncated_files_read_as_zero_rows_named_once(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """Among 60 files, a corrupt and a truncated JPEG read as zeros, are counted and named in one line, once."""
+    root = tmp_path / "f"
+    files = _folder(root, n=60, w=120, h=90)
+    paths = sorted(files)
+    corrupt, cut = paths[7], paths[31]
+    raw = bytearray(files[corrupt])
+    raw[2:600] = os.urandom(598)  # header and tables destroyed
+    (root / corrupt).write_bytes(bytes(raw))
+    (root / cut).write_bytes(files[cut][: len(files[cut]) // 3])
+    lazy = LazyImages(FolderFiles(root, paths), res=48, label="test pool", workers=2)
+    got = np.concatenate(list(lazy.batches(0, 60, 16)))  # never raises
+    assert got.shape == (60, 48, 48, 3)
+    assert lazy.bad.tolist() == [7, 31] and not got[[7, 31]].any()
+    good = np.setdiff1d(np.arange(60), [7, 31])
+    assert np.array_equal(got[good], np.stack([decode(files[paths[i]], 48) for i in good]))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("plada: warning: 2 image(s) of test pool read as zeros")
+    assert corrupt in err[0] and cut in err[0] and "truncated" in err[0]
+    lazy.at(32)[5:40]  # read again, at another size: nothing new to say
+    assert lazy.at(32).bad.tolist() == [7, 31] and capsys.readouterr().err == ""
+
+
+def test_bad_files_in_a_folder_pool_never_abort_the_run(tmp_path: Path, cache: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """Build: a corrupt file is left out of the manifest (counted in `skipped`, named once). Scoring: a
+    truncated file, and one edited after the build, read as zeros and are named once in one line."""
+    root = tmp_path / "train"
+    files = _folder(root, n=30, w=120, h=90)
+    paths = sorted(files)
+    (root / CLASSES[0] / "broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (root / paths[4]).write_bytes(files[paths[4]][: len(files[paths[4]]) // 2])  # header intact, data cut
+    pool = build_pool([str(root)], progress=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.JPEG" in err[0] and "left 1 file(s)" in err[0]
+    assert pool.skipped == 1 and len(pool) == 30 and f"{CLASSES[0]}/broken.JPEG" not in pool.paths
+    (root / paths[9]).write_bytes(files[paths[10]])  # edited since the build: its hash no longer matches
+    s = score.score_pool(_model(48), pool, tmp_path / "s", batch_size=8, progress=False, chunk=8)
+    assert s.logits.shape == (30, 3)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 image(s)" in err[0] and paths[4] in err[0] and paths[9] in err[0]
+    assert "changed since the pool was built" in err[0]
+    assert pool.images.bad.tolist() == [4, 9]
+
+
+def _png_header_bomb(w: int, h: int) -> bytes:
+    """A 100-byte PNG declaring w x h RGB pixels (a valid IHDR, a token IDAT): a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def _jpeg_header_bomb(w: int, h: int) -> bytes:
+    """A real small JPEG whose frame header (SOF0) is rewritten to declare w x h."""
+    raw = bytearray(_jpeg(np.random.default_rng(3), 64, 48))
+    at = raw.index(b"\xff\xc0")
+    raw[at + 5 : at + 9] = struct.pack(">HH", h, w)
+    return bytes(raw)
+
+
+def test_decompression_bomb_refused_from_its_header(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    cache: Path, capsys: pytest.CaptureFixture) -> None:
+    """A header declaring 60000 x 60000 (10.8 GB of RGB) is refused before any pixel is read or allocated,
+    also with PIL's own limit switched off; `max_pixels` is the rule for moderate sizes too."""
+    loads: list[tuple[int, int]] = []
+    real_load = ImageFile.ImageFile.load
+
+    def spy(self: ImageFile.ImageFile) -> object:
+        loads.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", spy)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a program that disabled PIL's check: ours still holds
+    bombs = {"png": _png_header_bomb(60000, 60000), "jpg": _jpeg_header_bomb(60000, 60000)}
+    for kind, raw in bombs.items():
+        assert len(raw) < 4000
+        with Image.open(io.BytesIO(raw)) as img:
+            assert img.size == (60000, 60000), kind  # the header really claims it
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        with pytest.raises(images.BadImage, match="60000x60000"):
+            decode(raw, 224)
+        took = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert took < 0.5 and peak < 1 << 20, (kind, took, peak)
+    assert loads == []  # PIL never got as far as reading pixels
+    decode(_jpeg(np.random.default_rng(0), 64, 48), 32)
+    assert set(loads) == {(64, 48)}  # (the spy sees real decodes)
+    big = _jpeg(np.random.default_rng(0), 1200, 1000)
+    with pytest.raises(images.BadImage, match="limit 1000000"):
+        decode(big, 32, max_pixels=1_000_000)
+    assert set(loads) == {(64, 48)}
+
+    root = tmp_path / "train"
+    files = _folder(root, n=6, w=80, h=60)
+    (root / CLASSES[1] / "bomb.png").write_bytes(bombs["png"])
+    pool = build_pool([str(root)], progress=False)  # left out at build, from the header alone
+    assert pool.skipped == 1 and len(pool) == len(files) and "bomb.png" in capsys.readouterr().err
+    paths = sorted([*files, f"{CLASSES[1]}/bomb.png"])
+    lazy = LazyImages(FolderFiles(root, paths), res=32, workers=1)  # and read as zeros if it gets in anyway
+    out = lazy[:]
+    assert lazy.bad.tolist() == [paths.index(f"{CLASSES[1]}/bomb.png")] and set(loads) == {(64, 48), (80, 60)}
+    assert not out[lazy.bad].any()
+
+
+def test_draft_mode_for_large_jpegs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1600 x 1200 JPEG for 96 px is decoded at 1/4 size in the DCT domain, and looks the same."""
+    raw = _jpeg(np.random.default_rng(5), 1600, 1200)
+    from PIL import JpegImagePlugin
+
+    drafts: list[tuple[int, int] | None] = []
+    real_jpeg = JpegImagePlugin.JpegImageFile.draft
+
+    def jpeg_spy(self: JpegImagePlugin.JpegImageFile, mode: str | None, size: tuple[int, int] | None) -> object:
+        drafts.append(size)
+        return real_jpeg(self, mode, size)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", jpeg_spy)
+    fast = decode(raw, RES)
+    assert drafts == [(256, 192)]  # 2 x the resized size: libjpeg picks 1/4 (400 x 300)
+    full = _to_square(_decode(raw), RES)
+    assert fast.shape == full.shape == (RES, RES, 3)
+    assert np.abs(fast.astype(int) - full).mean() < 2.0
+    drafts.clear()
+    decode(_jpeg(np.random.default_rng(5), 300, 200), RES)  # not much larger than needed: no draft
+    assert drafts == []
+
+
+def test_lazy_images_index_like_an_array(folder: tuple[Path, dict[str, bytes]]) -> None:
+    root, files = folder
+    paths = sorted(files)
+    lazy = LazyImages(FolderFiles(root, paths), res=40, workers=2)
+    full = np.stack([decode(files[p], 40) for p in paths])
+    assert lazy.shape == (40, 40, 40, 3) and len(lazy) == 40 and lazy.dtype == np.uint8
+    assert np.array_equal(lazy[3], full[3]) and np.array_equal(lazy[-1], full[-1])
+    assert np.array_equal(lazy[5:30:4], full[5:30:4]) and lazy[7:7].shape == (0, 40, 40, 3)
+    idx = np.array([9, 2, 2, -3])
+    assert np.array_equal(lazy[idx], full[idx]) and np.array_equal(lazy[[1, 0]], full[[1, 0]])
+    mask = np.zeros(40, bool)
+    mask[[0, 11, 39]] = True
+    assert np.array_equal(lazy[mask], full[mask])
+    assert np.array_equal(np.asarray(lazy), full)
+    for bad in (40, -41):
+        with pytest.raises(IndexError):
+            lazy[bad]
+    with pytest.raises(IndexError):
+        lazy[np.array([0, 40])]
+    got = list(lazy.batches(3, 38, 8))
+    assert [len(b) for b in got] == [8, 8, 8, 8, 3] and np.array_equal(np.concatenate(got), full[3:38])
+    stream = lazy.stream(8, 40, 10)
+    assert isinstance(stream, BatchStream) and stream.shape == (32, 40, 40, 3)
+    assert np.array_equal(stream[0:10], full[8:18]) and np.array_equal(stream[10:20], full[18:28])
+    assert np.array_equal(stream[25:27], full[33:35])  # out of order: decoded on the spot, still right
+    stream.close()
+
+
+def test_shard_names_and_duplicates(tmp_path: Path, cache: Path) -> None:
+    """Without a json a sample is named KEY + extension; two samples of one name are refused by name."""
+    rng = np.random.default_rng(0)
+    out = tmp_path / "wds"
+    out.mkdir()
+    one, two = _jpeg(rng, 40, 30), _jpeg(rng, 40, 30)
+    with tarfile.open(out / "a.tar", "w") as tar:
+        for name, raw in (("cls/x.jpg", one), ("cls/y.webp.json", b"{}"), ("y.jpeg", two), ("z.cls", b"3")):
+            info = tarfile.TarInfo(name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    pool = build_pool([str(out)], progress=False)
+    assert list(pool.paths) == ["cls/x.jpg", "y.jpeg"] and pool.hashes[1] == file_hash(two)
+    with tarfile.open(out / "b.tar", "w") as tar:
+        raw = json.dumps({"filename": "y.jpeg"}).encode()
+        for name, data in (("k1.jpg", one), ("k1.json", raw)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(PladaError, match=r"hold the image 'y.jpeg' twice \(a.tar, b.tar\)"):
+        build_pool([str(out)], name="wds2", progress=False)
+
+
+def test_receiver_builds_a_folder_pool_from_the_published_manifest(folder: tuple[Path, dict[str, bytes]],
+                                                                   cache: Path, tmp_path: Path) -> None:
+    """A receiver lacking one file (and holding another with other bytes) gets the sender's fingerprint and
+    the two rows flagged missing: they read as zeros, without touching their files."""
+    root, files = folder
+    sender = build_pool([str(root)], progress=False)
+    published = export_manifest(sender, tmp_path / "pool.tsv")
+    theirs = tmp_path / "theirs"
+    _folder(theirs)
+    paths = sorted(files)
+    (theirs / paths[2]).unlink()
+    (theirs / paths[5]).write_bytes(files[paths[6]])
+    pool = build_pool([str(theirs)], name="theirs", manifest=published, progress=False)
+    assert pool.fingerprint == sender.fingerprint and np.flatnonzero(pool.missing).tolist() == [2, 5]
+    got = pool.images_at(48)[:]
+    assert not got[[2, 5]].any() and got[[0, 1, 3]].reshape(3, -1).any(1).all() and not len(pool.images.bad)
+
+
+def test_cli_pool_build_folder_and_moved_folder(folder: tuple[Path, dict[str, bytes]], cache: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """`plada pool build FOLDER` through the real CLI; a pool whose folder moved away is a one-line error."""
+    root, _ = folder
+    code, out, _ = run(capsys, "pool", "build", str(root), "--name", "in1k")
+    assert code == 0 and out["size"] == 40 and out["skipped"] == 0
+    code, exported, _ = run(capsys, "pool", "export", "in1k", "-o", str(tmp_path / "m.tsv"))
+    assert code == 0 and exported["fingerprint"] == out["fingerprint"]
+    code, _, err = run(capsys, "pool", "build", str(root), str(root))
+    assert code == 2 and one_line(err) and "a pool on its own" in err
+    root.rename(tmp_path / "elsewhere")
+    code, _, err = run(capsys, "pool", "export", "in1k", "-o", str(tmp_path / "m2.tsv"))
+    assert code == 2 and one_line(err) and "which is not there" in err
+
+
+def test_decoded_pools_keep_their_path(tiny_data: Path, cache: Path, tmp_path: Path) -> None:
+    """An archive source still builds the decoded pool; `images_at` hands back its memmap itself, so scoring
+    slices exactly what it always sliced."""
+    pool = build_pool(["tinypool"], tiny_data, progress=False)
+    assert isinstance(pool.images, np.memmap) and pool.images.shape[1:] == (32, 32, 3)
+    assert pool.images_at(RES) is pool.images and (pool.root / "current" / "images.npy").is_file()
+    assert "kind" not in json.loads((pool.root / "pool.json").read_text())
+    model = _model()
+    s = score.score_pool(model, pool, tmp_path / "s", batch_size=64, progress=False, chunk=100)
+    ref = np.concatenate([train.predict(model, pool.images[a : a + 100], batch_size=64, progress=False)
+                          for a in range(0, len(pool), 100)])
+    assert np.array_equal(s.logits, ref)
+
+
+def test_send_refuses_a_pool_whose_files_broke_after_the_build(tiny_data: Path, cache: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """A file that fails its hash check reads as zeros: the sender stops, names it, and writes nothing."""
+    folder = tmp_path / "jpegs"
+    files = _folder(folder, n=24, w=80, h=60)
+    code, built, err = run(capsys, "pool", "build", str(folder), "--name", "jp")
+    assert code == 0, err
+    broken = sorted(files)[5]
+    (folder / broken).write_bytes(b"not a jpeg any more")
+    out = tmp_path / "t.plada"
+    code, _, err = run(capsys, "send", "tinytarget", "--pool", "jp", "--data", str(tiny_data), "-o", str(out),
+                       "--set", "teacher.res=32", "--set", "teacher.mode=linear", "--keep", "25%")
+    assert code == 2 and one_line(err.splitlines()[-1]) and "changed or became unreadable" in err
+    assert broken in err and not out.exists() and not (tmp_path / "t.plada.json").exists()
