@@ -116,8 +116,7 @@ def run_target(target: str, pool: Pool, cfg: ReceiverConfig, data: str | None, l
 
     # payload sizes: the real file with a header naming the longest mode, so every mode's payload fits
     longest = max(receiver.MODES, key=len)
-    sizer = auto.payload_sizer(pool.fingerprint, len(pool), names, {"target": target, "policy": "lowest-energy",
-                                                                    "receiver": longest}, groups=gid)
+    sizer = auto.payload_sizer(pool.fingerprint, len(pool), names, longest, groups=gid)
     sel = {}
 
     def le(k: int) -> np.ndarray:
@@ -126,7 +125,7 @@ def run_target(target: str, pool: Pool, cfg: ReceiverConfig, data: str | None, l
         return sel[k]
 
     def size_k(k: int) -> int:
-        return sizer(le(k), plabels[le(k)], {"count": k})
+        return sizer(le(k), plabels[le(k)], None)
 
     sizes = {}
     for b in sorted(set(cfg.byte_targets) | set(cfg.val_bytes) | set(cfg.finetune_bytes)):
