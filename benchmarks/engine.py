@@ -81,10 +81,9 @@ def manifest_rss(lines: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "manifest.tsv"
         with open(path, "wb") as f:  # wnid/wnid_NUMBER.JPEG<TAB>16 hex: plada's own line shape
-            for a in range(0, lines, 1_000_000):
-                i = np.arange(a, min(lines, a + 1_000_000))
-                f.write("".join(f"n{j // 650:08d}/n{j // 650:08d}_{j}.JPEG\t{j * 2654435761 % 2**64:016x}\n"
-                                for j in i).encode())
+            for a in range(0, lines, 1_000_000):  # sorted, as every manifest is
+                f.write("".join(f"n{j // 650:08d}/n{j // 650:08d}_{j:08d}.JPEG\t{j * 2654435761 % 2**64:016x}\n"
+                                for j in range(a, min(lines, a + 1_000_000))).encode())
         size = path.stat().st_size
         t = time.perf_counter()
         out = subprocess.run([sys.executable, "-c", RSS_CHILD, str(path), str(lines)], check=True,
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r}: forward {bare_f[-1]:.1f} img/s, scoring {plada_f[-1]:.1f}; "
               f"bare step {bare_t[-1]:.1f} img/s, fit {plada_t[-1]:.1f}", flush=True)
     result = {
-        "command": "python -m benchmarks.engine" + (" --quick" if a.quick else ""),
+        "command": " ".join(["python -m benchmarks.engine", *(sys.argv[1:] if argv is None else argv)]),
         "resolution": a.res, "model": "efficientnet-lite0 (ImageNet weights)", "device": "cpu",
         "pool": {"files": len(pool), "source": "flowers5 JPEGs, full resolution (~240x320)",
                  "decoded_copy": False, "fingerprint": pool.fingerprint},
