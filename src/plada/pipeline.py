@@ -116,13 +116,13 @@ def send(
     chunk_size()  # a bad PLADA_SCORE_CHUNK fails now, not after the teacher
     engines.check_engine(cfg.engine)
     out = check_output(out, "payload", payload.MAGIC)
-    check_output(report_path(out), "report", ours=_is_report)
+    record = check_output(report_path(out), "report", ours=_is_report)
     t0 = time.time()
     src = load_source(target, data, progress=progress)
     train = src.split(train_split)
     test = src.split(test_split) if test_split in src.splits() else None
     pool = pool if isinstance(pool, Pool) else open_any(pool, data, progress=progress)
-    for o, what in ((out, "payload"), (report_path(out), "report")):
+    for o, what in ((out, "payload"), (record, "report")):
         check_not_input(o, [resolve_source(target, data), src.root, cache_root(), *_pool_inputs(pool, data)], what)
     if pool.missing.any():  # its zero rows would be scored, kept and labelled like real images
         raise PladaError(f"pool '{pool.name}' lacks {int(pool.missing.sum())} of its manifest's images; "
@@ -130,18 +130,17 @@ def send(
     groups = pool.groups()[0]
     if cfg.auto:  # the very bytes the search measured
         idx, labels, encoded, report = _send_auto(src.name, train, test, pool, groups, cfg, progress, dev)
-        _check_readable(pool)
-        nbytes = payload.write_bytes(out, encoded)
     else:
         idx, labels, report = _send_fixed(src.name, train, test, pool, cfg, progress, dev)
-        _check_readable(pool)
-        nbytes = payload.write(out, payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx,
-                                                    labels), groups=groups)
-    report = {"payload": str(out), "payload_bytes": nbytes, "report": str(report_path(out)), "kept": int(len(idx)),
+        encoded = payload.encode(payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, labels),
+                                 groups=groups)
+    _check_readable(pool)
+    nbytes = payload.write_bytes(out, encoded)
+    report = {"payload": str(out), "payload_bytes": nbytes, "report": str(record), "kept": int(len(idx)),
               "pool": pool.name, "pool_size": len(pool), "pool_fingerprint": pool.fingerprint, **report,
               "kept_per_class": np.bincount(labels, minlength=len(train.class_names)).tolist(),
               "device": str(dev), "seconds": round(time.time() - t0, 1)}
-    atomic_write(report_path(out), json.dumps({"plada": "send report", **report}, indent=1).encode())
+    atomic_write(record, json.dumps({"plada": "send report", **report}, indent=1).encode())
     return report
 
 
