@@ -226,12 +226,12 @@ def test_ray_engine_matches_local(pools, ray_runtime, tmp_path: Path) -> None:
         np.testing.assert_allclose(got.logits, ref.logits, atol=1e-4, rtol=0, err_msg=name)
 
     # engines share one cache layout: a sharded pool is chunked by shard, whichever engine scores it
-    local_files = sorted(p.name for p in (tmp_path / "local-shards").glob("*/*.npy"))
-    assert local_files == sorted(p.name for p in (tmp_path / "ray-shards").glob("*/*.npy"))
+    local_files = sorted(p.name for p in (tmp_path / "local-shards").glob("*/[0-9]*.npy"))
+    assert local_files == sorted(p.name for p in (tmp_path / "ray-shards").glob("*/[0-9]*.npy"))
     assert len(local_files) == 4
 
     # resume: only lost or damaged units are recomputed, the merge is unchanged
-    chunks = sorted((tmp_path / "ray-shards").glob("*/*.npy"))
+    chunks = sorted((tmp_path / "ray-shards").glob("*/[0-9]*.npy"))
     chunks[1].unlink()
     chunks[2].write_bytes(chunks[2].read_bytes()[:40])
     kept = {p: p.stat().st_mtime_ns for p in (chunks[0], chunks[3])}

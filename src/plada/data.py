@@ -29,7 +29,7 @@ import sys
 import tarfile
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -393,6 +393,55 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[io.BufferedWri
 def atomic_save_npy(path: str | os.PathLike, arr: np.ndarray) -> None:
     """`np.save`, atomically."""
     atomic_write(path, lambda f: np.save(f, arr))
+
+
+def atomic_save_rows(path: str | os.PathLike, shape: tuple[int, ...], dtype: np.dtype | type,
+                     blocks: Iterable[np.ndarray]) -> None:
+    """An `.npy` of `shape` written block by block (rows in order), atomically, never whole in memory.
+
+    Why plain writes rather than a writable memmap: the dirty pages of a memmap count in the writer's
+    resident memory until the kernel flushes them, a file written through `write` holds one block. The
+    result reads back with `np.load(path, mmap_mode="r")` like any `.npy`.
+    """
+    dt = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False, "shape": tuple(shape)}
+
+    def write(f: io.BufferedWriter) -> None:
+        np.lib.format.write_array_header_1_0(f, header)
+        rows = 0
+        for block in blocks:
+            block = np.ascontiguousarray(block, dtype=dt)
+            if block.shape[1:] != tuple(shape[1:]):
+                raise ValueError(f"block of shape {block.shape} in an array of shape {tuple(shape)}")
+            f.write(memoryview(block).cast("B"))
+            rows += len(block)
+        if rows != shape[0]:
+            raise ValueError(f"{rows} rows written for an array of {shape[0]}")
+
+    atomic_write(path, write)
+
+
+BLOCK_BYTES = 4 * 2**20  # float64 bytes per block of `map_rows`: 4096 rows of 128 classes, 524 of 1000
+
+
+def map_rows(fn: Callable[[np.ndarray], np.ndarray], x: np.ndarray, rows: int | None = None) -> np.ndarray:
+    """`fn(x)` for a row-wise `fn`, computed `rows` rows at a time into one output.
+
+    Why: per-row reductions over an (N, C) memmap would otherwise make (N, C) float64 temporaries; by
+    blocks the extra memory is one block's (by default `BLOCK_BYTES` as float64, whatever C is), and each
+    row's result is bit-identical to `fn(x)` (numpy reduces each row on its own, whatever the row count).
+    """
+    n = len(x)
+    width = int(np.prod(np.shape(x)[1:], dtype=np.int64))
+    rows = int(rows or max(1, BLOCK_BYTES // (8 * max(width, 1))))
+    if n <= rows:
+        return fn(x)
+    first = fn(x[:rows])
+    out = np.empty((n, *first.shape[1:]), dtype=first.dtype)
+    out[:rows] = first
+    for a in range(rows, n, rows):
+        out[a : a + rows] = fn(x[a : a + rows])
+    return out
 
 
 @contextmanager

@@ -31,7 +31,17 @@ from .backbones import Classifier, create
 from .data import atomic_save_npy
 from .errors import PladaError
 from .pool import Pool
-from .score import Scores, chunk_size, load_chunk, score_dir, score_pool
+from .score import (
+    Scores,
+    chunk_bounds,
+    chunk_path,
+    chunk_size,
+    load_chunk,
+    load_merged,
+    merge_chunks,
+    score_dir,
+    score_pool,
+)
 from .shards import ShardedPool, manifest_slice, read_shard
 from .train import predict
 
@@ -201,9 +211,13 @@ def score_pool_ray(
     stats = RayStats(actor_peak_rss={})
     started = False
     try:
-        bounds = [(a, min(a + chunk, n)) for a in range(0, n, chunk)]
-        todo = [i for i, (a, b) in enumerate(bounds) if load_chunk(d / f"{a:012d}.npy", b - a, classes) is None]
-        stats.units, stats.scored_units = len(bounds), len(todo)
+        bounds = chunk_bounds(n, chunk)
+        stats.units = len(bounds)
+        done = load_merged(d, bounds, classes)
+        if done is not None:  # merged from exactly the chunks now there: nothing to score or merge
+            return Scores(done)
+        todo = [i for i, (a, b) in enumerate(bounds) if load_chunk(chunk_path(d, a), b - a, classes) is None]
+        stats.scored_units = len(todo)
         if todo:
             if not ray.is_initialized():
                 ray.init(include_dashboard=False, log_to_driver=progress,
@@ -214,18 +228,19 @@ def score_pool_ray(
                 raise PladaError("internal: work units do not match the score chunks")
             _run_actors(ray, model, pool, units, todo, d, classes, actors, batch_size, progress, cpus_per_actor,
                         stats)
-        parts = []
-        for a, b in bounds:
-            logits = load_chunk(d / f"{a:012d}.npy", b - a, classes)
+
+        def chunk_logits(a: int, b: int) -> np.ndarray:
+            logits = load_chunk(chunk_path(d, a), b - a, classes)
             if logits is None:
                 raise PladaError(f"scores for pool rows {a}..{b} are missing after the Ray run (see {d})")
-            parts.append(logits)
+            return logits
+
+        return merge_chunks(d, bounds, classes, chunk_logits)  # the local engine's merge, byte for byte
     finally:
         if started:
             ray.shutdown()
         stats.seconds = time.perf_counter() - t0
         LAST_RUN = stats
-    return Scores(np.concatenate(parts) if parts else np.zeros((0, classes), np.float32))
 
 
 def _run_actors(ray, model: Classifier, pool: Pool, units: list[Unit], todo: list[int], d: Path, classes: int,
@@ -257,7 +272,7 @@ def _run_actors(ray, model: Classifier, pool: Pool, units: list[Unit], todo: lis
         for row in ds.iter_rows():  # streamed: each unit's logits are written as soon as they arrive
             u = units[int(row["unit"])]
             logits = np.frombuffer(row["logits"], dtype=np.float32).reshape(u.stop - u.start, classes)
-            atomic_save_npy(d / f"{u.start:012d}.npy", logits)
+            atomic_save_npy(chunk_path(d, u.start), logits)
             stats.actor_seconds += float(row["seconds"])
             stats.read_seconds += float(row["read_seconds"])
             stats.actor_peak_rss[int(row["pid"])] = int(row["peak_rss"])

@@ -9,14 +9,17 @@ dataset or backbone is never served stale features, and a damaged entry is recom
 from __future__ import annotations
 
 import hashlib
+import itertools
+import shutil
 from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from . import backbones
-from .data import atomic_save_npy, cache_root
+from .data import atomic_save_npy, atomic_save_rows, cache_root
 from .images import LazyImages
 from .train import predict
 
@@ -39,6 +42,9 @@ def embed_digest(model: backbones.Classifier) -> str:
     return h.hexdigest()
 
 
+FEATURE_CHUNK = 8192  # rows per part file of a feature build (rounded up to whole batches)
+
+
 def cached_features(
     model: backbones.Classifier, images: np.ndarray, key: str, progress: bool = True, batch_size: int = 256,
     device: torch.device | str | None = None,
@@ -47,25 +53,59 @@ def cached_features(
 
     ``device`` (None: the CPU) is where missing features are computed, and no part of the key, as the thread
     count is not: an entry names a backbone and images, and a GPU's features differ from the CPU's only by
-    mixed-precision rounding, so a pool embedded once on a GPU serves later CPU runs too."""
+    mixed-precision rounding, so a pool embedded once on a GPU serves later CPU runs too.
+
+    A missing entry is built part by part (`FEATURE_CHUNK` rows, each saved atomically in `<tag>.parts/`),
+    then merged into `<tag>.npy` a part at a time: a million-image pool's features are never whole in
+    memory, and a killed build resumes from its last finished part. Parts are whole batches, so every
+    batch is the one a single `predict` over all rows would run, and the features are the same floats."""
     tag = hashlib.sha256(f"{embed_digest(model)}:{key}:{len(images)}".encode()).hexdigest()[:20]
-    path = cache_root() / "features" / f"{tag}.npy"
+    root = cache_root() / "features"
+    path = root / f"{tag}.npy"
     try:
         feats = np.load(path, mmap_mode="r")
         if feats.dtype == np.float32 and feats.ndim == 2 and len(feats) == len(images):
             return feats
     except (OSError, ValueError, EOFError):  # absent, or torn: computed again
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(images, LazyImages):  # a folder or shard pool: decoded at the model's size, prefetched
-        with closing(images.at(model.res).stream(0, len(images), batch_size)) as rows:
-            feats = predict(model, rows, batch_size=batch_size, desc=f"features {key[:24]}", progress=progress,
-                            features=True, device=device)
+    parts = root / f"{tag}.parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    n, dims = len(images), set()
+    step = -(-FEATURE_CHUNK // batch_size) * batch_size
+    lazy = images.at(model.res) if isinstance(images, LazyImages) else None  # decoded at the model's size
+
+    def part(a: int, b: int) -> np.ndarray:
+        pfile = parts / f"{a:012d}-b{batch_size}.npy"  # another batch size batches otherwise: not reused
+        try:
+            block = np.load(pfile)
+            if block.dtype == np.float32 and block.ndim == 2 and len(block) == b - a and dims <= {block.shape[1]}:
+                dims.add(block.shape[1])
+                bar.update(b - a)
+                return block
+        except (OSError, ValueError, EOFError):  # absent, or torn: computed again
+            pass
+        if lazy is None:
+            block = predict(model, images[a:b], batch_size=batch_size, progress=False, features=True, device=device)
+        else:
+            with closing(lazy.stream(a, b, batch_size)) as rows:  # decoding overlaps the forward
+                block = predict(model, rows, batch_size=batch_size, progress=False, features=True, device=device)
+        block = block.astype(np.float32)
+        dims.add(block.shape[1])
+        try:
+            parts.mkdir(parents=True, exist_ok=True)
+            atomic_save_npy(pfile, block)
+        except OSError:  # a part only saves work on a resume; a concurrent build of this entry may remove them
+            pass
+        bar.update(b - a)
+        return block
+
+    with tqdm(total=n, desc=f"features {key[:24]}", unit="img", disable=not progress) as bar:
+        first = part(0, min(step, n)) if n else np.zeros((0, model.dim), np.float32)  # its width is the entry's
+        rest = (part(a, min(a + step, n)) for a in range(step, n, step))
+        atomic_save_rows(path, (n, first.shape[1]), np.float32, itertools.chain([first], rest))
+    if lazy is not None:
         images.warn_bad()
-    else:
-        feats = predict(model, images, batch_size=batch_size, desc=f"features {key[:24]}", progress=progress,
-                        features=True, device=device)
-    atomic_save_npy(path, feats.astype(np.float32))
+    shutil.rmtree(parts, ignore_errors=True)
     return np.load(path, mmap_mode="r")
 
 

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from plada.data import map_rows
 from plada.errors import PladaError
 
 
@@ -35,11 +36,19 @@ class Selection(NamedTuple):
     labels: np.ndarray
 
 
-def confidence(logits: np.ndarray) -> np.ndarray:
-    """Max softmax probability per row: how sure the teacher is of its hard label, in (0, 1]."""
+def confidence(logits: np.ndarray, rows: int | None = None) -> np.ndarray:
+    """Max softmax probability per row: how sure the teacher is of its hard label, in (0, 1].
+
+    Computed `rows` rows at a time (`data.map_rows`): a pool's logits are a memmap, and a float64 copy of
+    all of them is what this must not make."""
+    x = logits if isinstance(logits, np.ndarray) else np.asarray(logits)
+    if x.ndim != 2 or x.shape[1] < 1:
+        raise PladaError(f"logits must be a 2-D (images, classes) array, got shape {x.shape}")
+    return map_rows(_confidence, x, rows)
+
+
+def _confidence(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
-    if z.ndim != 2 or z.shape[1] < 1:
-        raise PladaError(f"logits must be a 2-D (images, classes) array, got shape {z.shape}")
     z = z - z.max(1, keepdims=True)
     return 1.0 / np.exp(z).sum(1)
 
