@@ -208,14 +208,14 @@ def bare_forward(model, images: np.ndarray, spans: list[tuple[int, int]], device
     raw = [torch.from_numpy(np.array(images[a:b])).to(device) for a, b in spans]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for r in raw[:warmup]:
-        model(prepare(r, model.res))
+        model(prepare(r, model))
     sync()
     best_fwd = best_all = float("inf")
     for _ in range(repeats):
         fwd = 0.0
         t_all = time.perf_counter()
         for r in raw:
-            x = prepare(r, model.res)
+            x = prepare(r, model)
             sync()
             t0 = time.perf_counter()
             model(x)

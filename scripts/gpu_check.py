@@ -41,8 +41,6 @@ def fail(msg: str) -> None:
 
 def build_model(choice: str, res: int, classes: int):
     """(model, how it was built): the first of ConvNeXt-T, ResNet-50, EfficientNet-Lite0 that is installed."""
-    from torch import nn
-
     from plada import backbones
 
     if choice in ("auto", "convnext"):
@@ -55,12 +53,9 @@ def build_model(choice: str, res: int, classes: int):
                 fail("--model convnext needs timm")
     if choice in ("auto", "resnet50"):
         try:
-            import torchvision
+            import torchvision  # noqa: F401
 
-            net = torchvision.models.resnet50(weights=None)
-            dim = net.fc.in_features
-            net.fc = nn.Identity()
-            return backbones.Classifier(net, dim, classes, res, "torchvision:resnet50"), "torchvision:resnet50"
+            return backbones.create("tv:resnet50", classes, res, pretrained=False), "tv:resnet50"
         except ImportError:
             if choice == "resnet50":
                 fail("--model resnet50 needs torchvision")
@@ -152,7 +147,7 @@ def fp32_agreement(model, dev, images: np.ndarray, got: np.ndarray) -> dict:
     from plada.backbones import prepare
 
     with torch.inference_mode():
-        x = prepare(torch.from_numpy(np.array(images)).to(dev), model.res).contiguous(memory_format=layout(dev))
+        x = prepare(torch.from_numpy(np.array(images)).to(dev), model).contiguous(memory_format=layout(dev))
         ref = model(x).float().cpu().numpy()
     diff = np.abs(got - ref)
     return {"images": len(images), "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
@@ -170,7 +165,7 @@ def ray_section(model, name: str, pool_dir: Path, res: int, batch: int, n: int, 
     from plada import backbones, engines
     from plada.pool import Pool
 
-    if not (name in backbones.REGISTRY or name.startswith("timm:")):
+    if not (name in backbones.REGISTRY or name.startswith(("timm:", "tv:"))):
         model = backbones.create("efficientnet-lite0", model.head.out_features, res, pretrained=False)
         name = "efficientnet-lite0"  # actors rebuild the model from plada's registry
     pool = Pool("gpu-check", pool_dir, np.load(pool_dir / "images.npy", mmap_mode="r"),

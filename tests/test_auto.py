@@ -76,11 +76,19 @@ def smallest(w: dict, receiver: str = "plain") -> int:
     return size_of(np.array([0]), w["labels"][:1], 0.1234)
 
 
+def same_rows(mode: str, rows: np.ndarray, labels: np.ndarray):
+    """A receiver mode that trains on the payload alone: forecasts as plain, named as ``mode``."""
+    from plada.receiver import Expansion
+
+    return Expansion(rows, labels, None, {"mode": mode})
+
+
 @pytest.mark.parametrize("extra", [20, 60, 150])
 def test_never_exceeds_budget(extra: int) -> None:
     w = world()
     budget = smallest(w, "selftrain") + extra
-    ch = run(w, "selftrain", budget_bytes=budget)
+    ch = run(w, "selftrain", budget_bytes=budget, receivers=("selftrain",), expand=same_rows)
+    assert ch.receiver == "selftrain"
     assert ch.payload_bytes <= budget
     assert all(r["bytes"] <= budget for r in ch.candidates)
     assert sum(r["chosen"] for r in ch.candidates) == 1
@@ -185,7 +193,7 @@ def test_non_monotone_sizes_are_guarded() -> None:
     """A caller's sizer (or a codec) whose bytes wobble with k: every candidate is still measured to fit."""
     w = world()
 
-    def size_of(indices: np.ndarray, labels: np.ndarray, forecast: float | None) -> int:
+    def size_of(indices: np.ndarray, labels: np.ndarray, forecast: float | None, receiver: str | None = None) -> int:
         k = len(indices)
         return 3 * k + (10_000 if k % 7 == 3 else 0) + (500 if 40 <= k < 60 else 0)
 
@@ -543,3 +551,60 @@ def test_plan_candidates_is_the_default_searchs_table() -> None:
         size_of=size_of, budget_bytes=budget, nearest_key=near, seed=0)
     assert [(c.policy.name, c.k) for c in plan] == [(r["name"], r["k"]) for r in ch.candidates]
     assert all(c.bytes == r["bytes"] for c, r in zip(plan, ch.candidates, strict=True) if not r["chosen"])
+
+
+def pool_expander(w: dict, right: bool):
+    """A stand-in receiver mode that adds 300 pool rows labelled truly (``right``) or one class off."""
+    from plada.receiver import Expansion
+
+    def expand(mode: str, rows: np.ndarray, labels: np.ndarray) -> Expansion:
+        extra = np.setdiff1d(np.arange(300), rows)
+        lab = w["true"][extra] if right else (w["true"][extra] + 1) % w["n_classes"]
+        return Expansion(np.concatenate([rows, extra]), np.concatenate([labels, lab]), None, {"mode": mode})
+    return expand
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_search_names_the_receiver_mode_its_forecast_favours(right: bool) -> None:
+    w = world()
+    w["true"] = w["labels"].copy()
+    if right:  # every label the payload can carry is wrong: only a receiver's own true pool labels help
+        w["labels"] = (w["labels"] + 1) % 3
+    budget = smallest(w, "propagate") + 40
+    ch = run(w, "propagate", budget_bytes=budget, receivers=("plain", "propagate"),
+             expand=pool_expander(w, right))
+    assert ch.receiver == ("propagate" if right else "plain")
+    rows = [r for r in ch.candidates if r["receiver"] == "propagate"]
+    assert rows and all(r["forecast_seeds"] == 3 for r in rows)
+    chosen = [r for r in ch.candidates if r.get("chosen")]
+    assert len(chosen) == 1 and chosen[0]["receiver"] == ch.receiver and ch.payload_bytes <= budget
+    size_of = auto.payload_sizer(FP, len(w["labels"]), names(3))
+    assert size_of(ch.indices, ch.labels, ch.forecast, ch.receiver) == ch.payload_bytes
+    assert payload.decode(size_of.last).receiver == ch.receiver
+
+
+def test_search_for_one_pool_mode_sends_it_even_when_plain_forecasts_better() -> None:
+    w = world(wrong_low_energy=True)
+    w["true"] = w["labels"]
+    ch = run(w, "propagate", k=40, receivers=("propagate",), expand=pool_expander(w, right=False))
+    assert ch.receiver == "propagate"
+    assert {r["receiver"] for r in ch.candidates if r.get("chosen")} == {"propagate"}
+
+
+def test_search_with_pool_modes_needs_their_expansion() -> None:
+    with pytest.raises(PladaError, match="expand"):
+        run(world(), k=40, receivers=("plain", "selftrain"))
+
+
+def test_search_with_the_real_receiver_modes_is_deterministic() -> None:
+    from plada import receiver
+
+    w = world()
+    feats = w["pool_feats"]
+
+    def expand(mode: str, rows: np.ndarray, labels: np.ndarray):
+        return receiver.expand(mode, feats, rows, labels, 3, pseudo=120, k=5, graph_key=None, progress=False)
+
+    a, b = (run(w, "propagate", k=30, receivers=receiver.MODES, expand=expand) for _ in range(2))
+    assert a.receiver == b.receiver and a.forecast == b.forecast and np.array_equal(a.indices, b.indices)
+    assert {r["receiver"] for r in a.candidates} == set(receiver.MODES)

@@ -71,7 +71,9 @@ FORECAST_DIGITS = payload.FORECAST_DIGITS
 _FORECAST_PLACEHOLDER = 0.1234
 FORECAST_SLACK = 2
 
-SizeFn = Callable[[np.ndarray, np.ndarray, float | None], int]
+SizeFn = Callable[..., int]  # (indices, labels, forecast, receiver=None) -> exact payload bytes
+# (mode, pool rows, their labels) -> the receiver's training set under that mode (`plada.receiver.expand`)
+ExpandFn = Callable[[str, np.ndarray, np.ndarray], Any]
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,7 @@ class AutoChoice:
         return Policy(self.policy, self.safety_share, self.alpha, self.tau)
 
     fold: int | None = None  # the deciding teacher's slice: None when the sending teacher decided itself
+    receiver: str = "plain"  # the receiver mode the forecast assumed: the payload header names it
 
     def summary(self) -> dict:
         """JSON-ready report (no arrays): what the CLI prints and the benchmarks store."""
@@ -150,7 +153,8 @@ class AutoChoice:
                 "tau": self.tau,
                 "k": self.k, "forecast": self.forecast, "payload_bytes": self.payload_bytes,
                 "budget_bytes": self.budget_bytes, "seed": self.seed, "heldout_images": self.heldout_images,
-                "head_steps": self.head_steps, "decider": self.fold, "candidates": self.candidates}
+                "head_steps": self.head_steps, "decider": self.fold, "receiver": self.receiver,
+                "candidates": self.candidates}
 
 
 @dataclass(frozen=True)
@@ -182,10 +186,11 @@ def payload_sizer(
     ``receiver`` and ``encode_kwargs`` (e.g. ``groups=pool.groups()[0]``, ``level``) must be exactly what
     the caller will write with, or the measured sizes would not be the file's.
     """
-    names = tuple(class_names)
+    names, default = tuple(class_names), receiver
 
-    def size_of(indices: np.ndarray, labels: np.ndarray, forecast: float | None) -> int:
-        p = payload.Payload(pool_fingerprint, pool_size, names, indices, labels, forecast=forecast, receiver=receiver)
+    def size_of(indices: np.ndarray, labels: np.ndarray, forecast: float | None, receiver: str | None = None) -> int:
+        p = payload.Payload(pool_fingerprint, pool_size, names, indices, labels, forecast=forecast,
+                            receiver=default if receiver is None else receiver)
         size_of.last = payload.encode(p, **encode_kwargs)  # type: ignore[attr-defined]
         return len(size_of.last)  # type: ignore[attr-defined]
 
@@ -540,6 +545,8 @@ def search(
     max_k: int | None = None,
     log: Callable[[str], None] | None = None,
     workers: int | None = None,
+    receivers: Sequence[str] = ("plain",),
+    expand: ExpandFn | None = None,
 ) -> AutoChoice:
     """Every decider's own selection, per policy and affordable keep size; returns the best forecast.
 
@@ -550,6 +557,10 @@ def search(
     given ``seed``: it seeds the random policy and every proxy head (the same seed for all, so candidates differ only by
     data); finalists (within ``finalist_band`` of the best) are re-forecast over ``finalist_seeds`` proxy
     seeds. ``workers``: proxy heads trained at once (default: one per CPU core); it changes no forecast.
+    ``receivers``: the receiver modes a finalist is also forecast under, the proxy training on what
+    ``expand(mode, rows, labels)`` makes of it (the receiver's own pool labelling, simulated exactly: same
+    pool, same public features); the chosen row names its mode. With plain among them (the sender's
+    default), a mode that would make a target worse (far out of distribution) is not sent.
     """
     deciders = list(deciders)
     heldout_feats = np.asarray(heldout_feats, dtype=np.float32)
@@ -558,6 +569,11 @@ def search(
                          finalist_seeds, finalist_band, fractions)
     say = log or (lambda s: None)
     parts = [np.asarray(d.rows) for d in deciders]
+    modes = list(dict.fromkeys(receivers))
+    if not modes:
+        raise PladaError("no receiver mode to forecast for")
+    if modes != ["plain"] and expand is None:
+        raise PladaError("forecasting receiver modes other than plain needs their expand function")
 
     # 1. Sizes: per decider and policy, the keep sizes whose real payload fits.
     planned: list[Planned] = []
@@ -573,13 +589,14 @@ def search(
                          f"{smallest} bytes (its header alone holds the pool fingerprint and class names)")
 
     # 2. Forecast: a proxy head per distinct selection, scored on its decider's held-out rows.
-    fc = _Forecaster(planned, parts, pool_feats, heldout_feats, heldout_labels, n_classes, head_steps, workers)
-    first = fc([(i, seed) for i in range(len(planned))])
+    fc = _Forecaster(planned, parts, pool_feats, heldout_feats, heldout_labels, n_classes, head_steps, workers,
+                     expand)
+    first = fc([(i, seed, "plain") for i in range(len(planned))])
     predicted = [np.bincount(lab, minlength=n_classes) > 0 for lab in labs]
     rows: list[dict] = []
     for i, c in enumerate(planned):
         kept = np.bincount(c.selection.labels, minlength=n_classes) > 0
-        rows.append({**c.row(n_classes), "forecast": first[i], "forecast_seeds": 1,
+        rows.append({**c.row(n_classes), "receiver": "plain", "forecast": first[i], "forecast_seeds": 1,
                      "covers_predicted": bool(kept[predicted[c.decider]].all())})
         say(f"auto: {c.name} k={c.k} ({c.bytes} B): forecast {rows[-1]['forecast']:.4f}")
 
@@ -589,30 +606,42 @@ def search(
     # finalists can be chosen.
     top = max(r["forecast"] for r in rows)
     finalists = [i for i, r in enumerate(rows) if r["forecast"] >= top - finalist_band]
-    if finalist_seeds > 1:
-        items = [(i, seed + j) for i in finalists for j in range(finalist_seeds)]
+    of = list(range(len(planned)))  # row -> its candidate in `planned`
+    # 2c. The same finalists under each pool receiver mode: one row per (candidate, mode).
+    base = list(finalists)
+    for m in (m for m in modes if m != "plain"):
+        for i in base:
+            rows.append({**rows[i], "receiver": m, "forecast_seeds": 0})
+            of.append(of[i])
+            finalists.append(len(rows) - 1)
+    if "plain" not in modes:  # plain only ranked the field: the receiver targeted is another
+        finalists = finalists[len(base):]
+    seeds = finalist_seeds
+    if finalist_seeds > 1 or modes != ["plain"]:
+        items = [(of[r], seed + j, rows[r]["receiver"]) for r in finalists for j in range(seeds)]
         got = dict(zip(items, fc(items), strict=True))
-        for i in finalists:
-            rows[i]["forecast"] = float(np.mean([got[i, seed + j] for j in range(finalist_seeds)]))
-            rows[i]["forecast_seeds"] = finalist_seeds
-            say(f"auto: finalist {rows[i]['name']} k={rows[i]['k']}: forecast {rows[i]['forecast']:.4f} "
-                f"({finalist_seeds} seeds)")
+        for r in finalists:
+            m = rows[r]["receiver"]
+            rows[r]["forecast"] = float(np.mean([got[of[r], seed + j, m] for j in range(seeds)]))
+            rows[r]["forecast_seeds"] = seeds
+            say(f"auto: finalist {rows[r]['name']} k={rows[r]['k']}, {m} receiver: forecast "
+                f"{rows[r]['forecast']:.4f} ({seeds} seeds)")
 
     # 3. Choose among finalists; the real forecast moves the compressed header by a byte or so: re-measure.
-    for i in _preference(rows, finalists, margin):
-        c = planned[i]
+    for r in _preference(rows, finalists, margin, modes):
+        c, mode = planned[of[r]], rows[r]["receiver"]
         idx, sent = c.selection
-        nbytes = int(size_of(idx, sent, rows[i]["forecast"]))
+        nbytes = int(size_of(idx, sent, rows[r]["forecast"], mode))
         if budget_bytes is None or nbytes <= budget_bytes:
-            for j, r in enumerate(rows):
-                r["chosen"] = j == i
-            rows[i]["bytes"] = nbytes  # the others stay as sized, with a placeholder forecast of maximal width
+            for j, row in enumerate(rows):
+                row["chosen"] = j == r
+            rows[r]["bytes"] = nbytes  # the others stay as sized, with a placeholder forecast of maximal width
             pol = c.policy
             return AutoChoice(
                 name=pol.name, policy=pol.policy, safety_share=pol.safety_share, alpha=pol.alpha, k=int(c.k),
-                forecast=rows[i]["forecast"], payload_bytes=nbytes, budget_bytes=budget_bytes, seed=seed,
+                forecast=rows[r]["forecast"], payload_bytes=nbytes, budget_bytes=budget_bytes, seed=seed,
                 heldout_images=len(parts[c.decider]), head_steps=head_steps, indices=idx, labels=sent.copy(),
-                candidates=rows, tau=pol.tau, decider=c.decider, fold=c.fold,
+                candidates=rows, tau=pol.tau, decider=c.decider, fold=c.fold, receiver=mode,
             )
     raise PladaError(f"no candidate fits the byte budget {budget_bytes} once its forecast is in the header")
 
@@ -647,45 +676,64 @@ def _check_search(deciders, pool_feats, heldout_feats, heldout_labels, n_classes
 
 
 class _Forecaster:
-    """Forecast of candidate i with proxy seed s: held-out accuracy of a linear head on its selection.
+    """Forecast of candidate i with proxy seed s under receiver mode m: held-out accuracy of a linear head
+    trained on what that receiver makes of the selection (plain: the selection itself).
 
     Heads are trained in batches on ``workers`` threads (`train_heads`: the same weights as one at a time),
-    and each distinct (selection, decider, seed) only once.
+    and each distinct (selection, decider, seed, mode) only once; each (selection, mode) is expanded once.
     """
 
     def __init__(self, planned: list[Planned], parts: list[np.ndarray], pool_feats: np.ndarray,
                  heldout_feats: np.ndarray, heldout_labels: np.ndarray, n_classes: int, steps: int,
-                 workers: int | None) -> None:
+                 workers: int | None, expand: ExpandFn | None = None) -> None:
         self.planned, self.parts, self.pool_feats = planned, parts, pool_feats
         self.heldout_feats, self.heldout_labels = heldout_feats, heldout_labels
-        self.n_classes, self.steps, self.workers = n_classes, steps, workers
-        self.runs: dict[tuple[bytes, int, int], int] = {}
+        self.n_classes, self.steps, self.workers, self.expand = n_classes, steps, workers, expand
+        self.runs: dict[tuple[bytes, int, int, str], int] = {}
+        self.expanded: dict[tuple[bytes, str], Any] = {}
 
-    def _key(self, c: Planned, s: int) -> tuple[bytes, int, int]:
-        return hashlib.sha256(c.selection.indices.tobytes() + c.selection.labels.tobytes()).digest(), c.decider, s
+    @staticmethod
+    def _digest(c: Planned) -> bytes:
+        return hashlib.sha256(c.selection.indices.tobytes() + c.selection.labels.tobytes()).digest()
 
-    def __call__(self, items: Sequence[tuple[int, int]]) -> list[float]:
-        todo: dict[tuple[bytes, int, int], tuple[Planned, int]] = {}
-        for i, s in items:
-            key = self._key(self.planned[i], s)
+    def _key(self, c: Planned, s: int, mode: str) -> tuple[bytes, int, int, str]:
+        return self._digest(c), c.decider, s, mode
+
+    def _rows(self, c: Planned, s: int, mode: str) -> tuple[np.ndarray, np.ndarray]:
+        if mode == "plain":
+            return c.selection.indices, c.selection.labels
+        key = (self._digest(c), mode)
+        if key not in self.expanded:
+            self.expanded[key] = self.expand(mode, c.selection.indices, c.selection.labels)  # type: ignore[misc]
+        rows, lab = self.expanded[key].training_rows(s)
+        order = np.argsort(rows, kind="stable")  # as the receiver's own head reads them
+        return rows[order], lab[order]
+
+    def __call__(self, items: Sequence[tuple[int, int, str]]) -> list[float]:
+        todo: dict[tuple[bytes, int, int, str], tuple[Planned, int, str]] = {}
+        for i, s, m in items:
+            key = self._key(self.planned[i], s, m)
             if key not in self.runs:
-                todo.setdefault(key, (self.planned[i], s))
-        jobs = [head_job(self.pool_feats, c.selection.indices, c.selection.labels, self.n_classes, self.steps, s)
-                for c, s in todo.values()]
-        for key, (c, _), (w, b) in zip(todo, todo.values(), train_heads(jobs, self.workers), strict=True):
+                todo.setdefault(key, (self.planned[i], s, m))
+        jobs = [head_job(self.pool_feats, *self._rows(c, s, m), self.n_classes, self.steps, s)
+                for c, s, m in todo.values()]
+        for key, (c, _, _), (w, b) in zip(todo, todo.values(), train_heads(jobs, self.workers), strict=True):
             r = self.parts[c.decider]
             self.runs[key] = int(((self.heldout_feats[r] @ w.T + b).argmax(1) == self.heldout_labels[r]).sum())
-        return [self.runs[self._key(self.planned[i], s)] / len(self.parts[self.planned[i].decider]) for i, s in items]
+        return [self.runs[self._key(self.planned[i], s, m)] / len(self.parts[self.planned[i].decider])
+                for i, s, m in items]
 
 
-def _preference(rows: list[dict], finalists: list[int], margin: float) -> list[int]:
+def _preference(rows: list[dict], finalists: list[int], margin: float, modes: Sequence[str] = ("plain",)
+                ) -> list[int]:
     """Candidates in the order they are chosen: finalists by best forecast, ties to more images, then fewer
     bytes, then table order; then the rest. A candidate keeping every predicted class within ``margin`` of
     the best goes first, because a class missing from the payload can never be learnt by the receiver."""
     def rank(i: int) -> tuple:
         return -rows[i]["forecast"], -rows[i]["kept"], rows[i]["bytes"], i
 
-    order = sorted(finalists, key=rank) + sorted(set(range(len(rows))) - set(finalists), key=rank)
+    rest = {i for i, r in enumerate(rows) if r.get("receiver", "plain") in modes} - set(finalists)
+    order = sorted(finalists, key=rank) + sorted(rest, key=rank)
     covering = [i for i in order if rows[i]["covers_predicted"]]
     if covering and rows[order[0]]["forecast"] - rows[covering[0]]["forecast"] <= margin:
         order = [covering[0]] + [i for i in order if i != covering[0]]

@@ -91,7 +91,7 @@ def _send_args(p: argparse.ArgumentParser) -> None:
                    help="payload bytes, e.g. 5KB: the auto policy picks policy and keep size to fit")
     g.add_argument("--keep", type=_keep, default=None, help="share of the pool to keep (default 1%%)")
     g.add_argument("--policy", default=None, choices=POLICIES, help="selection rule (default lowest-energy)")
-    g.add_argument("--teacher", default=None, help="teacher backbone: a registry name or timm:NAME")
+    g.add_argument("--teacher", default=None, help="teacher backbone: a registry name, timm:NAME or tv:NAME")
     g.add_argument("--engine", default=None, choices=ENGINES,
                    help="where the pool is scored: this process, or a Ray actor pool ($RAY_ADDRESS, else local)")
     _device_arg(g)
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pool", default="tinyimagenet32", help="pool name or folder (sharded or not)")
     c.add_argument("--out", "-o", default=None, help="write logits, labels and energies here (.npz)")
     c.add_argument("--data", default=None, help=data_help)
-    c.add_argument("--teacher", default=None, help="teacher backbone: a registry name or timm:NAME")
+    c.add_argument("--teacher", default=None, help="teacher backbone: a registry name, timm:NAME or tv:NAME")
     c.add_argument("--engine", default=None, choices=ENGINES, help="this process, or a Ray actor pool")
     _device_arg(c)
     _sets(c, "teacher.res=32 or actors=4")
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model-out", default=None, help="save the student here (safetensors)")
     r.add_argument("--allow-missing", action="store_true",
                    help="drop kept images this pool lacks (see `pool build --manifest`) instead of refusing")
-    r.add_argument("--student", default=None, help="student backbone: a registry name or timm:NAME")
+    r.add_argument("--student", default=None, help="student backbone: a registry name, timm:NAME or tv:NAME")
     r.add_argument("--student-mode", default=None, choices=STUDENT_MODES,
                    help="finetune (default: the paper's), linear (frozen features), scratch (no pretraining)")
     r.add_argument("--receiver", default=None, choices=ReceiveConfig.MODES,

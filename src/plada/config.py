@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 import typing
@@ -24,6 +25,9 @@ from .payload import RECEIVERS
 POLICIES = ("lowest-energy", "highest-energy", "lowest-entropy", "random", "auto")
 ENGINES = ("local", "ray")
 DEFAULT_KEEP = 0.01  # the paper's 1%
+# The receiver mode a fixed-policy payload names when none is asked for: the paper's (no forecast is
+# made for a fixed policy, so nothing measured for this target could justify another).
+FIXED_RECEIVER = "plain"
 MAX_SEED = 2**32 - 1  # numpy and torch both take any seed below this
 TEACHER_MODES = ("finetune", "linear")
 STUDENT_MODES = ("finetune", "linear", "scratch")
@@ -33,8 +37,9 @@ STUDENT_MODES = ("finetune", "linear", "scratch")
 class TrainConfig:
     """A pretrained backbone trained on labelled images: what teacher and student share."""
 
-    model: str = "efficientnet-lite0"  # registry name or timm:NAME
-    res: int = 64
+    model: str = "efficientnet-lite0"  # registry name, timm:NAME or tv:NAME (torchvision; the timm extra)
+    res: int = 64  # plada never reads the pretrained config's input size: set res to it for full fidelity
+    weights: str | None = None  # local pretrained weights (safetensors or torch state dict); None: the built-in/hub
     mode: str = "finetune"
     epochs: float = 2.0
     lr: float = 1e-3
@@ -78,6 +83,9 @@ class SendConfig:
     proxy: str = "efficientnet-lite0"  # auto: frozen backbone of the proxy students' features
     proxy_res: int = 64
     device: str = "auto"  # teacher, local scoring, features: auto (cuda, else mps, else cpu), cpu, cuda[:N], mps
+    # the receiver mode the payload header names. None: auto forecasts every mode (RECEIVERS) and names the
+    # best (plain where pool modes would not help); a fixed policy names FIXED_RECEIVER
+    receiver: str | None = None
 
     @property
     def auto(self) -> bool:
@@ -88,6 +96,8 @@ class SendConfig:
         check_teacher(self.teacher)
         _one_of("policy", self.policy, POLICIES)
         _one_of("engine", self.engine, ENGINES)
+        if self.receiver is not None:
+            _one_of("receiver", self.receiver, RECEIVERS)
         _device(self.device)
         _finite("temperature", self.temperature, lo=0, lo_open=True)
         _seed(self.seed)
@@ -137,6 +147,13 @@ class SendConfig:
             if used:
                 raise PladaError(f"{', '.join(used)} only act under the auto policy (--budget or --policy auto)")
         return self
+
+    @property
+    def receivers(self) -> tuple[str, ...]:
+        """The receiver modes the sender forecasts for (auto) or names (a fixed policy: the first)."""
+        if self.receiver is not None:
+            return (self.receiver,)
+        return RECEIVERS if self.auto else (FIXED_RECEIVER,)
 
     @property
     def keep_share(self) -> float | None:
@@ -203,6 +220,12 @@ def _check_train(name: str, c: TrainConfig, modes: typing.Sequence[str]) -> None
     _finite(f"{name}.lr", c.lr, lo=0, hi=10, lo_open=True)
     _integer(f"{name}.batch_size", c.batch_size, lo=1, hi=65536)
     _seed(c.seed)
+    if c.weights is not None:
+        if c.model == "small-cnn" or c.mode == "scratch":
+            raise PladaError(f"{name}.weights do not act with a model trained from scratch ({name}.model "
+                             f"{c.model}, mode {c.mode}); drop them")
+        if not isinstance(c.weights, str) or not os.path.isfile(c.weights):
+            raise PladaError(f"{name}.weights {c.weights!r} is not a file")
 
 
 def with_seed(cfg: Any, seed: int) -> Any:
@@ -308,5 +331,6 @@ MODELS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2", "sma
 
 
 def _model(name: str, v: Any) -> None:
-    if not isinstance(v, str) or not (v in MODELS or (v.startswith("timm:") and len(v) > 5)):
-        raise PladaError(f"unknown {name} {v!r} (have: {', '.join(MODELS)}, or timm:NAME)")
+    ok = isinstance(v, str) and (v in MODELS or any(v.startswith(p) and len(v) > len(p) for p in ("timm:", "tv:")))
+    if not ok:
+        raise PladaError(f"unknown {name} {v!r} (have: {', '.join(MODELS)}, or timm:NAME, tv:NAME)")

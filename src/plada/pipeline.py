@@ -132,8 +132,10 @@ def send(
         idx, labels, encoded, report = _send_auto(src.name, train, test, pool, groups, cfg, progress, dev)
     else:
         idx, labels, report = _send_fixed(src.name, train, test, pool, cfg, progress, dev)
-        encoded = payload.encode(payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, labels),
-                                 groups=groups)
+        mode = cfg.receivers[0]
+        encoded = payload.encode(payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, labels,
+                                                 receiver=mode), groups=groups)
+        report["receiver"] = mode
     _check_readable(pool)
     nbytes = payload.write_bytes(out, encoded)
     report = {"payload": str(out), "payload_bytes": nbytes, "report": str(record), "kept": int(len(idx)),
@@ -194,7 +196,7 @@ def _send_fixed(name: str, train: Split, test: Split | None, pool: Pool, cfg: Se
 def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: np.ndarray, cfg: SendConfig,
                progress: bool, device: torch.device | None = None):
     """Stages of the auto sender: deciding teachers and their held-out rows, pool features, search, header."""
-    from . import auto
+    from . import auto, receiver
     from .features import cached_features, feature_model, rows_features
 
     seen, unseen, tgroups = unseen_rows(train, cfg.teacher, cfg.holdout_groups)
@@ -203,7 +205,9 @@ def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: 
         raise PladaError(f"the teacher leaves {len(unseen)} train images unseen (teacher.limit), so it decides "
                          "itself: deciders and holdout_fraction do not act")
     k = None if cfg.budget is not None else select.budget(len(pool), keep=cfg.keep_share, count=cfg.count)
-    size_of = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, groups=groups)
+    modes = cfg.receivers
+    # sized with the longest mode name, so a chosen mode's shorter header still fits; the choice is re-measured
+    size_of = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, max(modes, key=len), groups=groups)
     # the cheapest payload this target can have: refuse a budget below it before any teacher trains
     if cfg.budget is not None:
         one = size_of(np.array([0]), np.array([0]), 1.0)
@@ -234,9 +238,14 @@ def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: 
                                     temperature=cfg.temperature, engine=cfg.engine, actors=cfg.actors,
                                     progress=progress, groups=tgroups, device=device)
 
+    def expand(mode: str, rows: np.ndarray, labels: np.ndarray):
+        """What a receiver of this pool with the proxy's public features makes of a selection (`plada.receiver`)."""
+        return receiver.expand(mode, pool_f, rows, labels, len(train.class_names), seed=cfg.seed,
+                               allowed=~pool.missing, progress=progress)
+
     choice = auto.search(deciders=deciders, pool_feats=pool_f, heldout_feats=feats(held_idx, "held"),
                          heldout_labels=train.labels[held_idx], n_classes=len(train.class_names), size_of=size_of,
-                         budget_bytes=cfg.budget, k=k, groups=groups, seed=cfg.seed)
+                         budget_bytes=cfg.budget, k=k, groups=groups, seed=cfg.seed, receivers=modes, expand=expand)
     sender = deciders[choice.decider]
     encoded = size_of.last  # the search's last measure is its choice, with its forecast in the header
     if len(encoded) != choice.payload_bytes:
@@ -245,7 +254,7 @@ def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: 
                       temperature=cfg.temperature, safety_share=choice.safety_share, alpha=choice.alpha,
                       seed=cfg.seed, **({} if choice.tau is None else {"tau": choice.tau}))
     report = {"teacher_accuracy": sender.test_accuracy, "policy": choice.name, "forecast_accuracy": choice.forecast,
-              "selection": rule, "auto": choice.summary()}
+              "receiver": choice.receiver, "selection": rule, "auto": choice.summary()}
     return choice.indices, choice.labels, encoded, report
 
 
@@ -361,8 +370,12 @@ def receive(
     if mode != "plain":
         # The receiver's own public weights define the feature space: the student's backbone when it is
         # pretrained, else EfficientNet-Lite0 (a scratch student has no features of its own).
-        fm = (feature_model(student.model, student.res) if student.mode != "scratch"
-              else feature_model("efficientnet-lite0", 64))
+        if student.mode == "scratch":
+            fm = feature_model("efficientnet-lite0", 64)
+        elif student.weights is not None:  # the student's own local weights file, not the hub's
+            fm = backbones.create(student.model, 1, student.res, weights=student.weights).eval()
+        else:
+            fm = feature_model(student.model, student.res)
         feats = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress, device=dev)
         expansion = receiver.expand(mode, feats, indices, labels, n_cls, seed=student.seed, pseudo=cfg.pseudo,
                                     k=cfg.knn, rounds=cfg.rounds, allowed=~pool.missing, progress=progress)

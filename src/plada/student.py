@@ -30,7 +30,7 @@ def train_student(
     if len(labels) == 0:
         raise PladaError("the payload keeps no images: nothing to train a student on")
     torch.manual_seed(cfg.seed)  # the fresh head's init must be seeded too
-    model = backbones.create(cfg.model, n_classes, cfg.res, pretrained=cfg.mode != "scratch")
+    model = backbones.create(cfg.model, n_classes, cfg.res, pretrained=cfg.mode != "scratch", weights=cfg.weights)
     if cfg.mode == "linear":
         fit_linear(model, images, labels, seed=cfg.seed, progress=progress, feats=feats, device=device)
     else:

@@ -39,7 +39,7 @@ def train_teacher(
     if cfg.mode not in MODES:
         raise PladaError(f"unknown teacher mode '{cfg.mode}' (have: {', '.join(MODES)})")
     key = hashlib.sha256(
-        json.dumps([asdict(cfg), train.dataset, train.split, train.class_names, train.digest()],
+        json.dumps([_key_config(cfg), train.dataset, train.split, train.class_names, train.digest()],
                    sort_keys=True).encode()
     ).hexdigest()[:16]
     d = Path(cache) / f"{train.dataset}-{key}"
@@ -54,7 +54,7 @@ def train_teacher(
     d.mkdir(parents=True, exist_ok=True)
     sub = train.subset(cfg.limit, cfg.seed)
     torch.manual_seed(cfg.seed)  # the fresh head's init must be seeded too
-    model = backbones.create(cfg.model, len(train.class_names), cfg.res)
+    model = backbones.create(cfg.model, len(train.class_names), cfg.res, weights=cfg.weights)
     t0 = time.time()
     if cfg.mode == "finetune":
         fit(model, sub.images, sub.labels, cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
@@ -67,6 +67,23 @@ def train_teacher(
     backbones.save(model, wpath, train.class_names, info)
     write_json_atomic(ipath, info)
     return model, info
+
+
+def _key_config(cfg: TeacherConfig) -> dict:
+    """The configuration as the cache key sees it: a weights file by its content, not its path.
+
+    Why: another file under the same path must never be served the old teacher, and the same file
+    moved must still hit. Without a weights file the key is exactly that of earlier releases.
+    """
+    conf = asdict(cfg)
+    path = conf.pop("weights")
+    if path is not None:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        conf["weights_sha256"] = h.hexdigest()
+    return conf
 
 
 def _load_cached(wpath: Path, ipath: Path, class_names: list[str]) -> tuple[backbones.Classifier, dict] | None:
