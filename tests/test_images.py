@@ -57,11 +57,12 @@ def _folder(root: Path, n: int = 40, seed: int = 0, **kw: int) -> dict[str, byte
     return files
 
 
-def _shards(out: Path, files: dict[str, bytes], n_shards: int, seed: int) -> Path:
+def _shards(out: Path, files: dict[str, bytes], n_shards: int, seed: int, bare: bool = False) -> Path:
     """The same files as WebDataset shards: shuffled over `n_shards` tars under opaque keys.
 
     Samples carry their original name in `KEY.json` (as "filename" or "fname", alternately); one sample has
-    no json and is keyed by its own path, so its name is KEY + extension.
+    no json and is keyed by its own path, so its name is KEY + extension. ``bare``: names without their
+    class folder, as timm's ImageNet shards record them (`n01440764_0007.JPEG`).
     """
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True)
@@ -71,6 +72,7 @@ def _shards(out: Path, files: dict[str, bytes], n_shards: int, seed: int) -> Pat
     try:
         for j, i in enumerate(order):
             rel, raw = items[i]
+            rel = rel.rpartition("/")[2] if bare else rel
             tar = tars[j % n_shards]
             if j == 0:
                 members = {rel: raw}  # key "n0.../n0..._0007", extension ".JPEG": the name is the path itself
@@ -172,6 +174,17 @@ def test_shuffled_shards_give_the_folder_fingerprint(folder: tuple[Path, dict[st
     assert isinstance(reopened.images, LazyImages) and reopened.fingerprint == by_folder.fingerprint
     assert np.array_equal(reopened.images_at(64)[[5, 17]], want[[5, 17]])
     assert reopened.groups()[1] == list(CLASSES)
+
+
+def test_bare_imagenet_names_in_shards_get_their_class_folder(folder: tuple[Path, dict[str, bytes]], cache: Path,
+                                                              tmp_path: Path) -> None:
+    """Shards naming `n01440764_0007.JPEG` without its folder: the folder pool's manifest, fingerprint, classes."""
+    root, files = folder
+    by_folder = build_pool([str(root)], progress=False)
+    bare = build_pool([str(_shards(tmp_path / "wds-bare", files, 2, seed=3, bare=True))], name="wds-bare",
+                      progress=False)
+    assert (bare.root / "manifest.tsv").read_bytes() == (by_folder.root / "manifest.tsv").read_bytes()
+    assert bare.fingerprint == by_folder.fingerprint and bare.groups()[1] == list(CLASSES)
 
 
 def test_corrupt_and_truncated_files_read_as_zero_rows_named_once(tmp_path: Path,

@@ -15,7 +15,8 @@ warning line, and never aborts a run.
 
 Manifest paths: a folder's images are keyed by their path under its root (`n01440764/x.JPEG`); a shard
 sample by its original file name (`filename` or `fname` in its `.json` member), else by its WebDataset key
-plus extension. Hashes are those of every manifest (blake2b-64 of the file's bytes), so the same images
+plus extension; a bare ImageNet train name (`n01440764_10026.JPEG`) gets its class folder back. Hashes
+are those of every manifest (blake2b-64 of the file's bytes), so the same images
 held as a folder or as shards in any order and shuffle give one manifest and one fingerprint.
 """
 
@@ -26,6 +27,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import tarfile
 import threading
@@ -54,6 +56,10 @@ DEFAULT_RES = 224  # what `Pool.images` of a lazy pool decodes at; models ask fo
 DRAFT_GAP = 2.0  # JPEG DCT downscaling stops at twice the target size, so the final resize still antialiases
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference when one sample has several
 NAME_KEYS = ("filename", "fname")
+# ImageNet's train files are named for their class (`n01440764_10026.JPEG` in folder `n01440764/`); shards
+# built from them (timm's ImageNet-21K ones) often record the bare name. Such a name gets its folder back,
+# so the shards give the folder pool's manifest and fingerprint and group by class as the folder does.
+IMAGENET_NAME = re.compile(r"(n\d{8})_[^/]+")
 _BLOCK = 2048  # files hashed per thread-pool round: bounds the futures (and bytes) held at once
 
 
@@ -541,6 +547,9 @@ def _index_shard(path: Path, max_pixels: int) -> list[tuple[str, str | None, int
                     name = given or name
                 except (ValueError, OSError):
                     why = "its .json record is unreadable"
+            wnid = IMAGENET_NAME.fullmatch(name)
+            if wnid:
+                name = f"{wnid.group(1)}/{name}"
             if why:
                 out.append((name, None, 0, 0, why))
                 continue
