@@ -27,6 +27,7 @@ import numpy as np
 import zstandard
 from PIL import Image
 
+from benchmarks.bits import index_costs
 from plada import payload, select
 from plada.data import cache_root, load_source
 from plada.errors import PladaError
@@ -184,7 +185,7 @@ def run_target(target: str, pool: Pool, cfg: Config, data: str | None, log) -> d
 
     def payload_bytes(idx: np.ndarray, name: str, keep: float) -> dict:
         p = payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, plabels[idx])
-        costs = payload.index_costs(idx, len(pool), labels=plabels[idx], n_classes=n_cls)
+        costs = index_costs(idx, len(pool), labels=plabels[idx], n_classes=n_cls)
         lab = len(zstandard.ZstdCompressor(level=19).compress(plabels[idx].astype(np.uint8 if n_cls <= 256
                                                                                   else np.uint16).tobytes()))
         return {"file": len(payload.encode(p)), "raw": costs["raw"], "gap_zstd": costs["gap_zstd"] + lab,

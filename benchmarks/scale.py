@@ -327,11 +327,10 @@ def _run(args: argparse.Namespace, work: Path, base: Pool) -> dict:
     try:
         tp["ray_startup_seconds"] = round(init_s, 2)
         for key, pool in (("ray_shards", shards_m), ("ray_npy", score_pool_m)):
-            row = {}
+            row, st = {}, engines.RayStats()
             with measure(row, m):
                 engines.score_pool_ray(model, pool, work / f"scores-{key}", actors=args.actors,
-                                       batch_size=args.batch_size, progress=False)
-            st = engines.LAST_RUN
+                                       batch_size=args.batch_size, progress=False, stats=st)
             row.update({"actors": st.actors, "read_s_per_image": st.read_seconds / m,
                         "steady_images_per_s": round(m * st.actors / st.actor_seconds, 1),
                         "infer_s_per_image": (st.actor_seconds - st.read_seconds) / m,
@@ -341,11 +340,11 @@ def _run(args: argparse.Namespace, work: Path, base: Pool) -> dict:
         shards_4m = write_shards(replicate(score_pool_m, 4, work / "pool-4m", "first-m-x4"), work / "shards-4m",
                                  shard_size=args.shard_size, progress=False)
         for k, pool in ((1, shards_m), (4, shards_4m)):
-            row = {"phase": "Ray scoring over shards (driver; actors below)"}
+            row, st = {"phase": "Ray scoring over shards (driver; actors below)"}, engines.RayStats()
             with measure(row, k * m):
                 engines.score_pool_ray(model, pool, work / f"scores-ray-mem{k}", actors=args.actors,
-                                       batch_size=args.batch_size, progress=False)
-            row["actor_peak_rss_mb"] = [round(v / 2**20, 1) for v in engines.LAST_RUN.actor_peak_rss.values()]
+                                       batch_size=args.batch_size, progress=False, stats=st)
+            row["actor_peak_rss_mb"] = [round(v / 2**20, 1) for v in st.actor_peak_rss.values()]
             mem.append(row)
     finally:
         if started:

@@ -6,8 +6,9 @@ the lowest-energy 1% concentrates in some folders, as a teacher's selection does
 random, the codec's worst case for grouping). Labels: mostly the folder's own class, classes Zipf-skewed.
 
 For each: encode and decode time (one run each, this machine), peak traced memory, bytes against the
-reference code length `plada.codec.ideal_bits` and the codec's own model length, and the format-1
-payload (gap/bitmap + zstd-19) for comparison. Writes results/codec_scale.json and prints a table.
+reference code length and the codec's own model length (`benchmarks.bits.ideal_bits`, `model_bits`), and
+the format-1 payload (gap/bitmap + zstd-19) for comparison. Writes results/codec_scale.json and prints a
+table.
 
     python scripts/codec_scale.py [--out results/codec_scale.json] [--seed 0]
 """
@@ -20,14 +21,18 @@ import json
 import os
 import platform
 import resource
+import sys
 import time
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 
-from plada import codec
-from plada import payload as P
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's benchmarks/, whatever the cwd
+
+from benchmarks.bits import ideal_bits, model_bits  # noqa: E402
+from plada import codec  # noqa: E402
+from plada import payload as P  # noqa: E402
 
 POOL = 14_197_122
 GROUPS = 21_841
@@ -82,8 +87,8 @@ def measure(kind: str, gid: np.ndarray, groups: codec.Grouping, rng: np.random.G
     blob, encode_s = timed(codec.encode, idx, labels, POOL, CLASSES, groups)
     (got_idx, got_lab), decode_s = timed(codec.decode, blob, idx.size, POOL, CLASSES, groups)
     assert np.array_equal(got_idx, idx) and np.array_equal(got_lab, labels)
-    ideal = codec.ideal_bits(idx, labels, CLASSES, groups)
-    model = codec.model_bits(idx, labels, CLASSES, groups)
+    ideal = ideal_bits(idx, labels, CLASSES, groups)
+    model = model_bits(idx, labels, CLASSES, groups)
 
     joint_file, payload_encode_s = timed(P.encode, p, groups=gid)
     decoded, payload_decode_s = timed(P.decode, joint_file, groups=gid)

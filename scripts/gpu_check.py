@@ -171,10 +171,9 @@ def ray_section(model, name: str, pool_dir: Path, res: int, batch: int, n: int, 
     pool = Pool("gpu-check", pool_dir, np.load(pool_dir / "images.npy", mmap_mode="r"),
                 [f"f{i // 1000}/{i}" for i in range(n)], ["0" * 64] * n, "ray" + "0" * 61)
     cache = pool_dir / "scores-ray"
-    t = time.perf_counter()
-    scores = engines.score_pool_ray(model.cpu(), pool, cache, batch_size=batch, progress=False, chunk=chunk)
+    t, st = time.perf_counter(), engines.RayStats()
+    scores = engines.score_pool_ray(model.cpu(), pool, cache, batch_size=batch, progress=False, chunk=chunk, stats=st)
     wall = time.perf_counter() - t
-    st = engines.LAST_RUN
     return {"model": name, "images": n, "actors": st.actors, "gpus_per_actor": st.gpus_per_actor,
             "units": st.units, "wall_seconds": round(wall, 2), "wall_img_s": round(n / wall, 1),
             "actor_seconds": round(st.actor_seconds, 2),

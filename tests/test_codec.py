@@ -1,4 +1,4 @@
-"""Tests for the context codec: exact round trips, size against the reference, hostile streams."""
+"""Tests for the context codec: exact round trips, size against the reference (`benchmarks.bits`), hostile streams."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from benchmarks.bits import ideal_bits, model_bits
 from plada import codec as C
 from plada.errors import PayloadError
 
@@ -105,7 +106,7 @@ def test_round_trip_property(sel: tuple) -> None:
     data = round_trip(idx, lab, n, n_classes, groups)
     assert len(data) % 4 == 0
     # The coder adds at most a few words to the model's own code length.
-    model = C.model_bits(idx, lab, n_classes, groups, pool_size=n)["total"]
+    model = model_bits(idx, lab, n_classes, groups, pool_size=n)["total"]
     assert len(data) * 8 <= model * 1.01 + 96
 
 
@@ -160,7 +161,7 @@ def test_large_counts_are_fast() -> None:
     end = time.perf_counter()
     assert np.array_equal(got_idx, idx) and np.array_equal(got_lab, lab)
     assert mid - start < 60 and end - mid < 30  # generous: this machine's CPUs are shared
-    assert len(data) * 8 <= C.model_bits(idx, lab, 1000, groups)["total"] * 1.002 + 96
+    assert len(data) * 8 <= model_bits(idx, lab, 1000, groups)["total"] * 1.002 + 96
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -175,13 +176,13 @@ def test_size_near_reference_on_a_realistic_pool(seed: int) -> None:
     idx = clustered(rng, gid, n // 100)
     lab = skewed_labels(rng, gid, idx, 10)
     data = round_trip(idx, lab, n, 10, gid)
-    ideal = C.ideal_bits(idx, lab, 10, gid)
-    model = C.model_bits(idx, lab, 10, gid)["total"]
+    ideal = ideal_bits(idx, lab, 10, gid)
+    model = model_bits(idx, lab, 10, gid)["total"]
     assert len(data) * 8 <= ideal * 1.02 + 64
     assert len(data) * 8 <= model * 1.005 + 64  # the range coder itself costs almost nothing
     # Without folders the same selection still comes within 2% of its one-group reference.
     flat = round_trip(idx, lab, n, 10, None)
-    assert len(flat) * 8 <= C.ideal_bits(idx, lab, 10, None, pool_size=n) * 1.02 + 64
+    assert len(flat) * 8 <= ideal_bits(idx, lab, 10, None, pool_size=n) * 1.02 + 64
     assert len(data) < len(flat)  # and the folders help
 
 
@@ -210,23 +211,6 @@ def test_wide_nodes_use_windows_and_escapes() -> None:
     assert max(calls) <= 2 * C._HALF_WINDOW + 3 and max(calls) < 4096  # a 6-sd window, not 100k cells
 
 
-def test_reference_formula() -> None:
-    """ideal_bits is exactly the issue's formula, checked by hand on a two-group pool."""
-    groups = np.array([0] * 4 + [1] * 6)
-    idx = np.array([1, 2, 5])
-    lab = np.array([0, 0, 1])
-
-    def kt(counts: list[int], c: int) -> float:
-        m = sum(counts)
-        nats = math.lgamma(c / 2) - math.lgamma(m + c / 2)
-        nats += sum(math.lgamma(h + 0.5) - math.lgamma(0.5) for h in counts)
-        return -nats / math.log(2)
-
-    want = math.log2(5) + math.log2(math.comb(4, 2)) + math.log2(7) + math.log2(math.comb(6, 1))
-    want += kt([2, 0], 2) + kt([0, 1], 2)
-    assert C.ideal_bits(idx, lab, 2, groups) == pytest.approx(want)
-
-
 def test_prior_adapts_to_pure_groups() -> None:
     """Whole folders with one label each cost a few bits per folder, where KT would cost hundreds."""
     rng = np.random.default_rng(3)
@@ -235,10 +219,10 @@ def test_prior_adapts_to_pure_groups() -> None:
     idx = np.flatnonzero(keep[gid])
     lab = rng.integers(0, 1000, 400)[gid[idx]]
     data = round_trip(idx, lab, gid.size, 1000, gid)
-    parts = C.model_bits(idx, lab, 1000, gid)
+    parts = model_bits(idx, lab, 1000, gid)
     assert parts["label_prior"] != {"kind": "symmetric", "exponent": 1}  # not KT
     assert len(data) * 8 < 16 * keep.sum() + 400  # about log2(1000) + 1 per kept folder, plus the types
-    assert C.ideal_bits(idx, lab, 1000, gid) > 50 * len(data) * 8
+    assert ideal_bits(idx, lab, 1000, gid) > 50 * len(data) * 8
 
 
 def test_tables_match_exact_distributions() -> None:
@@ -292,7 +276,7 @@ def test_golden_streams() -> None:
     # Folder-blind selection (positions coded as one subset) and skewed labels (the global-share prior).
     idx = np.flatnonzero(h < 2**32 // 7)
     lab = np.where((idx * 40503) % 1000 < 600, 3, (idx * 13) % 50)
-    parts = C.model_bits(idx, lab, 50, gid)
+    parts = model_bits(idx, lab, 50, gid)
     assert parts["positions_flat"] and parts["label_prior"]["kind"] == "global"
     skewed = round_trip(idx, lab, i.size, 50, gid)
     assert (len(skewed), hashlib.sha256(skewed).hexdigest()) == (416, GOLDEN_SKEWED)
@@ -342,7 +326,7 @@ def test_scattered_groups_match_their_runs_version() -> None:
     plab[np.searchsorted(pidx, inv[idx])] = lab
     a = round_trip(idx, lab, gid.size, 20, gid)
     b = round_trip(pidx, plab, gid.size, 20, gid[perm])
-    assert C.model_bits(idx, lab, 20, gid)["total"] == pytest.approx(C.model_bits(pidx, plab, 20, gid[perm])["total"])
+    assert model_bits(idx, lab, 20, gid)["total"] == pytest.approx(model_bits(pidx, plab, 20, gid[perm])["total"])
     assert abs(len(a) - len(b)) <= 8
 
 
@@ -483,7 +467,6 @@ def test_bad_arguments() -> None:
         (lambda: C.decode(b"", C.MAX_COUNT + 1, 2**30, 2), "count"),
         (lambda: C.decode(b"", 1, 10, 70000), "n_classes"),
         (lambda: C.decode(b"abc", 1, 10, 2), "32-bit words"),
-        (lambda: C.ideal_bits(idx, lab, 2), "pool_size"),
     ]
     for call, match in cases:
         with pytest.raises(PayloadError, match=match):

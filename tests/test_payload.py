@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import struct
@@ -306,24 +305,6 @@ def test_codec_choice_dense_bitmap_sparse_gap() -> None:
         assert info["pool_fingerprint"] == FP and info["class_count"] == 10
 
 
-def test_codec_choice_matches_index_costs() -> None:
-    for p in (make(10_000, 6_000, seed=2), make(10_000, 10, seed=2), make(50_000, 2_000, seed=2)):
-        info = P.describe(P.encode(p, codecs=ZSTD))
-        costs = P.index_costs(p.indices, p.pool_size)
-        stored = info["sections"][0]["stored_bytes"]
-        assert stored == min(costs["gap_zstd"], costs["bitmap_zstd"])
-        best = "gap-zstd" if costs["gap_zstd"] <= costs["bitmap_zstd"] else "bitmap-zstd"
-        assert info["sections"][0]["codec"] == best
-
-
-@pytest.mark.parametrize("n, idx", [(1, [0]), (20, [1, 5, 7]), (16, [0, 8])])
-def test_codec_tie_goes_to_gap(n: int, idx: list[int]) -> None:
-    costs = P.index_costs(idx, n)
-    assert costs["gap_zstd"] == costs["bitmap_zstd"]  # the case really is a tie
-    p = P.Payload(FP, n, ("a",), idx, [0] * len(idx))
-    assert P.describe(P.encode(p, codecs=ZSTD))["sections"][0]["codec"] == "gap-zstd"
-
-
 def test_varint_codec_edges() -> None:
     vals = np.array([0, 1, 127, 128, 16383, 16384, 2**35 - 1, 2**35, 2**40 - 1, 2**42 - 1], dtype=np.uint64)
     raw = P._varint_encode(vals)
@@ -345,23 +326,6 @@ def test_deterministic_and_canonical() -> None:
         header, _ = unpack(data)
         assert unzip_header(data[14 : 14 + PREFIX.unpack_from(data)[2]]) == canonical(header)  # canonical JSON
     assert P.encode(dataclasses.replace(p, receiver="plain")) != a
-
-
-def test_index_costs() -> None:
-    n = 100_003
-    p = make(n, 1_000, seed=4)
-    costs = P.index_costs(p.indices, n)
-    assert set(costs) == {"raw", "gap_zstd", "bitmap_zstd"}
-    assert costs["raw"] == math.ceil(n / 8)
-    assert 0 < costs["gap_zstd"] < costs["raw"] and 0 < costs["bitmap_zstd"] < costs["raw"]
-    with_labels = P.index_costs(p.indices, n, labels=p.labels, n_classes=300)
-    assert with_labels["raw"] == math.ceil((n + 1_000 * 9) / 8)
-    assert with_labels["gap_zstd"] == costs["gap_zstd"]
-    inferred = P.index_costs(p.indices, n, labels=np.array([0] * 999 + [4]))  # 5 classes -> 3 bits
-    assert inferred["raw"] == math.ceil((n + 1_000 * 3) / 8)
-    assert P.index_costs(p.indices, n, n_classes=1)["raw"] == math.ceil(n / 8)
-    with pytest.raises(PladaError):
-        P.index_costs([5, 3], n)
 
 
 # ---------------------------------------------------------------------------------------------- golden bytes

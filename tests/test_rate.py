@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 
 from plada import codec, select
 from plada.errors import PladaError
-from plada.rate import confidence, group_order, groups_plus_exceptions, majority_relabel, whole_groups
+from plada.rate import confidence, group_order, majority_relabel, whole_groups
 
 FAST = settings(max_examples=100, deadline=None)
 
@@ -73,22 +73,6 @@ def test_whole_groups_keeps_complete_groups_in_energy_order(pool, m, highest):
         assert worst_kept <= best_left
 
 
-@FAST
-@given(scored_pools(), st.integers(0, 4), st.integers(0, 50))
-def test_exceptions_are_the_best_images_outside_the_groups(pool, m, extra):
-    labels, energy, groups, conf, n_classes = pool
-    base = whole_groups(labels, energy, groups, conf, m, n_classes, tau=0.5)
-    out = groups_plus_exceptions(labels, energy, groups, conf, m, extra, n_classes, tau=0.5)
-    assert np.all(np.diff(out.indices) > 0)
-    outside = np.setdiff1d(np.arange(len(labels)), base.indices)
-    exc = np.setdiff1d(out.indices, base.indices)
-    assert len(exc) == min(extra, len(outside))
-    if len(exc) and len(exc) < len(outside):
-        assert energy[exc].max() <= energy[np.setdiff1d(outside, exc)].min()
-    pos = np.searchsorted(out.indices, exc)
-    assert np.array_equal(out.labels[pos], labels[exc])  # exceptions keep the teacher's label
-
-
 def test_cheap_selections_are_cheap():
     """The point of the policies: whole groups with one label each code far smaller than scattered images."""
     rng = np.random.default_rng(0)
@@ -112,7 +96,6 @@ def test_cheap_selections_are_cheap():
     lambda: whole_groups(np.zeros(3, int), np.zeros(3), np.zeros(2, int), np.ones(3), 1, 2),
     lambda: whole_groups(np.zeros(3, int), np.array([0, np.nan, 1]), np.zeros(3, int), np.ones(3), 1, 2),
     lambda: whole_groups(np.zeros(3, int), np.zeros(3), np.zeros(3, int), np.ones(3), -1, 2),
-    lambda: groups_plus_exceptions(np.zeros(3, int), np.zeros(3), np.zeros(3, int), np.ones(3), 1, -2, 2),
     lambda: confidence(np.zeros(3)),
 ])
 def test_bad_inputs_raise_plada_errors(call):

@@ -214,12 +214,13 @@ def test_ray_engine_matches_local(pools, ray_runtime, tmp_path: Path) -> None:
     model = create("small-cnn", 3, 32, pretrained=False).eval()
     sp = open_sharded(pools.shards)
     ref = score_pool(model, pools.plain, tmp_path / "local", progress=False)
+    st = engines.RayStats()
     runs = {
         "local-shards": engines.score(model, sp, tmp_path / "local-shards", engine="local", progress=False),
         "ray-npy": engines.score_pool_ray(model, pools.plain, tmp_path / "ray-npy", actors=1, progress=False),
-        "ray-shards": engines.score_pool_ray(model, sp, tmp_path / "ray-shards", actors=2, progress=False),
+        "ray-shards": engines.score_pool_ray(model, sp, tmp_path / "ray-shards", actors=2, progress=False, stats=st),
     }
-    assert engines.LAST_RUN.actors == 2 and engines.LAST_RUN.scored_units == 4
+    assert st.actors == 2 and st.scored_units == 4
     for name, got in runs.items():
         assert np.array_equal(got.labels, ref.labels), name
         np.testing.assert_allclose(got.energy(), ref.energy(), atol=1e-4, rtol=0, err_msg=name)
@@ -235,8 +236,8 @@ def test_ray_engine_matches_local(pools, ray_runtime, tmp_path: Path) -> None:
     chunks[1].unlink()
     chunks[2].write_bytes(chunks[2].read_bytes()[:40])
     kept = {p: p.stat().st_mtime_ns for p in (chunks[0], chunks[3])}
-    again = engines.score_pool_ray(model, sp, tmp_path / "ray-shards", actors=1, progress=False)
-    assert engines.LAST_RUN.scored_units == 2
+    again = engines.score_pool_ray(model, sp, tmp_path / "ray-shards", actors=1, progress=False, stats=st)
+    assert st.scored_units == 2
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
     assert np.array_equal(again.logits, runs["ray-shards"].logits)
 
@@ -255,10 +256,12 @@ def test_send_with_ray_engine_gives_the_same_payload(pools, ray_runtime, tmp_pat
     assert a.read_bytes() == b.read_bytes() and sent["kept"] == 32
 
     # `plada score` reuses the Ray run's chunks and writes the scores in manifest order
+    st, ray_run = engines.RayStats(scored_units=-1), engines.score_pool_ray
+    monkeypatch.setattr(engines, "score_pool_ray", lambda *args, **kw: ray_run(*args, **kw, stats=st))
     code, rep, err = run(capsys, "score", "tinytarget", "--pool", str(pools.shards), "--data", str(pools.data),
                          "--engine", "ray", "-o", str(tmp_path / "s.npz"), *FAST[:6])
     assert code == 0, err
-    assert rep["pool_size"] == 320 and sum(rep["per_class"]) == 320 and engines.LAST_RUN.scored_units == 0
+    assert rep["pool_size"] == 320 and sum(rep["per_class"]) == 320 and st.scored_units == 0
     scores = np.load(tmp_path / "s.npz")
     p = payload.read(a)
     assert np.array_equal(scores["labels"][p.indices], p.labels) and str(scores["fingerprint"]) == p.pool_fingerprint

@@ -847,23 +847,6 @@ def _position_bits(sizes: np.ndarray, kept: np.ndarray, count: int) -> tuple[flo
     return typed, flat
 
 
-def _label_hist(group: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    return np.unique(group * n_classes + labels, return_counts=True)[1]
-
-
-def _dirmult_bits(hist: np.ndarray, kept: np.ndarray, n_classes: int, alpha: float) -> float:
-    """-log2 of every group's label sequence under a symmetric Dirichlet(alpha) prior (KT: 1/2), exactly."""
-    if hist.size == 0:
-        return 0.0
-    lg = np.frompyfunc(math.lgamma, 1, 1)
-    vals, inv = np.unique(hist, return_inverse=True)
-    per_count = lg(vals + alpha).astype(np.float64) - math.lgamma(alpha)
-    mv, minv = np.unique(kept[kept > 0], return_inverse=True)
-    per_group = lg(mv + n_classes * alpha).astype(np.float64) - math.lgamma(n_classes * alpha)
-    nats = float(per_group[minv.reshape(-1)].sum()) - float(per_count[inv.reshape(-1)].sum())
-    return nats / math.log(2)
-
-
 def _log2_binom(n: np.ndarray, k: np.ndarray) -> float:
     lg = np.frompyfunc(math.lgamma, 1, 1)
     n = n.astype(np.float64)
@@ -995,48 +978,3 @@ def _code_grouped_positions(
     from_full = np.repeat(gr.starts[full] - np.r_[0, np.cumsum(lens)[:-1]], lens) + np.arange(int(lens.sum()))
     return np.sort(np.concatenate([from_partial, from_full])), kept
 
-
-def _pool_size_of(groups: Any, pool_size: int | None) -> int:
-    if pool_size is not None:
-        return pool_size
-    if groups is None:
-        raise PayloadError("pool_size is needed when there are no groups")
-    return groups.pool_size if isinstance(groups, Grouping) else len(groups)
-
-
-def ideal_bits(indices: Any, labels: Any, n_classes: int, groups: Any = None, pool_size: int | None = None) -> float:
-    """The reference code length: Σ_g [log2(n_g+1) + log2 C(n_g, k_g)] + Σ_g KT(labels in g).
-
-    ``pool_size`` defaults to ``len(groups)``; without groups it is required.
-    """
-    pool_size = _pool_size_of(groups, pool_size)
-    gr, idx, lab = _check(indices, labels, pool_size, n_classes, groups)
-    _, group, lab = _items(gr, idx, lab)
-    kept = np.bincount(group, minlength=gr.count).astype(np.int64)
-    bits = float(np.log2(gr.sizes + 1.0).sum()) + _log2_binom(gr.sizes, kept)
-    return bits + _dirmult_bits(_label_hist(group, lab, n_classes), kept, n_classes, 0.5)
-
-
-def model_bits(
-    indices: Any, labels: Any, n_classes: int, groups: Any = None, pool_size: int | None = None
-) -> dict[str, Any]:
-    """This codec's own code length, part by part (to ~1e-9), so the coder's overhead can be measured."""
-    pool_size = _pool_size_of(groups, pool_size)
-    gr, idx, lab = _check(indices, labels, pool_size, n_classes, groups)
-    _, group, lab = _items(gr, idx, lab)
-    sizes = gr.sizes
-    kept = np.bincount(group, minlength=gr.count).astype(np.int64)
-    count = idx.size
-    typed, whole = _position_bits(sizes, kept, count)
-    choose = sizes.size > 1 and 0 < count < pool_size
-    positions = (1.0 if choose else 0.0) + (min(typed, whole) if choose else typed)
-    choice = {"kind": 0, "exponent": 0, "global": 0, "bits": 0.0}
-    if count and n_classes >= 2:
-        choice = _label_choice(kept, group, lab, n_classes)
-    return {
-        "positions": positions,
-        "positions_flat": bool(choose and whole < typed),
-        "labels": choice["bits"],
-        "label_prior": {"kind": ("symmetric", "global")[choice["kind"]], "exponent": choice["exponent"]},
-        "total": positions + choice["bits"],
-    }

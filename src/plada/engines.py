@@ -172,7 +172,9 @@ class UnitScorer:
 
 @dataclass
 class RayStats:
-    """What the last Ray run measured, for benchmarks: per-actor peak RSS and where the time went."""
+    """What a Ray run measured, for benchmarks: per-actor peak RSS and where the time went.
+
+    Pass one as `score_pool_ray(..., stats=)`: each run overwrites all its fields as it ends, even by an error."""
 
     units: int = 0
     scored_units: int = 0
@@ -184,20 +186,18 @@ class RayStats:
     actor_peak_rss: dict[int, int] | None = None
 
 
-LAST_RUN = RayStats()
-
-
 def score_pool_ray(
     model: Classifier, pool: Pool, cache: Path, actors: int | None = None, batch_size: int = 256,
     progress: bool = True, chunk: int | None = None, cpus_per_actor: float | None = None,
+    stats: RayStats | None = None,
 ) -> Scores:
     """Teacher logits for the pool computed by a Ray Data actor pool, merged in manifest order.
 
     Uses the running Ray runtime if there is one (`ray.init` before, or `RAY_ADDRESS` for a
     cluster), else starts a local one and shuts it down after. `actors` defaults to one per GPU, or
     one on a CPU-only cluster (threads = its CPUs). Units already in the cache are not recomputed.
+    `stats`, when given, is filled in place with what the run measured (`RayStats`).
     """
-    global LAST_RUN
     chunk = chunk or pool_chunk(pool)
     if isinstance(pool, ShardedPool) and chunk != pool.shard_size:
         raise PladaError(f"a sharded pool is scored by shard: chunk must be {pool.shard_size}, got {chunk}")
@@ -208,16 +208,16 @@ def score_pool_ray(
     d.mkdir(parents=True, exist_ok=True)
     n, classes = len(pool), model.head.out_features
     t0 = time.perf_counter()
-    stats = RayStats(actor_peak_rss={})
+    run = RayStats(actor_peak_rss={})
     started = False
     try:
         bounds = chunk_bounds(n, chunk)
-        stats.units = len(bounds)
+        run.units = len(bounds)
         done = load_merged(d, bounds, classes)
         if done is not None:  # merged from exactly the chunks now there: nothing to score or merge
             return Scores(done)
         todo = [i for i, (a, b) in enumerate(bounds) if load_chunk(chunk_path(d, a), b - a, classes) is None]
-        stats.scored_units = len(todo)
+        run.scored_units = len(todo)
         if todo:
             if not ray.is_initialized():
                 ray.init(include_dashboard=False, log_to_driver=progress,
@@ -227,7 +227,7 @@ def score_pool_ray(
             if [(u.start, u.stop) for u in units] != bounds:
                 raise PladaError("internal: work units do not match the score chunks")
             _run_actors(ray, model, pool, units, todo, d, classes, actors, batch_size, progress, cpus_per_actor,
-                        stats)
+                        run)
 
         def chunk_logits(a: int, b: int) -> np.ndarray:
             logits = load_chunk(chunk_path(d, a), b - a, classes)
@@ -239,8 +239,9 @@ def score_pool_ray(
     finally:
         if started:
             ray.shutdown()
-        stats.seconds = time.perf_counter() - t0
-        LAST_RUN = stats
+        run.seconds = time.perf_counter() - t0
+        if stats is not None:
+            vars(stats).update(vars(run))
 
 
 def _run_actors(ray, model: Classifier, pool: Pool, units: list[Unit], todo: list[int], d: Path, classes: int,

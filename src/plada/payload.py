@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import numbers
 import os
 import re
@@ -909,42 +908,3 @@ def read(path: str | os.PathLike, groups: Any = None, *, max_images: int | None 
     except PayloadError as e:
         raise PayloadError(f"{e} (file {path})") from None
 
-
-# ---------------------------------------------------------------------------------------------- benchmarks
-
-
-def index_costs(
-    indices: Any,
-    pool_size: int,
-    level: int = 19,
-    *,
-    labels: Any = None,
-    n_classes: int | None = None,
-) -> dict[str, int]:
-    """Stored bytes of each way to send a selection, for benchmarks.
-
-    ``raw`` is the uncompressed baseline of one bit per pool image, plus ceil(log2 C) bits per kept
-    image when labels or ``n_classes`` are given: ceil((N + k * ceil(log2 C)) / 8). ``gap_zstd`` and
-    ``bitmap_zstd`` are the index section alone (the labels section is the same for both); the bitmap
-    is always built here, even where `encode` would skip it, as long as N <= 2**31.
-    """
-    if not _is_int(pool_size) or not 0 < pool_size <= MAX_POOL_SIZE:
-        raise PladaError(f"pool_size {pool_size!r} out of range (must be 1..2**40)")
-    pool_size = int(pool_size)
-    if pool_size > BITMAP_MAX_BITS:
-        raise PladaError(f"pool_size {pool_size} too large for a bitmap (limit {BITMAP_MAX_BITS})")
-    level = _check_level(level)
-    idx = _check_indices(indices, pool_size)
-    label_bits = 0
-    if labels is not None or n_classes is not None:
-        if n_classes is None:
-            lab = _int_array(labels, "labels")
-            n_classes = int(lab.max()) + 1 if lab.size else 1
-        if not _is_int(n_classes) or n_classes < 1:
-            raise PladaError(f"n_classes must be a positive integer, got {n_classes!r}")
-        label_bits = (int(n_classes) - 1).bit_length()  # == ceil(log2 C), 0 for one class
-    return {
-        "raw": math.ceil((pool_size + idx.size * label_bits) / 8),
-        "gap_zstd": len(_compress(_gap_raw(idx), level)),
-        "bitmap_zstd": len(_compress(_bitmap_raw(idx, pool_size), level)),
-    }

@@ -3,7 +3,7 @@
 Under the context codec (`plada.codec`) a kept image costs what its position and label add to its
 group's code: a whole group kept costs almost nothing for positions, and a group whose kept images all
 share one label costs almost nothing for labels. So the payload shrinks when the selection follows the
-pool's folders and the labels agree within a folder. Three policies buy that, each with a knob:
+pool's folders and the labels agree within a folder. Two policies buy that, each with a knob:
 
 - ``whole_groups``: keep the ``m`` groups with the lowest (or highest) mean energy, every image in them;
   labels are the teacher's, with minority labels of low confidence moved to the group's majority.
@@ -11,12 +11,11 @@ pool's folders and the labels agree within a folder. Three policies buy that, ea
   group's majority (among the kept images) and whose teacher confidence (max softmax probability) is
   below ``tau`` takes the majority label. ``tau = 0`` changes nothing, ``tau = 1`` labels every group
   by its majority.
-- ``groups_plus_exceptions``: ``m`` whole groups as above, plus the ``extra`` lowest-energy images
-  outside them with their own labels (the exceptions).
 
 Every function is deterministic (ties go to the lower group, class or pool index) and returns sorted
 unique pool indices with one label each, ready for `plada.payload.Payload`. Whether any of this pays
-off is an empirical question per pool and target: `benchmarks/payload_rate.py` measures it.
+off is an empirical question per pool and target: `benchmarks/payload_rate.py` measures it, and a
+third policy of its own (`groups_plus_exceptions`).
 """
 
 from __future__ import annotations
@@ -130,28 +129,6 @@ def whole_groups(
     chosen = group_order(e, grp, highest)[: int(n_groups)]
     idx = np.flatnonzero(np.isin(grp, chosen)).astype(np.int64)
     return majority_relabel(idx, lab, grp, conf, tau, n_classes)
-
-
-def groups_plus_exceptions(
-    labels: np.ndarray, energy: np.ndarray, groups: np.ndarray, conf: np.ndarray, n_groups: int, extra: int,
-    n_classes: int, tau: float = 0.0, highest: bool = False,
-) -> Selection:
-    """Whole groups (majority-leaning labels) plus the ``extra`` best images outside them, labelled as is.
-
-    The exceptions catch target-like images scattered through groups that are not worth keeping whole.
-    """
-    base = whole_groups(labels, energy, groups, conf, n_groups, n_classes, tau, highest)
-    e = np.asarray(energy, dtype=np.float64)
-    if not isinstance(extra, int | np.integer) or extra < 0:
-        raise PladaError(f"number of exception images must be a non-negative integer, got {extra!r}")
-    outside = np.ones(e.size, dtype=bool)
-    outside[base.indices] = False
-    cand = np.flatnonzero(outside)
-    add = cand[np.argsort(-e[cand] if highest else e[cand], kind="stable")[: int(extra)]]
-    idx = np.concatenate([base.indices, add])
-    lab = np.concatenate([base.labels, np.asarray(labels, dtype=np.int64)[add]])
-    order = np.argsort(idx, kind="stable")
-    return Selection(idx[order], lab[order])
 
 
 def whole_groups_upto(
