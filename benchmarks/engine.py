@@ -3,8 +3,9 @@
     python -m benchmarks.engine            # results/engine.json, benchmarks/reports/ENGINE.md
     python -m benchmarks.engine --quick    # a few batches at 96 px (what the test suite runs)
 
-A folder pool of every Flowers-5 JPEG (about 240x320; 4,317 files, extracted once from the shared archive) is
-read at 224 px by EfficientNet-Lite0 (ImageNet weights) on this machine's CPU:
+A folder pool of every Flowers-5 JPEG (about 240x320; 4,317 files, extracted once from the shared archive),
+topped up to 5,000 files with synthetic photo-like JPEGs of the same size (`--min-files`), is read at 224 px
+by EfficientNet-Lite0 (ImageNet weights) on this machine's CPU:
 
 - scoring: `score.score_pool` on the folder pool (files read, hashed, decoded at 224 in threads, prefetched,
   then the forward) against the bare forward of the same images already decoded, normalised and in memory;
@@ -56,15 +57,17 @@ print(rss(), before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
-def jpeg_folder(data: Path) -> Path:
-    """Every Flowers-5 JPEG (train and test) in one `<class>/<split>_<file>` folder, made once in the cache.
+def jpeg_folder(data: Path, min_files: int = 0) -> Path:
+    """Every Flowers-5 JPEG (train and test) in one `<class>/<split>_<file>` folder, made once in the cache,
+    plus synthetic 320x240 photo-like JPEGs in `synthetic/` up to ``min_files`` files.
 
     Why flattened: a `split/class/file` tree is a dataset to plada (decoded into its cache), while a pool a user
     holds is one folder of class folders, as ImageNet's `train/<wnid>/<file>.JPEG`.
     """
-    out = cache_root() / "bench" / "flowers5-jpeg"
+    out = cache_root() / "bench" / (f"flowers5-jpeg-{min_files}" if min_files else "flowers5-jpeg")
     done = out / ".complete"
     if not done.exists():
+        n = 0
         with tarfile.open(data / "flowers5.tar.xz") as tar:
             for m in tar.getmembers():
                 parts = Path(m.name).parts  # flowers5/<split>/<class>/<file>
@@ -72,8 +75,27 @@ def jpeg_folder(data: Path) -> Path:
                     dest = out / "pool" / parts[2] / f"{parts[1]}_{parts[3]}"
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     dest.write_bytes(tar.extractfile(m).read())
+                    n += 1
+        rng = np.random.default_rng(0)
+        (out / "pool" / "synthetic").mkdir(parents=True, exist_ok=True)
+        for i in range(max(0, min_files - n)):
+            (out / "pool" / "synthetic" / f"synthetic_{i:05d}.jpg").write_bytes(photo_like_jpeg(rng, 320, 240))
         done.write_text("ok\n")
     return out / "pool"
+
+
+def photo_like_jpeg(rng: np.random.Generator, w: int, h: int) -> bytes:
+    """A JPEG that compresses and decodes like a photo: a random colour gradient plus noise (quality 90)."""
+    import io
+
+    from PIL import Image
+
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    arr = rng.uniform(0, 255, 3) + x[..., None] * rng.uniform(-0.6, 0.6, 3) + y[..., None] * rng.uniform(-0.6, 0.6, 3)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)).save(buf, "JPEG",
+                                                                                                quality=90)
+    return buf.getvalue()
 
 
 def manifest_rss(lines: int) -> dict:
@@ -107,12 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--score-images", type=int, default=1024, help="images scored per round")
     ap.add_argument("--train-steps", type=int, default=12, help="training steps per round")
+    ap.add_argument("--min-files", type=int, default=5000,
+                    help="top the Flowers-5 folder up with synthetic JPEGs to this many files")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "engine.json")
     a = ap.parse_args(argv)
     if a.quick:
         a.res, a.batch, a.rounds, a.score_images, a.train_steps = 96, 16, 2, 64, 3
     t0 = time.time()
-    folder = jpeg_folder(data_root(a.data))
+    folder = jpeg_folder(data_root(a.data), 0 if a.quick else a.min_files)
     pool = build_pool([str(folder)], name="bench-flowers5-jpeg", progress=not a.quick)
     n = min(a.score_images, len(pool))
     model = backbones.create("efficientnet-lite0", 5, a.res, pretrained=True).eval()
@@ -159,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": " ".join(["python -m benchmarks.engine", *(sys.argv[1:] if argv is None else argv)]),
         "resolution": a.res, "model": "efficientnet-lite0 (ImageNet weights)", "device": "cpu",
-        "pool": {"files": len(pool), "source": "flowers5 JPEGs, full resolution (~240x320)",
+        "pool": {"files": len(pool), "source": "flowers5 JPEGs, full resolution (~240x320)" + (
+                     f", topped up to {a.min_files} with synthetic 320x240 JPEGs" if a.min_files and not a.quick
+                     else ""),
                  "decoded_copy": False, "fingerprint": pool.fingerprint},
         "batch": a.batch, "rounds": a.rounds, "score_images_per_round": n, "train_steps_per_round": a.train_steps,
         "forward_img_s": median_rate(bare_f), "scoring_img_s": median_rate(plada_f),

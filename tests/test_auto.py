@@ -608,3 +608,21 @@ def test_search_with_the_real_receiver_modes_is_deterministic() -> None:
     a, b = (run(w, "propagate", k=30, receivers=receiver.MODES, expand=expand) for _ in range(2))
     assert a.receiver == b.receiver and a.forecast == b.forecast and np.array_equal(a.indices, b.indices)
     assert {r["receiver"] for r in a.candidates} == set(receiver.MODES)
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_forecast_modes_ranks_a_fixed_selection_under_each_mode(right: bool) -> None:
+    w = world()
+    w["true"] = w["labels"].copy()
+    if right:
+        w["labels"] = (w["labels"] + 1) % 3
+    idx = np.arange(0, 600, 15)
+    fc = auto.forecast_modes(pool_feats=w["pool_feats"], indices=idx, labels=w["labels"][idx],
+                             heldout_feats=w["heldout_feats"], heldout_labels=w["heldout_labels"], n_classes=3,
+                             modes=("plain", "propagate"), expand=pool_expander(w, right), head_steps=STEPS)
+    assert set(fc) == {"plain", "propagate"}
+    assert (fc["propagate"] > fc["plain"] + 0.3) if right else (fc["plain"] > fc["propagate"])
+    with pytest.raises(PladaError, match="expand"):
+        auto.forecast_modes(pool_feats=w["pool_feats"], indices=idx, labels=w["labels"][idx],
+                            heldout_feats=w["heldout_feats"], heldout_labels=w["heldout_labels"], n_classes=3,
+                            modes=("plain", "propagate"), expand=None)

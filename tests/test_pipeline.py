@@ -15,7 +15,8 @@ from plada import payload
 from plada.cli import main
 from plada.score import energy
 
-FAST = ["--set", "teacher.res=32", "--set", "teacher.epochs=4", "--keep", "10%"]
+FORECAST = ["--set", "teacher.res=32", "--set", "teacher.epochs=4", "--keep", "10%"]  # receiver mode forecast
+FAST = [*FORECAST, "--set", "receiver=plain"]  # where the receiver mode is not the point
 
 
 def test_send_inspect_receive(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -32,8 +33,11 @@ def test_send_inspect_receive(tiny_data: Path, cache: Path, tmp_path: Path, caps
 
     code, info, err = run(capsys, "inspect", str(out))
     assert code == 0, err
-    assert info["count"] == 96 and info["format"] == "1.0" and info["receiver"] == "plain"
-    assert info["forecast"] is None  # a fixed policy forecasts nothing
+    assert info["count"] == 96 and info["format"] == "1.0"
+    assert info["forecast"] is None  # a fixed policy sends no forecast ...
+    fc = sent["receiver_forecasts"]  # ... but ranks the receiver modes by one, and the header names the best
+    assert set(fc) == {"plain", "selftrain", "propagate"} and info["receiver"] == sent["receiver"]
+    assert fc[sent["receiver"]] == max(fc.values())
     # how the selection was made is in the report beside the payload, not in it
     report = json.loads((tmp_path / "t.plada.json").read_text())
     assert report["plada"] == "send report" and report["payload_bytes"] == out.stat().st_size
@@ -66,9 +70,24 @@ def test_same_seed_same_bytes(tiny_data: Path, tmp_path: Path, monkeypatch: pyte
         monkeypatch.setenv("PLADA_CACHE", str(tmp_path / f"cache{i}"))
         outs.append(tmp_path / f"p{i}.plada")
         code, _, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
-                           "-o", str(outs[-1]), *FAST)
+                           "-o", str(outs[-1]), *FORECAST)
         assert code == 0, err
     assert outs[0].read_bytes() == outs[1].read_bytes()
+
+
+def test_send_for_one_receiver_mode(tiny_data: Path, cache: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    """`--set receiver=MODE` names that mode without forecasting; an unknown mode is one line, nothing written."""
+    out = tmp_path / "s.plada"
+    code, sent, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "-o", str(out),
+                          *FORECAST, "--set", "receiver=selftrain")
+    assert code == 0, err
+    assert payload.read(out).receiver == sent["receiver"] == "selftrain" and "receiver_forecasts" not in sent
+    bad = tmp_path / "bad.plada"
+    code, _, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "-o", str(bad),
+                       *FORECAST, "--set", "receiver=telepathy")
+    assert code == 2 and "receiver" in err and "telepathy" in err and len(err.strip().splitlines()) == 1
+    assert not bad.exists()
 
 
 def test_policies_differ(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -24,7 +24,8 @@ from plada.score import score_pool
 from plada.shards import ShardedPool, open_sharded, write_shards
 
 ray = pytest.importorskip("ray")
-FAST = ["--teacher", "small-cnn", "--set", "teacher.res=32", "--set", "teacher.epochs=1", "--keep", "10%"]
+FAST = ["--teacher", "small-cnn", "--set", "teacher.res=32", "--set", "teacher.epochs=1", "--keep", "10%",
+        "--set", "receiver=plain"]
 
 
 def members(path: Path) -> list[tuple[str, bytes]]:

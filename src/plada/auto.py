@@ -646,6 +646,30 @@ def search(
     raise PladaError(f"no candidate fits the byte budget {budget_bytes} once its forecast is in the header")
 
 
+def forecast_modes(
+    *, pool_feats: np.ndarray, indices: np.ndarray, labels: np.ndarray, heldout_feats: np.ndarray,
+    heldout_labels: np.ndarray, n_classes: int, modes: Sequence[str], expand: ExpandFn | None,
+    head_steps: int = PROXY_STEPS, seeds: int = 3, seed: int = 0, workers: int | None = None,
+) -> dict[str, float]:
+    """One fixed selection's forecast under each receiver mode: proxy held-out accuracy, mean over ``seeds``.
+
+    What a fixed-policy sender uses to name the receiver mode (the search does the same for its finalists).
+    """
+    idx, lab = np.asarray(indices, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    if idx.ndim != 1 or len(idx) == 0 or lab.shape != idx.shape or idx.min() < 0 or idx.max() >= len(pool_feats):
+        raise PladaError("a selection to forecast needs one label per kept pool image, and at least one image")
+    if len(heldout_labels) == 0 or len(heldout_labels) != len(heldout_feats):
+        raise PladaError("need one true label per held-out image and at least one image")
+    if not modes or (list(modes) != ["plain"] and expand is None):
+        raise PladaError("forecasting receiver modes other than plain needs their expand function")
+    one = Planned(Policy("fixed"), len(idx), rate.Selection(idx, lab), 0)
+    fc = _Forecaster([one], [np.arange(len(heldout_labels))], pool_feats, np.asarray(heldout_feats, np.float32),
+                     np.asarray(heldout_labels), n_classes, head_steps, workers, expand)
+    items = [(0, seed + j, m) for m in modes for j in range(seeds)]
+    got = fc(items)
+    return {m: float(np.mean(got[i * seeds:(i + 1) * seeds])) for i, m in enumerate(modes)}
+
+
 def _check_search(deciders, pool_feats, heldout_feats, heldout_labels, n_classes, budget_bytes, k, policies,
                   finalist_seeds, finalist_band, fractions) -> list[np.ndarray]:
     """Refuse a malformed search before any payload is encoded; returns each decider's labels as int64."""

@@ -25,9 +25,9 @@ from .payload import RECEIVERS
 POLICIES = ("lowest-energy", "highest-energy", "lowest-entropy", "random", "auto")
 ENGINES = ("local", "ray")
 DEFAULT_KEEP = 0.01  # the paper's 1%
-# The receiver mode a fixed-policy payload names when none is asked for: the paper's (no forecast is
-# made for a fixed policy, so nothing measured for this target could justify another).
-FIXED_RECEIVER = "plain"
+# The receiver modes a sender forecasts its selection under when none is asked for; the header names the
+# best forecast (plain wins ties). docs/RESULTS.md, "Receivers that use the whole pool", has the measurement.
+DEFAULT_RECEIVERS = RECEIVERS
 MAX_SEED = 2**32 - 1  # numpy and torch both take any seed below this
 TEACHER_MODES = ("finetune", "linear")
 STUDENT_MODES = ("finetune", "linear", "scratch")
@@ -83,8 +83,8 @@ class SendConfig:
     proxy: str = "efficientnet-lite0"  # auto: frozen backbone of the proxy students' features
     proxy_res: int = 64
     device: str = "auto"  # teacher, local scoring, features: auto (cuda, else mps, else cpu), cpu, cuda[:N], mps
-    # the receiver mode the payload header names. None: auto forecasts every mode (RECEIVERS) and names the
-    # best (plain where pool modes would not help); a fixed policy names FIXED_RECEIVER
+    # the receiver mode the payload header names. None: the sender forecasts DEFAULT_RECEIVERS and names the
+    # best (plain where pool modes would not help)
     receiver: str | None = None
 
     @property
@@ -150,10 +150,8 @@ class SendConfig:
 
     @property
     def receivers(self) -> tuple[str, ...]:
-        """The receiver modes the sender forecasts for (auto) or names (a fixed policy: the first)."""
-        if self.receiver is not None:
-            return (self.receiver,)
-        return RECEIVERS if self.auto else (FIXED_RECEIVER,)
+        """The receiver modes the sender forecasts its selection under; the header names one of them."""
+        return DEFAULT_RECEIVERS if self.receiver is None else (self.receiver,)
 
     @property
     def keep_share(self) -> float | None:

@@ -132,10 +132,10 @@ def send(
         idx, labels, encoded, report = _send_auto(src.name, train, test, pool, groups, cfg, progress, dev)
     else:
         idx, labels, report = _send_fixed(src.name, train, test, pool, cfg, progress, dev)
-        mode = cfg.receivers[0]
+        mode, forecasts = _fixed_receiver(train, pool, idx, labels, cfg, progress, dev)
         encoded = payload.encode(payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, labels,
                                                  receiver=mode), groups=groups)
-        report["receiver"] = mode
+        report = {**report, "receiver": mode, **({"receiver_forecasts": forecasts} if forecasts else {})}
     _check_readable(pool)
     nbytes = payload.write_bytes(out, encoded)
     report = {"payload": str(out), "payload_bytes": nbytes, "report": str(record), "kept": int(len(idx)),
@@ -196,7 +196,7 @@ def _send_fixed(name: str, train: Split, test: Split | None, pool: Pool, cfg: Se
 def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: np.ndarray, cfg: SendConfig,
                progress: bool, device: torch.device | None = None):
     """Stages of the auto sender: deciding teachers and their held-out rows, pool features, search, header."""
-    from . import auto, receiver
+    from . import auto
     from .features import cached_features, feature_model, rows_features
 
     seen, unseen, tgroups = unseen_rows(train, cfg.teacher, cfg.holdout_groups)
@@ -238,14 +238,10 @@ def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: 
                                     temperature=cfg.temperature, engine=cfg.engine, actors=cfg.actors,
                                     progress=progress, groups=tgroups, device=device)
 
-    def expand(mode: str, rows: np.ndarray, labels: np.ndarray):
-        """What a receiver of this pool with the proxy's public features makes of a selection (`plada.receiver`)."""
-        return receiver.expand(mode, pool_f, rows, labels, len(train.class_names), seed=cfg.seed,
-                               allowed=~pool.missing, progress=progress)
-
     choice = auto.search(deciders=deciders, pool_feats=pool_f, heldout_feats=feats(held_idx, "held"),
                          heldout_labels=train.labels[held_idx], n_classes=len(train.class_names), size_of=size_of,
-                         budget_bytes=cfg.budget, k=k, groups=groups, seed=cfg.seed, receivers=modes, expand=expand)
+                         budget_bytes=cfg.budget, k=k, groups=groups, seed=cfg.seed, receivers=modes,
+                         expand=_expander(pool, pool_f, len(train.class_names), cfg.seed, progress))
     sender = deciders[choice.decider]
     encoded = size_of.last  # the search's last measure is its choice, with its forecast in the header
     if len(encoded) != choice.payload_bytes:
@@ -256,6 +252,44 @@ def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: 
     report = {"teacher_accuracy": sender.test_accuracy, "policy": choice.name, "forecast_accuracy": choice.forecast,
               "receiver": choice.receiver, "selection": rule, "auto": choice.summary()}
     return choice.indices, choice.labels, encoded, report
+
+
+def _expander(pool: Pool, pool_f: np.ndarray, n_classes: int, seed: int, progress: bool):
+    """What a receiver of this pool with the proxy's public features makes of a selection (`plada.receiver`):
+    the default student's backbone is the proxy's, so this is the receiver's own expansion, not a guess."""
+    from . import receiver
+
+    def expand(mode: str, rows: np.ndarray, labels: np.ndarray) -> receiver.Expansion:
+        return receiver.expand(mode, pool_f, rows, labels, n_classes, seed=seed, allowed=~pool.missing,
+                               progress=progress)
+    return expand
+
+
+def _fixed_receiver(train: Split, pool: Pool, idx: np.ndarray, labels: np.ndarray, cfg: SendConfig,
+                    progress: bool, device: torch.device | None) -> tuple[str, dict[str, float] | None]:
+    """(mode the header names, each mode's forecast): a fixed selection forecast under each receiver mode.
+
+    Held out: target train images the teacher did not see (`teacher.limit`), else a sample of all of train.
+    The teacher's labels fit the latter, which flatters every mode alike: the forecasts rank modes and are
+    not sent (the header's forecast stays empty for a fixed policy). Ties go to the first mode, plain.
+    """
+    from . import auto
+    from .features import cached_features, feature_model, rows_features
+
+    modes = cfg.receivers
+    if len(modes) == 1:
+        return modes[0], None
+    _, unseen, _ = unseen_rows(train, cfg.teacher, None)
+    held = auto.subsample(unseen if len(unseen) >= MIN_UNSEEN else np.arange(len(train)), 5000, cfg.seed)
+    fm = feature_model(cfg.proxy, cfg.proxy_res)
+    pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress, device=device)
+    key = "/".join((train.dataset, train.split, str(len(train)), "held"))
+    fc = auto.forecast_modes(pool_feats=pool_f, indices=idx, labels=labels, n_classes=len(train.class_names),
+                             heldout_feats=rows_features(fm, train.images, held, key, progress=progress, device=device),
+                             heldout_labels=train.labels[held], modes=modes, seed=cfg.seed,
+                             expand=_expander(pool, pool_f, len(train.class_names), cfg.seed, progress))
+    best = max(modes, key=lambda m: (fc[m], -modes.index(m)))
+    return best, fc
 
 
 def unseen_rows(train: Split, teacher: TeacherConfig, group_pattern: str | None):
