@@ -267,7 +267,7 @@ def write_markdown(res: dict, path: Path, plots: dict[str, str], codec_scale: di
     if codec_scale:
         pool = codec_scale["pool"]
         lines += ["## Scale: a pool shaped like ImageNet-21K", "",
-                  f"`{codec_scale.get('command', 'python scripts/codec_scale.py')}` (results/codec_scale.json): "
+                  f"`{codec_scale.get('command', 'python scripts/codec_scale.py')}` (benchmarks/reports/codec_scale.json): "
                   f"{pool['images']:,} images in {pool['groups']:,} groups (sizes {pool['group_size']['min']}–"
                   f"{pool['group_size']['max']}, median {pool['group_size']['median']:g}), {pool['classes']} classes, "
                   f"{pool['keep']:g} kept; {codec_scale['machine'].get('note', '')}. Peak RSS of the whole run "
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         rel = f"plots/{stem}_{t}.png"
         plot(r, out / paper.REPORTS / rel)
         plots[t] = rel
-    scale_path = Path("results/codec_scale.json")
+    scale_path = Path("benchmarks/reports/codec_scale.json")
     codec_scale = json.loads(scale_path.read_text()) if scale_path.is_file() and not a.quick else None
     write_markdown(res, out / paper.REPORTS / ("PAYLOAD_RATE.md" if not a.quick else "PAYLOAD_RATE_quick.md"), plots,
                    codec_scale)

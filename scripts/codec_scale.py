@@ -7,10 +7,10 @@ random, the codec's worst case for grouping). Labels: mostly the folder's own cl
 
 For each: encode and decode time (one run each, this machine), peak traced memory, bytes against the
 reference code length and the codec's own model length (`benchmarks.bits.ideal_bits`, `model_bits`), and
-the format-1 payload (gap/bitmap + zstd-19) for comparison. Writes results/codec_scale.json and prints a
+the format-1 payload (gap/bitmap + zstd-19) for comparison. Writes benchmarks/reports/codec_scale.json and prints a
 table.
 
-    python scripts/codec_scale.py [--out results/codec_scale.json] [--seed 0]
+    python scripts/codec_scale.py [--out benchmarks/reports/codec_scale.json] [--seed 0]
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def measure(kind: str, gid: np.ndarray, groups: codec.Grouping, rng: np.random.G
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="results/codec_scale.json")
+    ap.add_argument("--out", default="benchmarks/reports/codec_scale.json")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     rng = np.random.default_rng(a.seed)

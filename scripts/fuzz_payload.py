@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mem-per-image", type=float, default=128.0, help="bytes allowed per claimed kept image")
     ap.add_argument("--mem-per-bitmap-byte", type=float, default=24.0,
                     help="bytes allowed per byte of the bitmap the claimed pool size implies")
-    ap.add_argument("--out", default="results/fuzz_payload.json")
+    ap.add_argument("--out", default="benchmarks/reports/fuzz_payload.json")
     a = ap.parse_args(argv)
 
     seeds, bomb_list = corpus(), bombs(a.bomb_count)

@@ -226,8 +226,9 @@ def cmd_demo(a: argparse.Namespace) -> dict:
                 progress=not a.json)
     return {"target": a.target, "pool_size": s["pool_size"], "kept": s["kept"],
             "teacher_accuracy": s["teacher_accuracy"], "student_accuracy": r["student_accuracy"],
-            "payload_bytes": s["payload_bytes"], "payload": str(pay), "send_seconds": s["seconds"],
-            "receive_seconds": r["seconds"]}
+            "payload_bytes": s["payload_bytes"], "payload": str(pay), "receiver": s["receiver"],
+            "receiver_forecasts": s.get("receiver_forecasts"), "trained_on": r["receiver"]["trained_on"],
+            "send_seconds": s["seconds"], "receive_seconds": r["seconds"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
