@@ -121,6 +121,24 @@ def test_knn_graph_exact_cached_and_resumable(cache: Path, monkeypatch: pytest.M
     assert sorted(p.name for p in (cache / "knn").iterdir()) == sorted(p.name for p in (cache / "knn").glob("*.npz"))
 
 
+def test_knn_graph_survives_a_concurrent_build_of_the_same_graph(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process finishing the same graph removes the part files mid-build: no error, the same graph."""
+    import shutil
+
+    f = np.random.default_rng(2).normal(0, 1, (300, 8)).astype(np.float32)
+    want = receiver.knn_graph(f, 5, "alone", dim=8, chunk=50, part_rows=100, progress=False)
+    real = data.atomic_save_npy
+
+    def other_process_finished(path, arr):
+        shutil.rmtree(Path(path).parent)  # its merge removed the parts folder: this save finds no folder
+        real(path, arr)
+
+    with monkeypatch.context() as m:
+        m.setattr(receiver, "atomic_save_npy", other_process_finished)
+        got = receiver.knn_graph(f, 5, "racing", dim=8, chunk=50, part_rows=100, progress=False)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
 def test_resolve_mode() -> None:
     assert receiver.resolve_mode(None, "plain") == ("plain", "payload")
     assert receiver.resolve_mode(None, "propagate") == ("propagate", "payload")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,16 +339,18 @@ def knn_graph(feats: np.ndarray, k: int, key: str, dim: int = KNN_DIM, chunk: in
                 block[a - p0 : b - p0, :k] = np.take_along_axis(i, order, 1)
                 block[a - p0 : b - p0, k:] = np.take_along_axis(v, order, 1)
                 bar.update(b - a)
-            atomic_save_npy(pfile, block)
+            try:
+                parts.mkdir(parents=True, exist_ok=True)
+                atomic_save_npy(pfile, block)
+            except OSError:  # a part only saves work on a resume; a concurrent build of this graph removes them
+                pass
         else:
             bar.update(p1 - p0)
         nbr[p0:p1] = block[:, :k].astype(np.int32)
         sim[p0:p1] = block[:, k:]
     bar.close()
     atomic_write(path, lambda f: np.savez(f, nbr=nbr, sim=sim))
-    for f in parts.glob("*.npy"):
-        f.unlink(missing_ok=True)
-    parts.rmdir()
+    shutil.rmtree(parts, ignore_errors=True)
     return nbr, sim
 
 
