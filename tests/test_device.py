@@ -17,7 +17,7 @@ from plada import backbones, device, pipeline, train
 from plada.config import ReceiveConfig, SendConfig
 from plada.errors import PladaError
 
-FAST = ["--set", "teacher.res=32", "--set", "teacher.epochs=2", "--keep", "10%", "--set", "receiver=plain"]
+FAST = ["--set", "teacher.res=32", "--set", "teacher.epochs=2", "--keep", "10%"]
 
 
 @pytest.fixture()

@@ -24,7 +24,7 @@ from plada.data import atomic_write
 from plada.errors import PladaError
 from plada.pool import Pool
 
-FAST = ["--set", "teacher.res=32", "--set", "teacher.epochs=1", "--keep", "10%", "--set", "receiver=plain"]
+FAST = ["--set", "teacher.res=32", "--set", "teacher.epochs=1", "--keep", "10%"]
 STUDENT = ["--set", "student.res=32", "--set", "student.epochs=1"]
 
 

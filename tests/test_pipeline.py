@@ -15,8 +15,8 @@ from plada import payload
 from plada.cli import main
 from plada.score import energy
 
-FORECAST = ["--set", "teacher.res=32", "--set", "teacher.epochs=4", "--keep", "10%"]  # receiver mode forecast
-FAST = [*FORECAST, "--set", "receiver=plain"]  # where the receiver mode is not the point
+FAST = ["--set", "teacher.res=32", "--set", "teacher.epochs=4", "--keep", "10%"]
+FORECAST = [*FAST, "--set", "receiver=auto"]  # the sender forecasts every receiver mode
 
 
 def test_send_inspect_receive(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -25,7 +25,7 @@ def test_send_inspect_receive(tiny_data: Path, cache: Path, tmp_path: Path, caps
     # one colour on this pool); the student then has something to learn
     code, sent, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
                           "-o", str(out), "--set", "teacher.res=32", "--set", "teacher.mode=linear", "--keep", "30%",
-                          "--set", "safety_share=0.5")
+                          "--set", "safety_share=0.5", "--set", "receiver=auto")
     assert code == 0, err
     assert sent["kept"] == 96 and sent["pool_size"] == 320 and min(sent["kept_per_class"]) > 0
     assert sent["payload_bytes"] == out.stat().st_size < 1000
@@ -80,12 +80,12 @@ def test_send_for_one_receiver_mode(tiny_data: Path, cache: Path, tmp_path: Path
     """`--set receiver=MODE` names that mode without forecasting; an unknown mode is one line, nothing written."""
     out = tmp_path / "s.plada"
     code, sent, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "-o", str(out),
-                          *FORECAST, "--set", "receiver=selftrain")
+                          *FAST, "--set", "receiver=selftrain")
     assert code == 0, err
     assert payload.read(out).receiver == sent["receiver"] == "selftrain" and "receiver_forecasts" not in sent
     bad = tmp_path / "bad.plada"
     code, _, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "-o", str(bad),
-                       *FORECAST, "--set", "receiver=telepathy")
+                       *FAST, "--set", "receiver=telepathy")
     assert code == 2 and "receiver" in err and "telepathy" in err and len(err.strip().splitlines()) == 1
     assert not bad.exists()
 

@@ -24,8 +24,7 @@ from plada.score import score_pool
 from plada.shards import ShardedPool, open_sharded, write_shards
 
 ray = pytest.importorskip("ray")
-FAST = ["--teacher", "small-cnn", "--set", "teacher.res=32", "--set", "teacher.epochs=1", "--keep", "10%",
-        "--set", "receiver=plain"]
+FAST = ["--teacher", "small-cnn", "--set", "teacher.res=32", "--set", "teacher.epochs=1", "--keep", "10%"]
 
 
 def members(path: Path) -> list[tuple[str, bytes]]:
