@@ -267,7 +267,8 @@ def write_markdown(res: dict, path: Path, plots: dict[str, str], codec_scale: di
     if codec_scale:
         pool = codec_scale["pool"]
         lines += ["## Scale: a pool shaped like ImageNet-21K", "",
-                  f"`{codec_scale.get('command', 'python scripts/codec_scale.py')}` (benchmarks/reports/codec_scale.json): "
+                  f"`{codec_scale.get('command', 'python scripts/codec_scale.py')}` "
+                  "(benchmarks/reports/codec_scale.json): "
                   f"{pool['images']:,} images in {pool['groups']:,} groups (sizes {pool['group_size']['min']}–"
                   f"{pool['group_size']['max']}, median {pool['group_size']['median']:g}), {pool['classes']} classes, "
                   f"{pool['keep']:g} kept; {codec_scale['machine'].get('note', '')}. Peak RSS of the whole run "
