@@ -616,16 +616,15 @@ def search(
             finalists.append(len(rows) - 1)
     if "plain" not in modes:  # plain only ranked the field: the receiver targeted is another
         finalists = finalists[len(base):]
-    seeds = finalist_seeds
     if finalist_seeds > 1 or modes != ["plain"]:
-        items = [(of[r], seed + j, rows[r]["receiver"]) for r in finalists for j in range(seeds)]
+        items = [(of[r], seed + j, rows[r]["receiver"]) for r in finalists for j in range(finalist_seeds)]
         got = dict(zip(items, fc(items), strict=True))
         for r in finalists:
             m = rows[r]["receiver"]
-            rows[r]["forecast"] = float(np.mean([got[of[r], seed + j, m] for j in range(seeds)]))
-            rows[r]["forecast_seeds"] = seeds
+            rows[r]["forecast"] = float(np.mean([got[of[r], seed + j, m] for j in range(finalist_seeds)]))
+            rows[r]["forecast_seeds"] = finalist_seeds
             say(f"auto: finalist {rows[r]['name']} k={rows[r]['k']}, {m} receiver: forecast "
-                f"{rows[r]['forecast']:.4f} ({seeds} seeds)")
+                f"{rows[r]['forecast']:.4f} ({finalist_seeds} seeds)")
 
     # 3. Choose among finalists; the real forecast moves the compressed header by a byte or so: re-measure.
     for r in _preference(rows, finalists, margin, modes):
