@@ -224,8 +224,9 @@ def _subpool(pool, n: int):
 def _report(r: dict, path: Path) -> None:
     lines = [
         "# The engine at 224 px on this CPU", "",
-        f"`{r['command']}`: {r['pool']['files']} full-resolution Flowers-5 JPEGs as a folder pool (no decoded copy), "
-        f"{r['model']}, batch {r['batch']}, {r['rounds']} alternating rounds (medians); "
+        f"`{r['command']}`: a folder pool of {r['pool']['files']} files ({r['pool']['source']}; no decoded copy), "
+        f"{r['model']}, batch {r['batch']}, {r['rounds']} alternating rounds (images/s: medians; ratios: median of "
+        "the rounds' ratios); "
         f"{r['machine']['cpus']} CPUs, torch {r['machine']['torch']}, load average at the end "
         f"{r['machine']['load_average'][0]:.1f}.", "",
         "| path | images/s | vs the bare model |", "|---|---|---|",

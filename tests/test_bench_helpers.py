@@ -119,3 +119,19 @@ def test_exceptions_are_the_best_images_outside_the_groups(n, n_classes, n_group
 def test_exceptions_bad_input_raises_plada_error() -> None:
     with pytest.raises(PladaError):
         groups_plus_exceptions(np.zeros(3, int), np.zeros(3), np.zeros(3, int), np.ones(3), 1, -2, 2)
+
+
+# ---------------------------------------------------------------------------------------------- spread_order
+def test_spread_order_keeps_uncovered_seeds_first_and_nests() -> None:
+    from benchmarks.receiver import spread_order
+
+    # a chain 0-1-2-3-4-5 of one label (each image's two nearest are its chain neighbours) and 6, 7 of another
+    nbr = np.array([[1, 2], [0, 2], [1, 3], [2, 4], [3, 5], [4, 3], [7, 0], [6, 0]])
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    key = np.arange(8, dtype=np.float64)  # lower is better: 0 first
+    order = spread_order(labels, key, nbr, cover=1)
+    assert sorted(order.tolist()) == list(range(8))  # a permutation of the pool
+    # cover 1: a kept image covers its nearest neighbour only: 0 covers 1, 2 covers 1, 3 covers 2, ...
+    assert order.tolist() == [0, 2, 3, 4, 5, 6, 1, 7]  # the covered ones wait, in key order
+    # a wider neighbourhood spreads seeds further; a neighbour of another label is never covered (6's 0)
+    assert spread_order(labels, key, nbr, cover=2).tolist() == [0, 3, 5, 6, 1, 2, 4, 7]

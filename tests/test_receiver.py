@@ -257,6 +257,9 @@ def test_receiver_benchmark_quick(tiny_data: Path, cache: Path, tmp_path: Path) 
     for p in r["points"]:
         assert set(p["modes"]) == set(receiver.MODES)
         assert all(0 <= m["accuracy"]["mean"] <= 1 for m in p["modes"].values())
+        fc = p["forecast"]  # the sender's forecast of each mode, and the mode it would name
+        assert set(fc["modes"]) == set(receiver.MODES) and fc["choice"] in receiver.MODES
+        assert fc["modes"][fc["choice"]] == max(fc["modes"].values()) and fc["held_out"] > 0
     assert r["validation"]["grid"] and r["int8_head"]["bytes"] > 0 and "moonshot_ratio" in r
     assert r["finetune"] and all(0 <= f["accuracy"] <= 1 for f in r["finetune"])
     for key in ("command", "machine", "wall_seconds"):
