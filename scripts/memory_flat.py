@@ -214,15 +214,21 @@ def main() -> None:
     finally:
         if a.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    a.out.write_text(json.dumps({"kind": a.kind, "classes": a.classes, "res": a.res, "cpus": os.cpu_count(),
-                                 "rows": rows}, indent=1))
-    print(f"{'N':>9} {'phase':>8} {'s':>7} {'setup MB':>9} {'peak-setup MB':>14} {'anon peak-setup MB':>19} "
-          f"{'traced MB':>10} {'N x C MB':>9}")
+    command = "python scripts/memory_flat.py " + " ".join(a for a in sys.argv[1:])
+    a.out.write_text(json.dumps({"command": command, "kind": a.kind, "classes": a.classes, "res": a.res,
+                                 "cpus": os.cpu_count(), "rows": rows}, indent=1))
+    md = [f"# Peak memory against pool size ({a.kind} pool)", "",
+          f"`{command}`: one run, each (N, phase) in a fresh process; {a.classes} classes, {a.res} px, "
+          f"{os.cpu_count()} CPUs. MB beyond what the process held after its setup (see the script's docstring).", "",
+          "| N | phase | seconds | setup MB | resident peak − setup MB | anonymous peak − setup MB | traced MB | "
+          "logits N x C MB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        print(f"{r['n']:>9} {r['phase']:>8} {r['seconds']:>7.1f} {r['setup_rss'] / MB:>9.1f} "
-              f"{(r['peak_rss'] - r['setup_rss']) / MB:>14.1f} {(r['peak_anon'] - r['setup_anon']) / MB:>19.1f} "
-              f"{r['traced_peak'] / MB:>10.1f} {r['logits_bytes'] / MB:>9.1f}")
-    print(f"results in {a.out}")
+        md.append(f"| {r['n']:,} | {r['phase']} | {r['seconds']:.1f} | {r['setup_rss'] / MB:.1f} | "
+                  f"{(r['peak_rss'] - r['setup_rss']) / MB:.1f} | {(r['peak_anon'] - r['setup_anon']) / MB:.1f} | "
+                  f"{r['traced_peak'] / MB:.1f} | {r['logits_bytes'] / MB:.1f} |")
+    a.out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md[4:]))
+    print(f"results in {a.out} and {a.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
