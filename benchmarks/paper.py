@@ -446,8 +446,9 @@ def run_all(module: str, cfg: Config, a: argparse.Namespace, run_target: Callabl
     res["wall_seconds"] = round(time.time() - t0, 1)
     flags = (("--pool", a.pool), ("--targets", a.targets), ("--teacher", a.teacher), *extra_flags)
     res["command"] = f"python -m benchmarks.{module}" + (" --quick" if a.quick else "") + "".join(
-        f" {flag}" if v is True else f" {flag} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
-        for flag, v in flags if v)
+        f" {flag}" if v is True or (isinstance(v, list | tuple) and not v)  # an empty list: the bare flag
+        else f" {flag} {' '.join(map(str, v)) if isinstance(v, list | tuple) else v}"
+        for flag, v in flags if v or (isinstance(v, list | tuple) and v is not None))
     res["machine"] = f"{platform.machine()} CPU, 2 cores" if not a.quick else platform.machine()
     return res
 

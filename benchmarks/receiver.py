@@ -487,6 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-validate", action="store_true", help="skip the validation grid")
     ap.add_argument("--finetune-targets", nargs="*", default=None,
                     help="targets with fine-tuned students (default: all)")
+    ap.add_argument("--finetune-bytes", nargs="+", type=int, default=None, metavar="B",
+                    help="byte targets of the fine-tuned students (default: 1000 5000)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="combine per-target runs (their results JSON) into one report instead of running")
     a = ap.parse_args(argv)
@@ -496,8 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg.validate = not a.no_validate
     if a.finetune_targets is not None:
         cfg.finetune_targets = tuple(a.finetune_targets)
+    if a.finetune_bytes:
+        cfg.finetune_bytes = tuple(a.finetune_bytes)
     out = Path(a.out_dir)
-    extra = (("--no-validate", a.no_validate), ("--finetune-targets", a.finetune_targets))
+    extra = (("--no-validate", a.no_validate), ("--finetune-targets", a.finetune_targets),
+             ("--finetune-bytes", a.finetune_bytes))
     res = paper.run_all("receiver", cfg, a, run_target, extra_flags=extra)
     if res is None:
         return 2

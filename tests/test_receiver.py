@@ -272,3 +272,20 @@ def test_receiver_benchmark_quick(tiny_data: Path, cache: Path, tmp_path: Path) 
                        "--out-dir", str(merged)]) == 0
     again = json.loads((merged / "results" / "receiver_quick.json").read_text())
     assert again["targets"] == res["targets"]
+
+
+@pytest.mark.slow
+def test_pool_head_benchmark_quick(tiny_data: Path, cache: Path, tmp_path: Path) -> None:
+    from benchmarks import pool_head
+
+    code = pool_head.main(["--quick", "--data", str(tiny_data), "--pool", "tinypool", "--targets", "tinytarget",
+                           "--out-dir", str(tmp_path)])
+    assert code == 0
+    r = json.loads((tmp_path / "results" / "pool_head_quick.json").read_text())["targets"]["tinytarget"]
+    assert {(c["dim"], c["bits"]) for c in r["cells"]} == {(4, 8), (4, 4), (16, 8), (16, 4)}
+    assert all(0 <= c["accuracy"]["mean"] <= 1 and c["bytes"] > 0 for c in r["cells"])
+    by = {(c["dim"], c["bits"]): c["bytes"] for c in r["cells"]}
+    assert by[(4, 8)] < by[(16, 8)]  # more dimensions, more bytes
+    q = r["pool_route"]
+    assert q["pool_rows"] > 0 and 0 <= q["student_accuracy"]["mean"] <= 1
+    assert "| tinytarget |" in (tmp_path / "benchmarks" / "reports" / "POOL_HEAD_quick.md").read_text()

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .config import (
+    DEFAULT_POOL,
     ENGINES,
     MAX_SEED,
     POLICIES,
@@ -262,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("send", help="target + pool -> .plada payload")
     s.add_argument("target", help="target dataset (name in the data folder, or a path)")
-    s.add_argument("--pool", default="tinyimagenet32", help="pool name or folder")
+    s.add_argument("--pool", default=DEFAULT_POOL, help="pool name or folder")
     s.add_argument("--out", "-o", required=True, help="payload file to write")
     s.add_argument("--data", default=None, help=data_help)
     _send_args(s)
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("score", help="score every pool image with the teacher (cached; a later send reuses it)")
     c.add_argument("target", nargs="?", default=None, help="target dataset whose teacher scores the pool")
     c.add_argument("--model", default=None, help="score with this saved model (safetensors) instead of a teacher")
-    c.add_argument("--pool", default="tinyimagenet32", help="pool name or folder (sharded or not)")
+    c.add_argument("--pool", default=DEFAULT_POOL, help="pool name or folder (sharded or not)")
     c.add_argument("--out", "-o", default=None, help="write logits, labels and energies here (.npz)")
     c.add_argument("--data", default=None, help=data_help)
     c.add_argument("--teacher", default=None, help="teacher backbone: a registry name, timm:NAME or tv:NAME")
@@ -283,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("receive", help=".plada payload + pool -> trained student")
     r.add_argument("payload")
-    r.add_argument("--pool", default="tinyimagenet32", help="pool name or folder")
+    r.add_argument("--pool", default=DEFAULT_POOL, help="pool name or folder")
     r.add_argument("--data", default=None, help=data_help)
     r.add_argument("--test", default=None, help="dataset whose test split evaluates the student")
     r.add_argument("--model-out", default=None, help="save the student here (safetensors)")
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="CIFAR-10 target, Tiny-ImageNet pool: send, then receive")
     d.add_argument("--target", default="cifar10")
-    d.add_argument("--pool", default="tinyimagenet32")
+    d.add_argument("--pool", default=DEFAULT_POOL)
     d.add_argument("--data", default=None, help=data_help)
     d.add_argument("--out-dir", default="runs/demo")
     d.add_argument("--budget", type=_size, default=None, help="payload bytes (auto policy) instead of 1%% kept")

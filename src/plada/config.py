@@ -22,6 +22,7 @@ from .device import check as _device
 from .errors import PladaError
 from .payload import RECEIVERS
 
+DEFAULT_POOL = "tinyimagenet32"  # the pool every verb uses unless --pool names another
 POLICIES = ("lowest-energy", "highest-energy", "lowest-entropy", "random", "auto")
 ENGINES = ("local", "ray")
 DEFAULT_KEEP = 0.01  # the paper's 1%

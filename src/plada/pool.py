@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .config import DEFAULT_POOL
 from .data import atomic_save_npy, atomic_write, cache_root, load_source, resolve_source, write_json_atomic
 from .errors import PladaError, PoolMismatchError, reading
 from .images import DEFAULT_RES, MAX_PIXELS, FolderFiles, LazyImages, TarMembers, layout_of, scan_folder, scan_shards
@@ -48,7 +49,6 @@ except ImportError:  # Windows: no flock; concurrent builds of one pool are then
 __all__ = ["DEFAULT_POOL", "Manifest", "Pool", "build_pool", "export_manifest", "fingerprint_of", "manifest_text",
            "open_pool", "parse_spec", "pools_dir", "read_manifest"]
 
-DEFAULT_POOL = "tinyimagenet32"
 
 # A pool folder holds complete versions `v-<hex>/` and a symlink `current` naming one of them; replacing
 # that symlink (os.replace) is the one atomic step of a rebuild, so at every instant the folder opens as

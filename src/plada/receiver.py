@@ -39,7 +39,6 @@ from .errors import PladaError
 from .train import torch_threads, train_head
 
 MODES = ReceiveConfig.MODES
-DEFAULT_MODE = "plain"
 
 # Not yet chosen on data (see the module docstring): literature defaults and hand-set shares.
 PSEUDO_SHARE = 0.05  # pseudo-labelled images: this share of the pool (balanced over classes)
