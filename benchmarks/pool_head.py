@@ -35,7 +35,8 @@ from benchmarks import paper
 from plada.data import load_source
 from plada.features import cached_features, feature_model, split_key
 from plada.pool import Pool
-from plada.train import accuracy, train_head
+from plada.student import StudentConfig, train_student
+from plada.train import accuracy, predict, train_head
 
 DIMS = (8, 16, 32, 64, 128, 256)
 BITS = (8, 4)
@@ -48,6 +49,11 @@ class HeadConfig(paper.Config):
     pool_route_dim: int = 64  # the whole-pool check: this head labels the pool ...
     pool_route_share: float = 0.25  # ... and this share of each class's most confident pool images trains a student
     int8_from: str | None = "results/paper.json"
+    basis_noise: float = 1e-3  # relative noise on the receiver's pool features for the basis check
+    basis_check: tuple[tuple[int, int], ...] = ((64, 8), (128, 4))  # (d, bits) heads the check applies
+    finetune: bool = False  # also fine-tune the receiver's own student on the route's surest pool images
+    finetune_cap: int = 6000  # at most this many pool images, class-balanced (as plada.receiver.FINETUNE_CAP)
+    finetune_test_limit: int | None = 2000  # as benchmarks.receiver
 
 
 def quick_config(cfg: HeadConfig) -> HeadConfig:
@@ -124,6 +130,29 @@ def run_target(target: str, pool: Pool, cfg: HeadConfig, data: str | None, log) 
                 accs.append(accuracy(zte @ wq.T + bq, test.labels))
             cells.append({"dim": dim, "bits": bits, "bytes": nbytes, "accuracy": paper.mean_std(accs)})
             log(f"[{target}] d={dim} {bits}-bit: {nbytes} B, {np.mean(accs):.4f}")
+    # does the receiver need the sender's exact floats? Its features may differ in the last bits (another CPU,
+    # thread count or library build): recompute the PCA from pool features perturbed by relative noise, far
+    # above float32 rounding, and apply the sender's heads in that basis
+    rng = np.random.default_rng(0)
+    noisy = []
+    for a in range(0, len(pool_f), 16384):
+        x = np.asarray(pool_f[a:a + 16384], dtype=np.float32)
+        noisy.append(x * (1 + cfg.basis_noise * rng.standard_normal(x.shape, dtype=np.float32)))
+    recv_pca = pool_pca(np.concatenate(noisy))
+    del noisy
+    basis_check = []
+    for dim, bits in cfg.basis_check:
+        if dim > pool_f.shape[1]:
+            continue
+        w, b = train_head(project(train_f, pca, dim), trn.labels, n_cls, steps=cfg.head_steps, seed=0)
+        _, wq, bq = quantised(w, b, bits)
+        same = accuracy(project(test_f, pca, dim) @ wq.T + bq, test.labels)
+        other = accuracy(project(test_f, recv_pca, dim) @ wq.T + bq, test.labels)
+        basis_check.append({"dim": dim, "bits": bits, "noise": cfg.basis_noise, "sender_basis": same,
+                            "receiver_basis": other,
+                            "max_basis_change": float(np.abs(recv_pca[1][:, :dim] - pca[1][:, :dim]).max())})
+        log(f"[{target}] basis check d={dim} {bits}-bit: {same:.4f} with the sender's basis, {other:.4f} with one "
+            f"from features x (1 + {cfg.basis_noise:g} N(0,1))")
     # the whole-pool route: the receiver labels its pool with one head and trains its own student on it
     route = None
     if cfg.pool_route_dim <= pool_f.shape[1]:
@@ -148,15 +177,32 @@ def run_target(target: str, pool: Pool, cfg: HeadConfig, data: str | None, log) 
                  "student_accuracy": paper.mean_std(accs)}
         log(f"[{target}] pool route d={dim}: head {route['head_accuracy']:.4f}, student on {len(rows)} pool images "
             f"{np.mean(accs):.4f}")
+        if cfg.finetune:
+            t1 = time.time()
+            # the surest pool images, round-robin over classes so the cap never drops a class
+            per = [r[np.argsort(-conf[r], kind="stable")] for r in keep]
+            order = np.array([r[i] for i in range(max(map(len, per), default=0)) for r in per if i < len(r)],
+                             dtype=np.int64)
+            ft_rows = np.sort(order[:cfg.finetune_cap])
+            scfg = StudentConfig(model=cfg.student, res=cfg.student_res, mode="finetune", epochs=cfg.finetune_epochs,
+                                 flip=target not in paper.NO_FLIP, seed=0)
+            model = train_student(np.asarray(pool.images[ft_rows]), pred[ft_rows], n_cls, scfg, progress=False)
+            ft_test = test.subset(cfg.finetune_test_limit, seed=0) if cfg.finetune_test_limit else test
+            route["finetune"] = {"trained_on": int(len(ft_rows)), "epochs": cfg.finetune_epochs,
+                                 "accuracy": accuracy(predict(model, ft_test.images, progress=False), ft_test.labels),
+                                 "test_images": len(ft_test), "seconds": round(time.time() - t1, 1)}
+            log(f"[{target}] pool route, fine-tuned student: {route['finetune']['accuracy']:.4f} "
+                f"({route['finetune']['seconds']} s)")
     known = paper.json.loads(Path(cfg.int8_from).read_text()).get("targets", {}) if cfg.int8_from else {}
     h = known.get(target, {}).get("baselines", {}).get("int8-head")
     int8 = {"bytes": int(h["bytes"]), "accuracy": float(h["accuracy"]), "from": cfg.int8_from} if h else None
     return {"target": target, "classes": n_cls, "train_images": len(trn), "test_images": len(test),
             "feature_dim": int(pool_f.shape[1]), "cells": cells, "pool_route": route, "int8_head": int8,
+            "basis_check": basis_check,
             "seconds": round(time.time() - t0, 1)}
 
 
-def write_markdown(res: dict, path: Path) -> None:
+def write_markdown(res: dict, path: Path, plots: dict[str, str]) -> None:
     cfg = res["config"]
     L = ["# A head in the pool's PCA space: bytes against accuracy", "",
          f"Command: `{res['command']}` ({res['machine']}; {res['wall_seconds'] / 60:.1f} min; seeds {cfg['seeds']}). "
@@ -172,33 +218,119 @@ def write_markdown(res: dict, path: Path) -> None:
         if r["int8_head"]:
             L.append(f"| {t} | {r['feature_dim']} (int8 head, benchmarks.paper) | 8 | {r['int8_head']['bytes']:,} | "
                      f"{100 * r['int8_head']['accuracy']:.1f} |")
+    checks = [(t, c) for t, r in res["targets"].items() for c in r.get("basis_check", [])]
+    if checks:
+        L += ["", "## Does the receiver need the sender's exact floats?", "",
+              "The sender's head applied in a PCA basis the receiver computed from pool features multiplied by "
+              "(1 + ε N(0, 1)), far above float32 rounding (seed-0 head).", "",
+              "| target | d | bits | ε | sender's basis | receiver's basis | largest basis entry change |",
+              "|---|---|---|---|---|---|---|"]
+        L += [f"| {t} | {c['dim']} | {c['bits']} | {c['noise']:g} | {100 * c['sender_basis']:.1f} | "
+              f"{100 * c['receiver_basis']:.1f} | {c['max_basis_change']:.2g} |" for t, c in checks]
     L += ["", "## The whole-pool route", "",
           "The receiver labels its pool with the head, keeps the most confident "
           f"{cfg['pool_route_share']:.0%} of each class and fits its own linear student (all feature dimensions) "
           " on those pool images only.", "",
-          "| target | d | bytes | head accuracy | pool images | student accuracy |", "|---|---|---|---|---|---|"]
+          "*fine-tuned*: the receiver's own student (the paper benchmark's backbone, fine-tuned "
+          f"{cfg['finetune_epochs']:g} epochs) on the {cfg.get('finetune_cap', 0):,} surest of those pool images, "
+          "class-balanced, one run, on "
+          f"{cfg.get('finetune_test_limit') or 'all'} test images (– : not run).", "",
+          "| target | d | bytes | head accuracy | pool images | linear student | fine-tuned (images, s) |",
+          "|---|---|---|---|---|---|---|"]
     for t, r in res["targets"].items():
         q = r["pool_route"]
         if q:
+            f = q.get("finetune")
             L.append(f"| {t} | {q['dim']} | {q['bytes']:,} | {100 * q['head_accuracy']:.1f} | {q['pool_rows']:,} | "
-                     f"{100 * q['student_accuracy']['mean']:.1f} ± {100 * q['student_accuracy']['std']:.1f} |")
+                     f"{100 * q['student_accuracy']['mean']:.1f} ± {100 * q['student_accuracy']['std']:.1f} | "
+                     + (f"{100 * f['accuracy']:.1f} ({f['trained_on']:,}, {f['seconds']:.0f} s)" if f else "–")
+                     + " |")
+    L += ["", "## Plots", ""] + [f"![{t}]({p})" for t, p in plots.items()]
     paper.write_keeping_discussion(path, L)
+
+
+def plot(r: dict, path: Path, label_points: list[tuple[int, float]] | None) -> None:
+    """Accuracy against bytes: the PCA heads by precision, plada's label payloads (paper policy, plain
+    receiver, from benchmarks.paper when given) and the int8 head."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    for bits, style in zip(sorted({c["bits"] for c in r["cells"]}, reverse=True), ("o-", "s--", "^:"), strict=False):
+        cs = [c for c in r["cells"] if c["bits"] == bits]
+        ax.plot([c["bytes"] for c in cs], [100 * c["accuracy"]["mean"] for c in cs], style,
+                label=f"PCA head, {bits}-bit (d = {', '.join(str(c['dim']) for c in cs)})")
+    if label_points:
+        xs, ys = zip(*sorted(label_points), strict=True)
+        ax.plot(xs, [100 * y for y in ys], "x-", c="tab:grey", label="plada labels, paper policy (benchmarks.paper)")
+    q = r.get("pool_route")
+    if q:
+        ax.plot([q["bytes"]], [100 * q["student_accuracy"]["mean"]], "D", c="tab:red",
+                label="student on the pool the head labels (linear)")
+        if q.get("finetune"):
+            ax.plot([q["bytes"]], [100 * q["finetune"]["accuracy"]], "P", ms=9, c="tab:red",
+                    label="same, fine-tuned student (1 run)")
+    if r["int8_head"]:
+        ax.plot([r["int8_head"]["bytes"]], [100 * r["int8_head"]["accuracy"]], "*", ms=12, c="tab:green",
+                label="int8 head, 1280-d (benchmarks.paper)")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes (log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{r['target']}: a head in the pool's PCA space against label payloads")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def label_payload_points(target: str, paper_json: str | None) -> list[tuple[int, float]] | None:
+    """(file bytes, accuracy) of the paper benchmark's policy cells for this target: lowest energy, or highest for
+    the far out-of-distribution target."""
+    if not paper_json or not Path(paper_json).is_file():
+        return None
+    cells = paper.json.loads(Path(paper_json).read_text()).get("targets", {}).get(target, {}).get("cells", {})
+    from benchmarks.payload_rate import FAR_OOD
+
+    pol = "highest-energy@" if target in FAR_OOD else "lowest-energy@"
+    pts = [(int(c["bytes"]["file"]), float(c["accuracy"]["mean"])) for k, c in cells.items() if k.startswith(pol)]
+    return pts or None
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.pool_head", description=__doc__.split("\n\n")[0])
     paper.add_common_args(ap)
+    ap.add_argument("--finetune", action="store_true",
+                    help="also fine-tune the receiver's student on the pool images the head labels (minutes each)")
+    ap.add_argument("--report", metavar="JSON", help="only rewrite the report and plots from this results file")
     a = ap.parse_args(argv)
-    cfg = paper.apply_common_args(HeadConfig(), a, quick_config)
-    res = paper.run_all("pool_head", cfg, a, run_target)
-    if res is None:
-        return 2
     out = Path(a.out_dir)
     stem = "pool_head_quick" if a.quick else "pool_head"
+    if a.report:
+        res = paper.json.loads(Path(a.report).read_text())
+        write_reports(res, out, stem, a.quick)
+        return 0
+    cfg = paper.apply_common_args(HeadConfig(), a, quick_config)
+    cfg.finetune = a.finetune
+    res = paper.run_all("pool_head", cfg, a, run_target, extra_flags=(("--finetune", a.finetune),))
+    if res is None:
+        return 2
     path = paper.save_results(res, out, stem)
-    write_markdown(res, out / paper.REPORTS / ("POOL_HEAD_quick.md" if a.quick else "POOL_HEAD.md"))
+    write_reports(res, out, stem, a.quick)
     print(f"wrote {path} in {math.ceil(res['wall_seconds'])} s")
     return 0
+
+
+def write_reports(res: dict, out: Path, stem: str, quick: bool) -> None:
+    plots = {}
+    for t, r in res["targets"].items():
+        rel = f"plots/{stem}_{t}.png"
+        plot(r, out / paper.REPORTS / rel, label_payload_points(t, res["config"]["int8_from"]))
+        plots[t] = rel
+    write_markdown(res, out / paper.REPORTS / ("POOL_HEAD_quick.md" if quick else "POOL_HEAD.md"), plots)
 
 
 if __name__ == "__main__":

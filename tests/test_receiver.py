@@ -279,7 +279,7 @@ def test_pool_head_benchmark_quick(tiny_data: Path, cache: Path, tmp_path: Path)
     from benchmarks import pool_head
 
     code = pool_head.main(["--quick", "--data", str(tiny_data), "--pool", "tinypool", "--targets", "tinytarget",
-                           "--out-dir", str(tmp_path)])
+                           "--out-dir", str(tmp_path), "--finetune"])
     assert code == 0
     r = json.loads((tmp_path / "results" / "pool_head_quick.json").read_text())["targets"]["tinytarget"]
     assert {(c["dim"], c["bits"]) for c in r["cells"]} == {(4, 8), (4, 4), (16, 8), (16, 4)}
@@ -288,4 +288,5 @@ def test_pool_head_benchmark_quick(tiny_data: Path, cache: Path, tmp_path: Path)
     assert by[(4, 8)] < by[(16, 8)]  # more dimensions, more bytes
     q = r["pool_route"]
     assert q["pool_rows"] > 0 and 0 <= q["student_accuracy"]["mean"] <= 1
+    assert 0 < q["finetune"]["trained_on"] <= q["pool_rows"] and 0 <= q["finetune"]["accuracy"] <= 1
     assert "| tinytarget |" in (tmp_path / "benchmarks" / "reports" / "POOL_HEAD_quick.md").read_text()
