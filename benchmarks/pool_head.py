@@ -208,7 +208,8 @@ def write_markdown(res: dict, path: Path, plots: dict[str, str]) -> None:
          f"Command: `{res['command']}` ({res['machine']}; {res['wall_seconds'] / 60:.1f} min; seeds {cfg['seeds']}). "
          f"Pool: {res['pool_size']:,} images; features: frozen {cfg['student']} @{cfg['student_res']} px. Heads fitted "
          f"on up to {cfg['train_feature_limit']:,} target train images ({cfg['head_steps']} steps), test accuracy of "
-         "the dequantised head, mean ± std over seeds. See the module docstring for the method.", "",
+         "the dequantised head, mean ± std over seeds; bytes: the last seed's head (seeds differ by a byte or "
+         "two). See the module docstring for the method.", "",
          "| target | d | bits | bytes | accuracy |", "|---|---|---|---|---|"]
     for t, r in res["targets"].items():
         for c in r["cells"]:
