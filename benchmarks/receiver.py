@@ -99,19 +99,22 @@ def spread_order(labels: np.ndarray, key: np.ndarray, nbr: np.ndarray, cover: in
     same-label neighbourhood (its ``cover`` nearest in the receiver's kNN graph) already holds a kept seed
     waits until every uncovered one is kept. Why: a propagating receiver spreads each label to its
     neighbours, so a second seed next to the first buys little; seeds spread over each class's region do.
-    Any prefix is the selection for that size (greedy, so sizes nest)."""
+    Any prefix is the selection for that size (greedy, so sizes nest). Rows whose key is not finite (rows the
+    pool lacks) come last."""
     rank = select.order(key)
+    finite = np.isfinite(np.asarray(key, dtype=np.float64))
     covered = np.zeros(len(labels), dtype=bool)
     first, later = [], []
     nb = nbr[:, :cover]
-    for i in rank.tolist():
+    for i in rank[finite[rank]].tolist():
         if covered[i]:
             later.append(i)
             continue
         first.append(i)
         row = nb[i]
         covered[row[labels[row] == labels[i]]] = True
-    return np.asarray(first + later, dtype=np.int64)
+    last = rank[~finite[rank]].tolist()
+    return np.asarray(first + later + last, dtype=np.int64)
 
 
 def run_target(target: str, pool: Pool, cfg: ReceiverConfig, data: str | None, log) -> dict:

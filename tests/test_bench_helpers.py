@@ -158,3 +158,11 @@ def test_pool_pca_is_sign_fixed_and_whitens() -> None:
     n4, w4, _ = quantised(w, b, 4)
     assert np.abs(w8 - w).max() < np.abs(w4 - w).max() < np.abs(w).max() / 6  # coarser with fewer bits
     assert 0 < n4 <= n8
+
+
+def test_spread_order_puts_rows_the_pool_lacks_last() -> None:
+    from benchmarks.receiver import spread_order
+
+    nbr = np.array([[1, 2], [0, 2], [1, 0]])
+    key = np.array([np.inf, 0.0, 1.0])  # row 0 is missing from this pool copy
+    assert spread_order(np.zeros(3, dtype=np.int64), key, nbr, cover=1).tolist() == [1, 2, 0]
