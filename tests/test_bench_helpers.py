@@ -166,3 +166,28 @@ def test_spread_order_puts_rows_the_pool_lacks_last() -> None:
     nbr = np.array([[1, 2], [0, 2], [1, 0]])
     key = np.array([np.inf, 0.0, 1.0])  # row 0 is missing from this pool copy
     assert spread_order(np.zeros(3, dtype=np.int64), key, nbr, cover=1).tolist() == [1, 2, 0]
+
+
+def test_pool_standardised_int8_head_survives_a_near_constant_feature() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    from benchmarks.paper import int8_head
+
+    spec = importlib.util.spec_from_file_location(
+        "int8_head_check", Path(__file__).resolve().parents[1] / "scripts" / "int8_head_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rng = np.random.default_rng(0)
+    sd = np.ones(8, dtype=np.float32)
+    sd[0] = 1e-4  # a feature that barely varies: a head on raw features gives it a huge weight
+    mu = np.zeros(8, dtype=np.float32)
+    x = rng.normal(size=(500, 8)).astype(np.float32) * sd
+    ws = rng.normal(size=(3, 8)).astype(np.float32)  # a head in the standardised space
+    w, b = ws / sd, rng.normal(size=3).astype(np.float32)
+    ref = (x @ w.T + b).argmax(1)
+    _, wq, bq = int8_head(w, b)
+    _, wp, bp = mod.pool_standardised_int8(w, b, mu, sd)
+    agree_paper = ((x @ wq.T + bq).argmax(1) == ref).mean()
+    agree_pool = ((x @ wp.T + bp).argmax(1) == ref).mean()
+    assert agree_pool > 0.97 and agree_pool > agree_paper + 0.2
