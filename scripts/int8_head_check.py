@@ -5,8 +5,11 @@
 Why: `benchmarks.paper.int8_head` quantises the weights of a head that acts on *raw* features (the
 standardisation folded in), one scale per class row. A feature with a tiny spread gets a huge weight, sets its
 row's scale, and rounds the other weights to zero: on Fashion-MNIST the int8 head scored 21.8% where its float
-probe scored 85.0%. The fair coding quantises the head in the standardised space, with the mean and spread
-of each feature taken from the *pool* (the receiver computes them; nothing extra is sent), then folds them back.
+probe scored 85.0%. The candidate fix measured here quantises the head in the standardised space, with the
+mean and spread of each feature taken from the *pool* (the receiver computes them; nothing extra is sent).
+Measured (benchmarks/reports/int8_head_check.md): it does not rescue Fashion-MNIST (18.5%): the features that
+blow up are near constant on the *target's* images (grey 28-px clothes), not on the pool's, so the pool's spread
+does not tame them. A head over the pool's top PCA directions (benchmarks.pool_head) drops them and works.
 
 Same features, train subset, steps and seeds as benchmarks.paper (its caches are reused; no teacher is trained).
 Reported per target: the float head, the paper's int8 coding, and the pool-standardised int8 coding, each with
