@@ -40,7 +40,7 @@ from plada.score import score_pool
 from plada.student import StudentConfig, train_student
 from plada.train import accuracy, predict, torch_threads, train_head
 
-POOL_MODES = tuple(m for m in receiver.MODES if m != "plain")
+POOL_MODES = tuple(m for m in receiver.LABEL_MODES if m != "plain")
 
 
 @dataclass
@@ -149,7 +149,7 @@ def run_target(target: str, pool: Pool, cfg: ReceiverConfig, data: str | None, l
         return job
 
     # payload sizes: the real file with a header naming the longest mode, so every mode's payload fits
-    longest = max(receiver.MODES, key=len)
+    longest = max(receiver.LABEL_MODES, key=len)
     sizer = auto.payload_sizer(pool.fingerprint, len(pool), names, longest, groups=gid)
     sel = {}
 
@@ -224,10 +224,10 @@ def run_target(target: str, pool: Pool, cfg: ReceiverConfig, data: str | None, l
                              for s in cfg.seeds]
         prop = receiver.expand("propagate", pool_f, idx, lab, n_cls, graph_key=gkey, progress=False)
         exps["propagate"] = [prop] * len(cfg.seeds)  # deterministic: the seed only acts in the head
-        jobs = [head_acc(exps[m][i], s, test_f, test.labels) for m in receiver.MODES for i, s in enumerate(cfg.seeds)]
+        jobs = [head_acc(exps[m][i], s, test_f, test.labels) for m in receiver.LABEL_MODES for i, s in enumerate(cfg.seeds)]
         accs = heads(jobs, cfg.workers)
         modes = {}
-        for j, m in enumerate(receiver.MODES):
+        for j, m in enumerate(receiver.LABEL_MODES):
             e = exps[m][0]
             extra = slice(len(idx), None)  # the pseudo-labelled rows: how often they agree with the teacher
             right = float((e.labels[extra] == plabels[e.indices[extra]]).mean()) if len(e.indices) > len(idx) else None
@@ -235,9 +235,9 @@ def run_target(target: str, pool: Pool, cfg: ReceiverConfig, data: str | None, l
                         "trained_on": int(len(e.indices)), "pseudo": e.info.get("pseudo", 0),
                         "agree_with_teacher": right}
         fc = auto.forecast_modes(pool_feats=pool_f, indices=idx, labels=lab, heldout_feats=held_f,
-                                 heldout_labels=train.labels[held], n_classes=n_cls, modes=receiver.MODES,
+                                 heldout_labels=train.labels[held], n_classes=n_cls, modes=receiver.LABEL_MODES,
                                  expand=expand_fn, seed=0)
-        pick = max(receiver.MODES, key=lambda m: (fc[m], -receiver.MODES.index(m)))  # ties: plain, as the sender
+        pick = max(receiver.LABEL_MODES, key=lambda m: (fc[m], -receiver.LABEL_MODES.index(m)))  # ties: plain, as the sender
         return modes, {"modes": fc, "choice": pick, "held_out": int(len(held)),
                        "held_out_unseen_by_teacher": bool(len(unseen) >= pipeline.MIN_UNSEEN)}
 
@@ -295,7 +295,7 @@ def run_target(target: str, pool: Pool, cfg: ReceiverConfig, data: str | None, l
         hb, wq, bq = paper.int8_head(w, b)
         head = {"bytes": hb, "accuracy": accuracy(test_f @ wq.T + bq, test.labels), "from": "measured here"}
     hb = head["bytes"]
-    fits = [(p["modes"][m]["accuracy"]["mean"], m, p["bytes"]) for p in points for m in receiver.MODES
+    fits = [(p["modes"][m]["accuracy"]["mean"], m, p["bytes"]) for p in points for m in receiver.LABEL_MODES
             if p["bytes"] <= hb]
     top = max(fits) if fits else None
     head["plada_at_no_more_bytes"] = ({"accuracy": top[0], "mode": top[1], "bytes": top[2]} if top else None)
@@ -377,17 +377,17 @@ def write_markdown(res: dict, path: Path, plots: dict[str, str]) -> None:
          "target train images the teacher never saw, under each mode's expansion, 3 seeds; plain on ties), and "
          "that mode's test accuracy minus plain's (– : the run predates the forecast).", "",
          "## Accuracy against payload bytes (linear student)", "",
-         "| target | bytes | kept | " + " | ".join(receiver.MODES) + " | best pool mode − plain | forecast picks "
-         "| picked − plain |", "|---|---|---|" + "---|" * len(receiver.MODES) + "---|---|---|"]
+         "| target | bytes | kept | " + " | ".join(receiver.LABEL_MODES) + " | best pool mode − plain | forecast picks "
+         "| picked − plain |", "|---|---|---|" + "---|" * len(receiver.LABEL_MODES) + "---|---|---|"]
     for t, r in res["targets"].items():
         for p in r["points"]:
-            a = {m: p["modes"][m]["accuracy"] for m in receiver.MODES}
+            a = {m: p["modes"][m]["accuracy"] for m in receiver.LABEL_MODES}
             gain = max(a[m]["mean"] for m in POOL_MODES) - a["plain"]["mean"]
             fc = p.get("forecast")
             pick = (f"{fc['choice']} | {100 * (a[fc['choice']]['mean'] - a['plain']['mean']):+.1f}" if fc
                     else "– | –")
             L.append(f"| {t} | {p['bytes']:,} | {p['kept']:,} | " + " | ".join(
-                f"{pct(a[m]['mean'])} ± {pct(a[m]['std'])}" for m in receiver.MODES)
+                f"{pct(a[m]['mean'])} ± {pct(a[m]['std'])}" for m in receiver.LABEL_MODES)
                 + f" | {100 * gain:+.1f} | {pick} |")
     sp = [(t, q, {p["bytes_target"]: p for p in r["points"]}.get(q["bytes_target"]))
           for t, r in res["targets"].items() for q in r.get("spread_points", [])]
@@ -398,15 +398,15 @@ def write_markdown(res: dict, path: Path, plots: dict[str, str]) -> None:
               "(linear student, mean of the seeds) per mode; *forecast* is the sender's proxy on held-out target "
               "train images (validation data), its best mode, next to the lowest-energy selection's at the same "
               "byte target.", "",
-              "| target | cover | bytes | kept | " + " | ".join(receiver.MODES) + " | best − lowest-energy's best "
+              "| target | cover | bytes | kept | " + " | ".join(receiver.LABEL_MODES) + " | best − lowest-energy's best "
               "| forecast: spread | forecast: lowest-energy |",
-              "|---|---|---|---|" + "---|" * len(receiver.MODES) + "---|---|---|"]
+              "|---|---|---|---|" + "---|" * len(receiver.LABEL_MODES) + "---|---|---|"]
         for t, q, le_p in sp:
-            a = {m: q["modes"][m]["accuracy"]["mean"] for m in receiver.MODES}
-            d = (max(a.values()) - max(le_p["modes"][m]["accuracy"]["mean"] for m in receiver.MODES)) if le_p else None
+            a = {m: q["modes"][m]["accuracy"]["mean"] for m in receiver.LABEL_MODES}
+            d = (max(a.values()) - max(le_p["modes"][m]["accuracy"]["mean"] for m in receiver.LABEL_MODES)) if le_p else None
             f, g = q["forecast"], (le_p or {}).get("forecast")
             L.append(f"| {t} | {q['cover']} | {q['bytes']:,} | {q['kept']:,} | "
-                     + " | ".join(pct(a[m]) for m in receiver.MODES)
+                     + " | ".join(pct(a[m]) for m in receiver.LABEL_MODES)
                      + f" | {'–' if d is None else f'{100 * d:+.1f}'} | {f['choice']} {pct(f['modes'][f['choice']])} | "
                      + (f"{g['choice']} {pct(g['modes'][g['choice']])}" if g else "–") + " |")
     L += ["", "## Against the paper policy (plain receiver) and the int8 head", "",
@@ -456,7 +456,7 @@ def plot(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.6))
-    for m, style in zip(receiver.MODES, ("o-", "s-", "^-"), strict=False):
+    for m, style in zip(receiver.LABEL_MODES, ("o-", "s-", "^-"), strict=False):
         pts = r["points"]
         ax.errorbar([p["bytes"] for p in pts], [100 * p["modes"][m]["accuracy"]["mean"] for p in pts],
                     yerr=[100 * p["modes"][m]["accuracy"]["std"] for p in pts], fmt=style, capsize=2,

@@ -41,7 +41,7 @@ json_values = st.recursive(
 )
 # Every kind of valid forecast: none, any float in [0, 1] (rounded on the way in), the ends as ints, rounding edges.
 forecasts = st.none() | st.floats(0, 1) | st.sampled_from([0, 1, 0.0, 1.0, 0.5, 0.99995, 0.00005, 0.123449, -0.0])
-receivers = st.sampled_from(P.RECEIVERS)
+receivers = st.sampled_from(P.LABEL_RECEIVERS)  # head payloads: tests/test_head.py
 
 
 def make(pool_size: int, k: int, n_classes: int = 10, seed: int = 0, forecast: float | None = None,
@@ -251,7 +251,7 @@ def test_huge_pool_uses_gap_and_round_trips() -> None:
 def test_forecast_and_receiver_round_trip() -> None:
     forecasts = (None, 0, 1, 0.0, 1.0, 0.5, 0.04125, 0.123456, np.float64(0.25), np.float32(0.75), 0.99996, None)
     for i, forecast in enumerate(forecasts):
-        receiver = P.RECEIVERS[i % len(P.RECEIVERS)]  # each mode with a forecast and without
+        receiver = P.LABEL_RECEIVERS[i % len(P.LABEL_RECEIVERS)]  # each mode with a forecast and without
         p = make(1000, 30, forecast=forecast, receiver=receiver)
         want = None if forecast is None else round(float(forecast), P.FORECAST_DIGITS)
         assert p.forecast == want and (want is None or type(p.forecast) is float)
@@ -380,12 +380,12 @@ def test_worked_example_with_the_gap_codec() -> None:
 
 
 def test_describe_keys() -> None:
-    """What `plada inspect` shows: `format` "1.0", the forecast and receiver; no version number, codec or meta."""
+    """What `plada inspect` shows: the file's `format`, the forecast, receiver and head (None without one)."""
     want = {"format", "total_bytes", "header_bytes", "checksum_sha256", "pool_fingerprint", "pool_size", "count",
-            "class_count", "class_names", "forecast", "receiver", "groups", "sections", "decoded"}
+            "class_count", "class_names", "forecast", "receiver", "groups", "head", "sections", "decoded"}
     data = P.encode(make(1000, 30, forecast=0.25, receiver="propagate"))
     info = P.describe(data)
-    assert set(info) == want and info["format"] == P.FORMAT == "1.0" and info["decoded"]
+    assert set(info) == want and info["format"] == "1.0" and info["decoded"] and info["head"] is None
     assert info["forecast"] == 0.25 and info["receiver"] == "propagate"
     assert info["checksum_sha256"] == data[-32:].hex()
     undecoded = P.describe(data, header_only=True)
@@ -596,7 +596,10 @@ def test_every_single_bit_flip(small: tuple[P.Payload, bytes]) -> None:
                 assert "bad magic" in msg
             elif pos < 10:  # no single flip of 00 01 reaches a draft's 1..4
                 v = int.from_bytes(bad[8:10], "little")
-                assert msg == f"unsupported payload format {v >> 8}.{v & 0xFF} (this plada reads format 1.0)"
+                if v == P.HEAD_VERSION:  # 1.1 is a format: the flip is caught by the checksum
+                    assert "checksum mismatch" in msg
+                else:
+                    assert msg == f"unsupported payload format {v >> 8}.{v & 0xFF} (this plada reads formats 1.0 and 1.1)"
             else:
                 assert msg == "payload checksum mismatch (corrupted or truncated)"
 
@@ -616,7 +619,7 @@ def test_error_messages(small: tuple[P.Payload, bytes]) -> None:
     assert reject(data[:5]).startswith("payload truncated")
     for version, name in ((0, "0.0"), (5, "0.5"), (7, "0.7"), (0x0101, "1.1"), (0x0200, "2.0"), (0xFFFF, "255.255")):
         other = data[:8] + struct.pack("<H", version) + data[10:]
-        assert reject(other) == f"unsupported payload format {name} (this plada reads format 1.0)"
+        assert reject(other) == f"unsupported payload format {name} (this plada reads formats 1.0 and 1.1)"
     header, blobs = unpack(data)
     without = {k: v for k, v in header.items() if k != "groups"}
     assert "missing ['groups']" in reject(pack(without, blobs))
@@ -654,7 +657,7 @@ GOLDEN_DRAFT1 = {
 
 def test_draft_files_are_refused(small: tuple[P.Payload, bytes], tmp_path, monkeypatch) -> None:
     """Drafts 1-4 of plada 0.x get one line naming them, from every entry point, before anything is inflated."""
-    want = ("payload is in draft format {} of plada 0.x; this plada reads format 1.0 "
+    want = ("payload is in draft format {} of plada 0.x; this plada reads formats 1.0 and 1.1 "
             "(ask its sender to send it again)")
     seen = only_the_header_inflates(monkeypatch)
     for text in GOLDEN_DRAFT1.values():
@@ -715,7 +718,7 @@ def _mutated(small: tuple[P.Payload, bytes], **changes: object) -> bytes:
         ({"forecast": "0.5"}, "forecast"),
         ({"forecast": [0.5]}, "forecast"),
         ({"forecast": {"value": 0.5}}, "forecast"),
-        ({"receiver": "distill"}, "unknown receiver mode 'distill' \\(this plada knows plain, selftrain, propagate\\)"),
+        ({"receiver": "distill"}, "unknown receiver mode 'distill' \\(this plada knows plain, selftrain, propagate, head\\)"),
         ({"receiver": "PLAIN"}, "unknown receiver"),
         ({"receiver": ""}, "unknown receiver"),
         ({"receiver": None}, "unknown receiver"),

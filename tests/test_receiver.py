@@ -37,7 +37,7 @@ def clustered_world(seed: int = 0):
     return pool_f, pool_y, test_f, test_y, idx, c
 
 
-@pytest.mark.parametrize("mode", receiver.MODES)
+@pytest.mark.parametrize("mode", receiver.LABEL_MODES)  # head: tests/test_head.py
 def test_each_mode_deterministic_given_seed(mode: str, cache: Path) -> None:
     pool_f, pool_y, _, _, idx, c = clustered_world()
     runs = [receiver.expand(mode, pool_f, idx, pool_y[idx], c, seed=3, pseudo=200, progress=False) for _ in range(2)]
@@ -57,7 +57,7 @@ def test_each_mode_deterministic_given_seed(mode: str, cache: Path) -> None:
 def test_pool_modes_beat_plain_on_clustered_world(cache: Path) -> None:
     pool_f, pool_y, test_f, test_y, idx, c = clustered_world()
     acc = {}
-    for mode in receiver.MODES:
+    for mode in receiver.LABEL_MODES:
         e = receiver.expand(mode, pool_f, idx, pool_y[idx], c, seed=0, pseudo=300, progress=False)
         w, b = receiver.fit_head(pool_f, e, c, steps=200, seed=0)
         acc[mode] = accuracy(test_f @ w.T + b, test_y)
@@ -255,10 +255,10 @@ def test_receiver_benchmark_quick(tiny_data: Path, cache: Path, tmp_path: Path) 
     r = res["targets"]["tinytarget"]
     assert r["points"] and all(p["bytes"] <= p["bytes_target"] for p in r["points"])
     for p in r["points"]:
-        assert set(p["modes"]) == set(receiver.MODES)
+        assert set(p["modes"]) == set(receiver.LABEL_MODES)
         assert all(0 <= m["accuracy"]["mean"] <= 1 for m in p["modes"].values())
         fc = p["forecast"]  # the sender's forecast of each mode, and the mode it would name
-        assert set(fc["modes"]) == set(receiver.MODES) and fc["choice"] in receiver.MODES
+        assert set(fc["modes"]) == set(receiver.LABEL_MODES) and fc["choice"] in receiver.LABEL_MODES
         assert fc["modes"][fc["choice"]] == max(fc["modes"].values()) and fc["held_out"] > 0
     assert r["validation"]["grid"] and r["int8_head"]["bytes"] > 0 and "moonshot_ratio" in r
     assert r["finetune"] and all(0 <= f["accuracy"] <= 1 for f in r["finetune"])

@@ -20,7 +20,7 @@ from typing import Any
 
 from .device import check as _device
 from .errors import PladaError
-from .payload import RECEIVERS
+from .payload import LABEL_RECEIVERS, RECEIVERS
 
 DEFAULT_POOL = "tinyimagenet32"  # the pool every verb uses unless --pool names another
 POLICIES = ("lowest-energy", "highest-energy", "lowest-entropy", "random", "auto")
@@ -125,6 +125,8 @@ class SendConfig:
         if self.budget is not None and self.policy not in ("lowest-energy", "auto"):
             raise PladaError(f"a byte budget picks the policy itself (auto); it cannot be combined with policy "
                              f"{self.policy}")
+        if self.receiver == "head":
+            self._check_head()
         if self.auto:
             ignored = [n for n, v in (("safety_share", self.safety_share), ("alpha", self.alpha)) if v is not None]
             if self.budget is not None:
@@ -151,12 +153,28 @@ class SendConfig:
                 raise PladaError(f"{', '.join(used)} only act under the auto policy (--budget or --policy auto)")
         return self
 
+    def _check_head(self) -> None:
+        """receiver=head under a budget sends the head alone: nothing that trains a teacher or picks images acts."""
+        if self.budget is None:
+            if self.policy == "auto":
+                raise PladaError("receiver head sends a head beside a fixed policy's selection, or alone under "
+                                 "--budget; the auto policy without a budget does not combine with it")
+            return
+        default = SendConfig()
+        idle = [n for n in ("teacher", "policy", "keep", "count", "temperature", "safety_share", "alpha",
+                            "deciders", "holdout_fraction", "holdout_groups", "engine", "actors")
+                if getattr(self, n) != getattr(default, n) and not (n == "policy" and self.policy == "auto")]
+        if idle:
+            raise PladaError(f"under --budget, receiver head sends the head alone (no teacher, no kept images): "
+                             f"{', '.join(idle)} do not act; drop them, or send a head beside a fixed policy's "
+                             "selection without --budget")
+
     @property
     def receivers(self) -> tuple[str, ...]:
         """The receiver modes the sender forecasts its selection under; the header names one of them."""
         if self.receiver is None:
             return DEFAULT_RECEIVERS
-        return RECEIVERS if self.receiver == "auto" else (self.receiver,)
+        return LABEL_RECEIVERS if self.receiver == "auto" else (self.receiver,)
 
     @property
     def keep_share(self) -> float | None:

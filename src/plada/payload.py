@@ -34,7 +34,8 @@ from plada.errors import PayloadError, PladaError, reading
 
 MAGIC = b"PLADA\x00\r\n"
 FORMAT_VERSION = 0x0100  # 1.0: major in the high byte, minor in the low one
-FORMAT = "1.0"
+HEAD_VERSION = 0x0101  # 1.1: 1.0 plus a `head` section; written only when a payload carries a head
+FORMAT = "1.1"  # what this module reads: 1.0 and 1.1
 DRAFT_VERSIONS = (1, 2, 3, 4)  # plada 0.x's drafts: refused, with a message saying so
 MAX_HEADER_BYTES = 1 << 20
 MAX_POOL_SIZE = 1 << 40
@@ -52,7 +53,14 @@ BITMAP_RATIO = 64
 BITMAP_SLACK = 64 << 10
 # Receiver modes a header may name (plada.receiver implements them); an unknown one is refused, since the
 # sender's forecast assumed it and a receiver that silently trained otherwise would miss that forecast.
-RECEIVERS = ("plain", "selftrain", "propagate")
+LABEL_RECEIVERS = ("plain", "selftrain", "propagate")  # modes that need only the kept images and labels
+RECEIVERS = (*LABEL_RECEIVERS, "head")  # head: the payload's linear head labels the pool (format 1.1 only)
+HEAD_CODEC = "qhead-zstd"
+HEAD_BITS = (4, 8)
+MAX_HEAD_DIM = 4096
+MAX_HEAD_WEIGHTS = 1 << 24  # classes x dim
+_HEAD_KEYS = frozenset({"backbone", "res", "dim", "bits"})
+_BACKBONE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,99}")
 FORECAST_DIGITS = 4  # the header's forecast is rounded to this many decimals
 
 # Raw-content zstd dictionary of the compressed header: the canonical header's keys and usual values in
@@ -155,13 +163,113 @@ def _check_receiver(value: Any) -> str:
 
 
 @dataclass(frozen=True, eq=False)
+class Head:
+    """A linear classifier over the first ``dim`` whitened principal components of the pool's features
+    under the public backbone ``backbone`` at ``res`` px (`plada.head` says how both sides compute them).
+
+    Stored quantised, as sent: ``weights`` int8 (classes x dim) with |w| <= 2**(bits-1) - 1, one float16
+    ``scales`` entry and one float16 ``bias`` entry per class; class c's logit is
+    scale_c * (w_c . z) + bias_c. Constructing one validates it completely.
+    """
+
+    backbone: str
+    res: int
+    bits: int
+    weights: np.ndarray
+    scales: np.ndarray
+    bias: np.ndarray
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backbone, str) or not _BACKBONE_RE.fullmatch(self.backbone):
+            raise PayloadError(f"head backbone must be a model name of 1..100 characters, got {self.backbone!r}")
+        if not _is_int(self.res) or not 8 <= self.res <= 4096:
+            raise PayloadError(f"head res must be an integer in 8..4096, got {self.res!r}")
+        if not _is_int(self.bits) or self.bits not in HEAD_BITS:
+            raise PayloadError(f"head bits must be one of {HEAD_BITS}, got {self.bits!r}")
+        w = np.asarray(self.weights)
+        if w.ndim != 2 or w.dtype.kind not in "iu" or not 1 <= w.shape[1] <= MAX_HEAD_DIM:
+            raise PayloadError(f"head weights must be an integer matrix classes x dim, dim 1..{MAX_HEAD_DIM}")
+        if w.size > MAX_HEAD_WEIGHTS:
+            raise PayloadError(f"head has {w.size} weights; more than {MAX_HEAD_WEIGHTS} is unreasonable")
+        top = 2 ** (self.bits - 1) - 1
+        if w.size and int(np.abs(w.astype(np.int64)).max()) > top:
+            raise PayloadError(f"head weight out of range for {self.bits} bits (|w| <= {top})")
+        scales = np.asarray(self.scales, dtype=np.float16)
+        bias = np.asarray(self.bias, dtype=np.float16)
+        if scales.shape != (w.shape[0],) or bias.shape != (w.shape[0],):
+            raise PayloadError("head scales and bias need one entry per class")
+        if not (np.isfinite(scales).all() and (scales > 0).all() and np.isfinite(bias).all()):
+            raise PayloadError("head scales must be finite and positive, its bias finite")
+        for name, arr in (("weights", w.astype(np.int8)), ("scales", scales.copy()), ("bias", bias.copy())):
+            arr.setflags(write=False)
+            object.__setattr__(self, name, arr)
+        object.__setattr__(self, "res", int(self.res))
+        object.__setattr__(self, "bits", int(self.bits))
+
+    @property
+    def dim(self) -> int:
+        return int(self.weights.shape[1])
+
+    def dequantised(self) -> tuple[np.ndarray, np.ndarray]:
+        """(weight, bias) as float32, exactly what every receiver computes with."""
+        return (self.weights.astype(np.float32) * self.scales.astype(np.float32)[:, None],
+                self.bias.astype(np.float32))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Head):
+            return NotImplemented
+        return (self.backbone, self.res, self.bits) == (other.backbone, other.res, other.bits) and all(
+            np.array_equal(getattr(self, n), getattr(other, n)) for n in ("weights", "scales", "bias"))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _head_raw(h: Head) -> bytes:
+    """The head section before Zstd: weights row-major (int8, or 4-bit offset by 7 and packed two per byte,
+    low nibble first, a zero nibble padding an odd count), then the float16 scales, then the float16 bias."""
+    if h.bits == 8:
+        body = h.weights.tobytes()
+    else:
+        u = (h.weights.ravel().astype(np.int16) + 7).astype(np.uint8)
+        u = np.concatenate([u, np.zeros(len(u) % 2, np.uint8)])
+        body = (u[0::2] | (u[1::2] << 4)).astype(np.uint8).tobytes()
+    return body + h.scales.astype("<f2").tobytes() + h.bias.astype("<f2").tobytes()
+
+
+def _head_raw_size(n_classes: int, dim: int, bits: int) -> int:
+    return (n_classes * dim if bits == 8 else (n_classes * dim + 1) // 2) + 4 * n_classes
+
+
+def _head_from_raw(raw: bytes, meta: dict, n_classes: int) -> Head:
+    dim, bits = meta["dim"], meta["bits"]
+    nw = n_classes * dim
+    wbytes = len(raw) - 4 * n_classes
+    if bits == 8:
+        w = np.frombuffer(raw[:wbytes], dtype=np.int8)
+    else:
+        u = np.frombuffer(raw[:wbytes], dtype=np.uint8)
+        nib = np.empty(2 * len(u), dtype=np.uint8)
+        nib[0::2], nib[1::2] = u & 15, u >> 4
+        if nw % 2 and nib[-1] != 0:
+            raise PayloadError("head section's padding nibble is not 0")
+        nib = nib[:nw]
+        if nib.size and int(nib.max()) > 14:
+            raise PayloadError("head section holds a 4-bit weight out of range (nibble 15)")
+        w = nib.astype(np.int16) - 7
+    scales = np.frombuffer(raw[wbytes:wbytes + 2 * n_classes], dtype="<f2")
+    bias = np.frombuffer(raw[wbytes + 2 * n_classes:], dtype="<f2")
+    return Head(meta["backbone"], meta["res"], bits, w.reshape(n_classes, dim), scales, bias)
+
+
+@dataclass(frozen=True, eq=False)
 class Payload:
     """A kept subset of the shared pool with labels; constructing one validates it completely.
 
     Arrays are stored as read-only copies (indices int64, labels uint8 or uint16 by class count) so a
     validated payload cannot drift into an unencodable state. ``forecast`` is the sender's expected test
     accuracy for a receiver in mode ``receiver`` (None when it made none); it is stored rounded to
-    `FORECAST_DIGITS` decimals, so a payload equals its decoded copy.
+    `FORECAST_DIGITS` decimals, so a payload equals its decoded copy. ``head`` (format 1.1) is present
+    exactly when ``receiver`` is "head"; such a payload may keep no images at all.
     """
 
     pool_fingerprint: str
@@ -171,6 +279,7 @@ class Payload:
     labels: np.ndarray
     forecast: float | None = None
     receiver: str = "plain"
+    head: Head | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.pool_size):
@@ -196,6 +305,12 @@ class Payload:
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "forecast", _check_forecast(self.forecast))
         object.__setattr__(self, "receiver", _check_receiver(self.receiver))
+        if self.head is not None and not isinstance(self.head, Head):
+            raise PayloadError(f"head must be a payload.Head, got {type(self.head).__name__}")
+        if (self.head is not None) != (self.receiver == "head"):
+            raise PayloadError("a payload carries a head exactly when its receiver mode is 'head'")
+        if self.head is not None and self.head.weights.shape[0] != n_classes:
+            raise PayloadError(f"head has {self.head.weights.shape[0]} class rows, the payload {n_classes} classes")
 
     def _check_scalars(self) -> None:
         fp = self.pool_fingerprint
@@ -232,6 +347,8 @@ class Payload:
             and np.array_equal(self.labels, other.labels)
             and self.forecast == other.forecast
             and self.receiver == other.receiver
+            and (self.head == other.head if self.head is not None and other.head is not None
+                 else self.head is other.head)
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -422,7 +539,8 @@ def _assemble(header: dict, blobs: list[bytes], level: int = 19) -> bytes:
             "shorten the class names"
         )
     packed = _compress_header(header_bytes, level)
-    body = b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(packed)), packed, *blobs])
+    version = HEAD_VERSION if "head" in header else FORMAT_VERSION  # 1.0 stays byte-identical without a head
+    body = b"".join([_PREFIX.pack(MAGIC, version, len(packed)), packed, *blobs])
     if len(body) + _DIGEST_BYTES > MAX_PAYLOAD_BYTES:
         raise PayloadError(
             f"payload too large: {len(body) + _DIGEST_BYTES} bytes (limit {MAX_PAYLOAD_BYTES})"
@@ -431,7 +549,11 @@ def _assemble(header: dict, blobs: list[bytes], level: int = 19) -> bytes:
 
 
 def _header(p: Payload, groups: dict | None, sections: list[dict]) -> dict:
+    extra = {}
+    if p.head is not None:
+        extra = {"head": {"backbone": p.head.backbone, "res": p.head.res, "dim": p.head.dim, "bits": p.head.bits}}
     return {
+        **extra,
         "pool_fingerprint": p.pool_fingerprint,
         "pool_size": p.pool_size,
         "class_names": list(p.class_names),
@@ -454,7 +576,16 @@ def _encode_zstd(p: Payload, level: int, allowed: frozenset[str]) -> bytes | Non
         {"name": "index", "codec": index_codec, "length": len(index_blob)},
         {"name": "labels", "codec": labels_codec, "length": len(labels_blob)},
     ]
-    return _assemble(_header(p, None, sections), [index_blob, labels_blob], level)
+    blobs = [index_blob, labels_blob, *_head_blob(p, level)]
+    return _assemble(_header(p, None, sections + _head_entry(blobs[2:])), blobs, level)
+
+
+def _head_blob(p: Payload, level: int) -> list[bytes]:
+    return [] if p.head is None else [_compress(_head_raw(p.head), level)]
+
+
+def _head_entry(blobs: list[bytes]) -> list[dict]:
+    return [{"name": "head", "codec": HEAD_CODEC, "length": len(b)} for b in blobs]
 
 
 def _joint_possible(p: Payload) -> bool:
@@ -466,8 +597,9 @@ def _encode_joint(p: Payload, groups: Any, level: int) -> bytes:
     blob = codec.encode(p.indices, p.labels, p.pool_size, len(p.class_names), gr)
     # A one-group partition codes exactly like no groups, so only a real grouping binds the payload to it.
     named = None if gr.count == 1 else {"count": gr.count, "sha256": gr.digest}
-    sections = [{"name": "joint", "codec": JOINT_CODEC, "length": len(blob)}]
-    return _assemble(_header(p, named, sections), [blob], level)
+    blobs = [blob, *_head_blob(p, level)]
+    sections = [{"name": "joint", "codec": JOINT_CODEC, "length": len(blob)}, *_head_entry(blobs[1:])]
+    return _assemble(_header(p, named, sections), blobs, level)
 
 
 def encode(p: Payload, level: int = 19, *, groups: Any = None, codecs: Any = None) -> bytes:
@@ -522,8 +654,10 @@ def _header_int(header: dict, key: str) -> int:
 def _check_sections(header: dict) -> None:
     """The section list: [index, labels] with zstd codecs and no groups, or [joint] with the range codec."""
     sections = header["sections"]
-    if not isinstance(sections, list) or len(sections) not in (1, 2):
-        raise PayloadError("payload header field 'sections' must list [index, labels] or [joint]")
+    has_head = "head" in header  # format 1.1: the same sections, then the head's
+    if not isinstance(sections, list) or len(sections) not in ((2, 3) if has_head else (1, 2)):
+        raise PayloadError("payload header field 'sections' must list [index, labels] or [joint]"
+                           + (", then [head]" if has_head else ""))
     for sec in sections:
         if not isinstance(sec, dict) or set(sec) != _SECTION_KEYS:
             raise PayloadError(f"payload section entry must have exactly the keys {sorted(_SECTION_KEYS)}")
@@ -531,6 +665,10 @@ def _check_sections(header: dict) -> None:
         if not _is_int(length) or length < 0:
             raise PayloadError(f"{sec['name']!r} section length must be a non-negative integer, got {length!r}")
     names = [sec["name"] for sec in sections]
+    if has_head:
+        if names[-1] != "head" or sections[-1]["codec"] != HEAD_CODEC:
+            raise PayloadError(f"a format 1.1 payload's last section must be 'head' with codec {HEAD_CODEC!r}")
+        names = names[:-1]
     if names not in (["index", "labels"], ["joint"]):
         raise PayloadError(f"payload sections must be ['index', 'labels'] or ['joint'], got {names!r}")
     if names == ["joint"]:
@@ -572,7 +710,24 @@ def _check_joint_header(header: dict) -> None:
         raise PayloadError(f"unknown joint codec {codec_id!r} (known: {JOINT_CODEC})")
 
 
-def _parse_header(raw: bytes) -> dict:
+def _check_head_meta(header: dict) -> None:
+    meta = header["head"]
+    if not isinstance(meta, dict) or set(meta) != _HEAD_KEYS:
+        raise PayloadError(f"payload header field 'head' must have exactly the keys {sorted(_HEAD_KEYS)}")
+    if not isinstance(meta["backbone"], str) or not _BACKBONE_RE.fullmatch(meta["backbone"]):
+        raise PayloadError("payload header 'head' backbone must be a model name of 1..100 characters")
+    for key, lo, hi in (("res", 8, 4096), ("dim", 1, MAX_HEAD_DIM)):
+        if not _is_int(meta[key]) or not lo <= meta[key] <= hi:
+            raise PayloadError(f"payload header 'head' {key} must be an integer in {lo}..{hi}, got {meta[key]!r}")
+    if not _is_int(meta["bits"]) or meta["bits"] not in HEAD_BITS:
+        raise PayloadError(f"payload header 'head' bits must be one of {HEAD_BITS}, got {meta['bits']!r}")
+    if meta["dim"] * len(header["class_names"]) > MAX_HEAD_WEIGHTS:
+        raise PayloadError(f"payload header 'head' claims more than {MAX_HEAD_WEIGHTS} weights")
+    if header["receiver"] != "head":
+        raise PayloadError("a payload with a head must name receiver mode 'head'")
+
+
+def _parse_header(raw: bytes, version: int = FORMAT_VERSION) -> dict:
     """Parse and check an inflated header completely: keys, types, ranges, sections."""
     try:
         header = json.loads(
@@ -586,9 +741,10 @@ def _parse_header(raw: bytes) -> dict:
         raise PayloadError(f"payload header is not valid JSON: {_one_line(e)}") from None
     if not isinstance(header, dict):
         raise PayloadError("payload header must be a JSON object")
-    if set(header) != _HEADER_KEYS:
-        missing = sorted(_HEADER_KEYS - set(header))
-        extra = sorted(set(header) - _HEADER_KEYS)
+    keys = _HEADER_KEYS | {"head"} if version == HEAD_VERSION else _HEADER_KEYS
+    if set(header) != keys:
+        missing = sorted(keys - set(header))
+        extra = sorted(set(header) - keys)
         raise PayloadError(f"payload header keys wrong: missing {missing}, unexpected {extra}")
     fp = header["pool_fingerprint"]
     if not isinstance(fp, str) or not _FINGERPRINT_RE.fullmatch(fp):
@@ -608,6 +764,10 @@ def _parse_header(raw: bytes) -> dict:
         raise PayloadError("payload header 'class_names' must be distinct non-empty strings")
     header["forecast"] = _check_forecast(header["forecast"])
     _check_receiver(header["receiver"])
+    if version == HEAD_VERSION:
+        _check_head_meta(header)
+    elif header["receiver"] == "head":
+        raise PayloadError("receiver mode 'head' needs a head, which only format 1.1 carries")
     _check_sections(header)
     return header
 
@@ -628,11 +788,11 @@ def _checked_header(data: bytes) -> tuple[dict, int, bytes, bytes]:
         raise PayloadError(f"payload truncated: {total} bytes, a payload is at least {_MIN_BYTES}")
     _, version, header_len = _PREFIX.unpack_from(data)
     if version in DRAFT_VERSIONS:
-        raise PayloadError(f"payload is in draft format {version} of plada 0.x; this plada reads format {FORMAT} "
+        raise PayloadError(f"payload is in draft format {version} of plada 0.x; this plada reads formats 1.0 and 1.1 "
                            "(ask its sender to send it again)")
-    if version != FORMAT_VERSION:
+    if version not in (FORMAT_VERSION, HEAD_VERSION):
         raise PayloadError(f"unsupported payload format {version >> 8}.{version & 0xFF} "
-                           f"(this plada reads format {FORMAT})")
+                           "(this plada reads formats 1.0 and 1.1)")
     if total < _MIN_BYTES:
         raise PayloadError(f"payload truncated: {total} bytes, a payload is at least {_MIN_BYTES}")
     if total > MAX_PAYLOAD_BYTES:
@@ -648,7 +808,7 @@ def _checked_header(data: bytes) -> tuple[dict, int, bytes, bytes]:
     # Bounded like a section: a frame that does not declare a size of at most 1 MiB is never inflated.
     stored = _decompress(body[_PREFIX.size : _PREFIX.size + header_len], 0, MAX_HEADER_BYTES, "header",
                          _HEADER_ZDICT)
-    header = _parse_header(stored)
+    header = _parse_header(stored, version)
     _section_lengths(header, header_len, body)
     return header, header_len, body, digest
 
@@ -703,7 +863,7 @@ def _section_lengths(header: dict, header_len: int, body: bytes) -> int:
 def _info(header: dict, total: int, header_len: int, digest: bytes, sections: list[dict], decoded: bool) -> dict:
     names = header["class_names"]
     return {
-        "format": FORMAT,
+        "format": "1.1" if "head" in header else "1.0",  # the file's own version
         "total_bytes": total,
         "header_bytes": header_len,
         "checksum_sha256": digest.hex(),
@@ -715,6 +875,7 @@ def _info(header: dict, total: int, header_len: int, digest: bytes, sections: li
         "forecast": header["forecast"],
         "receiver": header["receiver"],
         "groups": header["groups"],
+        "head": header.get("head"),
         "sections": sections,
         "decoded": decoded,
     }
@@ -751,14 +912,14 @@ def _decode(data: bytes, groups: Any = None, max_images: int | None = DEFAULT_MA
     start = _PREFIX.size + header_len
     sections: list[dict] = []
     if header["sections"][0]["name"] == "joint":
-        blob = body[start:]
+        blob = body[start : start + header["sections"][0]["length"]]
         indices, labels = _decode_joint(header, blob, groups)
         sections.append({"name": "joint", "codec": JOINT_CODEC, "entries": count, "raw_bytes": len(blob),
                          "stored_bytes": len(blob)})
     else:
-        sec_index, sec_labels = header["sections"]
+        sec_index, sec_labels = header["sections"][:2]
         index_blob = body[start : start + sec_index["length"]]
-        labels_blob = body[start + sec_index["length"] :]
+        labels_blob = body[start + sec_index["length"] : start + sec_index["length"] + sec_labels["length"]]
         if sec_index["codec"] == "gap-zstd":
             index_raw = _decompress(index_blob, count, MAX_VARINT_BYTES * count, "index")
             indices = _gap_indices(index_raw, count, pool_size)
@@ -774,8 +935,16 @@ def _decode(data: bytes, groups: Any = None, max_images: int | None = DEFAULT_MA
         for sec, raw in ((sec_index, index_raw), (sec_labels, labels_raw)):
             sections.append({"name": sec["name"], "codec": sec["codec"], "entries": count, "raw_bytes": len(raw),
                              "stored_bytes": sec["length"]})
+    head = None
+    if "head" in header:
+        meta, sec = header["head"], header["sections"][-1]
+        size = _head_raw_size(len(header["class_names"]), meta["dim"], meta["bits"])
+        raw = _decompress(body[len(body) - sec["length"]:], size, size, "head")
+        head = _head_from_raw(raw, meta, len(header["class_names"]))
+        sections.append({"name": "head", "codec": HEAD_CODEC, "entries": head.weights.size, "raw_bytes": size,
+                         "stored_bytes": sec["length"]})
     payload = Payload(header["pool_fingerprint"], pool_size, tuple(header["class_names"]), indices, labels,
-                      forecast=header["forecast"], receiver=header["receiver"])
+                      forecast=header["forecast"], receiver=header["receiver"], head=head)
     return payload, _info(header, len(data), header_len, digest, sections, decoded=True)
 
 

@@ -128,14 +128,21 @@ def send(
         raise PladaError(f"pool '{pool.name}' lacks {int(pool.missing.sum())} of its manifest's images; "
                          "a sender needs the complete pool")
     groups = pool.groups()[0]
-    if cfg.auto:  # the very bytes the search measured
+    if cfg.receiver == "head" and cfg.budget is not None:  # the head alone: no teacher, no labels
+        idx, labels = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        encoded, report = _send_head(src.name, train, pool, groups, cfg, idx, labels, progress, dev)
+    elif cfg.auto:  # the very bytes the search measured
         idx, labels, encoded, report = _send_auto(src.name, train, test, pool, groups, cfg, progress, dev)
     else:
         idx, labels, report = _send_fixed(src.name, train, test, pool, cfg, progress, dev)
-        mode, forecasts = _fixed_receiver(train, pool, idx, labels, cfg, progress, dev)
-        encoded = payload.encode(payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx, labels,
-                                                 receiver=mode), groups=groups)
-        report = {**report, "receiver": mode, **({"receiver_forecasts": forecasts} if forecasts else {})}
+        if cfg.receiver == "head":  # the fixed selection's labels, and a head beside them
+            encoded, extra = _send_head(src.name, train, pool, groups, cfg, idx, labels, progress, dev)
+            report = {**report, **extra, "selection": {**report["selection"], **extra["selection"]}}
+        else:
+            mode, forecasts = _fixed_receiver(train, pool, idx, labels, cfg, progress, dev)
+            encoded = payload.encode(payload.Payload(pool.fingerprint, len(pool), tuple(train.class_names), idx,
+                                                     labels, receiver=mode), groups=groups)
+            report = {**report, "receiver": mode, **({"receiver_forecasts": forecasts} if forecasts else {})}
     _check_readable(pool)
     nbytes = payload.write_bytes(out, encoded)
     report = {"payload": str(out), "payload_bytes": nbytes, "report": str(record), "kept": int(len(idx)),
@@ -252,6 +259,51 @@ def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: 
     report = {"teacher_accuracy": sender.test_accuracy, "policy": choice.name, "forecast_accuracy": choice.forecast,
               "receiver": choice.receiver, "selection": rule, "auto": choice.summary()}
     return choice.indices, choice.labels, encoded, report
+
+
+def _send_head(name: str, train: Split, pool: Pool, groups: np.ndarray, cfg: SendConfig, idx: np.ndarray,
+               labels: np.ndarray, progress: bool, device: torch.device | None) -> tuple[bytes, dict]:
+    """(payload bytes, report) for receiver mode head: a linear head in the pool's PCA space (`plada.head`).
+
+    The head is fitted on target train images with their true labels, over the proxy's public features
+    (the default student's backbone, which the header names so the receiver computes the same space).
+    Width and precision are chosen on held-out train images: the most accurate that fits ``cfg.budget``.
+    Sizes are measured with a four-decimal forecast, the longest a header holds, so the bytes written
+    never exceed the bytes measured.
+    """
+    from . import head as headmod
+    from .features import cached_features, feature_model, rows_features
+    from .receiver import basis_key
+
+    fm = feature_model(cfg.proxy, cfg.proxy_res)
+    pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress, device=device)
+    rows = train.subset_indices(headmod.TRAIN_LIMIT, cfg.seed)
+    key = "/".join((train.dataset, train.split, str(len(train)), "head"))
+    train_f = rows_features(fm, train.images, rows, key, progress=progress, device=device)
+    pca = headmod.basis(pool_f, basis_key(pool_f))
+    classes = tuple(train.class_names)
+
+    def encode(h: payload.Head, forecast: float) -> bytes:
+        return payload.encode(payload.Payload(pool.fingerprint, len(pool), classes, idx, labels, forecast=forecast,
+                                              receiver="head", head=h), groups=groups)
+
+    if cfg.budget is not None:
+        least = len(encode(headmod.quantise(np.zeros((len(classes), 1)), np.zeros(len(classes)), 4, cfg.proxy,
+                                            cfg.proxy_res), 0.1234))
+        if cfg.budget < least:
+            raise PladaError(f"byte budget {cfg.budget} is too small: the smallest head payload for this target and "
+                             f"pool needs about {least} bytes")
+    choice = headmod.choose(train_f, train.labels[rows], len(classes), pca, cfg.proxy, cfg.proxy_res,
+                            lambda h: len(encode(h, 0.1234)), cfg.budget, seed=cfg.seed)
+    encoded = encode(choice.head, choice.forecast)
+    h = choice.head
+    info = {"backbone": h.backbone, "res": h.res, "dim": h.dim, "bits": h.bits, "train_images": int(len(rows)),
+            "holdout_accuracy": choice.forecast, "grid": choice.grid}
+    report = {"receiver": "head", "forecast_accuracy": choice.forecast, "head": info,
+              "selection": {"target": name, "head": {k: info[k] for k in ("backbone", "res", "dim", "bits")}}}
+    if cfg.budget is not None:
+        report["teacher_accuracy"] = None
+    return encoded, report
 
 
 def _expander(pool: Pool, pool_f: np.ndarray, n_classes: int, seed: int, progress: bool):
@@ -371,6 +423,11 @@ def receive(
     # Before the pool is opened: a header naming a receiver mode this plada lacks is refused in one line.
     mode, mode_from = receiver.resolve_mode(cfg.mode, header["receiver"])
     replace(cfg, mode=mode).check()  # the header's mode: its knobs are checked as if it had been given
+    if mode == "head" and "head" not in header:
+        raise PladaError(f"receiver mode head needs a payload that carries a head; {payload_path} has none "
+                         f"(its sender named {header['receiver']})")
+    if header["count"] == 0 and mode != "head":
+        raise PladaError(f"{payload_path} keeps no images, only a head: receive it with --receiver head")
     pool = pool if isinstance(pool, Pool) else open_any(pool, data, progress=progress)
     if model_out is not None:
         check_not_input(model_out, _pool_inputs(pool, data), "model")
@@ -401,7 +458,15 @@ def receive(
     n_cls = len(p.class_names)
     expansion = receiver.Expansion(indices, labels, None, {"mode": "plain", "payload": len(indices), "pseudo": 0})
     feats = None
-    if mode != "plain":
+    student_feats = True  # the features below are the student's own backbone's (a linear student reuses them)
+    if mode == "head":  # the head's space is the backbone its header names, whatever the student is
+        fm = feature_model(p.head.backbone, p.head.res)
+        student_feats = (student.mode == "linear" and student.weights is None
+                         and (student.model, student.res) == (p.head.backbone, p.head.res))
+        feats = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress, device=dev)
+        expansion = receiver.expand(mode, feats, indices, labels, n_cls, seed=student.seed, pseudo=cfg.pseudo,
+                                    allowed=~pool.missing, progress=progress, head=p.head)
+    elif mode != "plain":
         # The receiver's own public weights define the feature space: the student's backbone when it is
         # pretrained, else EfficientNet-Lite0 (a scratch student has no features of its own).
         if student.mode == "scratch":
@@ -416,12 +481,14 @@ def receive(
     train_cfg = student
     if student.mode != "linear" and mode != "plain":  # bounded cost: a capped set, a bounded step count
         expansion = expansion.capped(receiver.FINETUNE_CAP)
-        train_cfg = replace(student, epochs=receiver.finetune_budget(len(expansion.indices), len(indices),
+        # a head payload keeps few images or none: its cost is bounded as if it kept the paper's 1%
+        ref = max(len(indices), len(pool) // 100) if mode == "head" else len(indices)
+        train_cfg = replace(student, epochs=receiver.finetune_budget(len(expansion.indices), ref,
                                                                      student.epochs, student.batch_size))
     rows, rlabels = expansion.training_rows(student.seed)
     order = np.argsort(rows, kind="stable")
     rows, rlabels = rows[order], rlabels[order]
-    if student.mode == "linear" and feats is not None:  # the head trains on cached pool features, not images
+    if student.mode == "linear" and feats is not None and student_feats:  # cached pool features, not images
         model = train_student(pool.images, rlabels, n_cls, train_cfg, progress=progress, feats=np.asarray(feats[rows]),
                               device=dev)
     else:

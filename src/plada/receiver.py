@@ -10,6 +10,8 @@ optional weights) using only those:
 - ``propagate``: label spreading (Zhou et al., 2004) from the payload images over a k-nearest-neighbour
   graph of the pool's frozen features; the most confident images of each class join the training set,
   weighted by how sure the spreading is (Iscen et al., 2019).
+- ``head``: the payload carries a linear head in the pool's PCA space (`plada.head`, format 1.1); it labels
+  the whole pool and its surest images of each class, with the payload's own, are the training set.
 
 Every step is seeded or deterministic (stable sorts, ties broken by pool row), so one seed gives one
 training set. The pool's features are computed once and memory-mapped (`features.cached_features`);
@@ -36,9 +38,11 @@ from tqdm import tqdm
 from .config import ReceiveConfig
 from .data import atomic_save_npy, atomic_write, cache_root
 from .errors import PladaError
+from .payload import LABEL_RECEIVERS, Head
 from .train import torch_threads, train_head
 
 MODES = ReceiveConfig.MODES
+LABEL_MODES = LABEL_RECEIVERS  # the modes that need only kept images and labels (head needs a head)
 
 # Not yet chosen on data (see the module docstring): literature defaults and hand-set shares.
 PSEUDO_SHARE = 0.05  # pseudo-labelled images: this share of the pool (balanced over classes)
@@ -51,6 +55,8 @@ SPREAD_ALPHA = 0.99  # label spreading: weight of the neighbours against the pay
 SPREAD_ITERS = 40
 PROPAGATE_WEIGHTED = True  # propagate: pseudo-labels weighted by the spreading's confidence (else all count 1)
 EDGE_POWER = 3  # edge weight = cosine similarity ** EDGE_POWER (Iscen et al.): near neighbours count most
+HEAD_SHARE = 0.25  # head: this share of the pool, balanced over classes (the payload sends no images of its own);
+# hand-set as in benchmarks.pool_head's whole-pool route, not tuned
 FINETUNE_CAP = 6000  # a fine-tuned student trains on at most this many images ...
 FINETUNE_STEP_FACTOR = 2.0  # ... and for at most this many times the steps the payload alone would take
 
@@ -130,6 +136,7 @@ def expand(
     allowed: np.ndarray | None = None,
     graph_key: str | None = None,
     progress: bool = True,
+    head: Head | None = None,
 ) -> Expansion:
     """The student's training set under ``mode`` from the payload's (pool rows, labels).
 
@@ -143,8 +150,20 @@ def expand(
     labels = np.asarray(labels, dtype=np.int64)
     if mode not in MODES:
         raise PladaError(f"unknown receiver mode {mode!r} (have: {', '.join(MODES)})")
-    if len(indices) == 0:
-        raise PladaError("the payload keeps no images: nothing to train a student on")
+    if len(indices) == 0 and mode != "head":
+        raise PladaError("the payload keeps no images: nothing to train a student on"
+                         + (" (it carries a head: receive it with --receiver head)" if head is not None else ""))
+    if mode == "head":
+        if head is None:
+            raise PladaError("receiver mode head needs a payload that carries a head (format 1.1); this one has none")
+        from . import head as headmod
+
+        pseudo = int(round(HEAD_SHARE * len(feats))) if pseudo is None else pseudo
+        ok = np.ones(len(feats), dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool).copy()
+        ok[indices] = False
+        pred, conf = _softmax_conf(headmod.pool_logits(feats, head, headmod.basis(feats, graph_key or basis_key(feats))))
+        return from_pool_labels(indices, labels, pred, conf, ok, pseudo, n_classes, False,
+                                {"mode": mode, "dim": head.dim, "bits": head.bits, "backbone": head.backbone})
     if mode == "plain":
         return Expansion(indices, labels, None, {"mode": mode, "payload": len(indices), "pseudo": 0})
     pseudo = int(round(PSEUDO_SHARE * len(feats))) if pseudo is None else pseudo
@@ -194,6 +213,11 @@ def from_pool_labels(indices: np.ndarray, labels: np.ndarray, pred: np.ndarray, 
     return Expansion(np.concatenate([indices, rows]), np.concatenate([labels, pred[rows]]), w,
                      {**info, "payload": len(indices), "pseudo": int(len(rows)), "weighted": bool(weighted),
                       "pseudo_per_class": hist.tolist()})
+
+
+def basis_key(feats: np.ndarray) -> str:
+    """The cache key of the pool's PCA basis (`plada.head`): the same on the sender's and the receiver's side."""
+    return _content_key(feats)
 
 
 def _content_key(feats: np.ndarray) -> str:

@@ -1,0 +1,178 @@
+"""Receiver mode head: a linear head in the pool's PCA space, sent in format 1.1 (plada.head, docs/FORMAT.md)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zstandard as zstd
+from conftest import one_line, run
+
+from plada import head as headmod
+from plada import payload as P
+from plada.errors import PayloadError
+
+FP = "ab" * 32
+
+
+def _head(bits: int, classes: int = 3, dim: int = 7, seed: int = 0) -> P.Head:
+    top = 2 ** (bits - 1) - 1
+    rng = np.random.default_rng(seed)
+    return P.Head("efficientnet-lite0", 64, bits, rng.integers(-top, top + 1, (classes, dim)),
+                  rng.uniform(0.01, 0.1, classes), rng.normal(0, 1, classes))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("count", [0, 5])
+def test_head_round_trip_is_format_1_1(bits: int, count: int) -> None:
+    p = P.Payload(FP, 100, ("a", "b", "c"), np.arange(count) * 7, np.arange(count) % 3, forecast=0.6,
+                  receiver="head", head=_head(bits))
+    data = P.encode(p)
+    assert data[8:10] == b"\x01\x01"  # version 1.1
+    q = P.decode(data)
+    assert q == p and q.head.dim == 7 and q.head.bits == bits
+    info = P.describe(data)
+    assert info["head"] == {"backbone": "efficientnet-lite0", "res": 64, "dim": 7, "bits": bits}
+    assert [s["name"] for s in info["sections"]][-1] == "head"
+    w, b = q.head.dequantised()
+    assert w.dtype == np.float32 and np.allclose(w, p.head.weights * p.head.scales.astype(np.float32)[:, None])
+
+
+def test_payloads_without_a_head_stay_format_1_0() -> None:
+    data = P.encode(P.Payload(FP, 100, ("a", "b"), np.arange(5), np.arange(5) % 2))
+    assert data[8:10] == b"\x00\x01"
+    assert "head" not in P.peek_header(data)
+
+
+def _rewrite(data: bytes, edit) -> bytes:
+    """Re-pack a payload with its header JSON (and version) edited, checksum fixed: only the field is wrong."""
+    _, version, hlen = struct.unpack_from("<8sHI", data)
+    header = json.loads(zstd.ZstdDecompressor(dict_data=P._HEADER_ZDICT).decompress(data[14:14 + hlen]))
+    version = edit(header) or version
+    packed = P._compress_header(P._dumps(header).encode(), 19)
+    body = struct.pack("<8sHI", P.MAGIC, version, len(packed)) + packed + data[14 + hlen:-32]
+    import hashlib
+
+    return body + hashlib.sha256(body).digest()
+
+
+def test_inconsistent_head_headers_are_refused() -> None:
+    data = P.encode(P.Payload(FP, 100, ("a", "b", "c"), np.arange(3), np.arange(3), receiver="head", head=_head(8)))
+    plain = P.encode(P.Payload(FP, 100, ("a", "b", "c"), np.arange(3), np.arange(3)))
+    cases = {
+        "no head key in 1.1": lambda h: h.pop("head") and None,
+        "other receiver": lambda h: h.update(receiver="plain"),
+        "bits 5": lambda h: h["head"].update(bits=5),
+        "dim beyond the section": lambda h: h["head"].update(dim=8),
+        "head in 1.0": lambda h: 0x0100,
+    }
+    for what, edit in cases.items():
+        with pytest.raises(PayloadError) as e:
+            P.decode(_rewrite(data, edit))
+        assert "\n" not in str(e.value), what
+    with pytest.raises(PayloadError, match="format 1.1"):
+        P.decode(_rewrite(plain, lambda h: h.update(receiver="head")))
+    with pytest.raises(PayloadError):
+        P.Payload(FP, 100, ("a", "b", "c"), np.arange(3), np.arange(3), receiver="head")  # mode without head
+    with pytest.raises(PayloadError):
+        P.Payload(FP, 100, ("a", "b"), np.arange(3), np.arange(3) % 2, receiver="head", head=_head(8))  # 3 rows
+
+
+def test_head_section_values_are_bounds_checked() -> None:
+    h = _head(4, classes=3, dim=3)  # 9 weights: an odd count, so one padding nibble
+    p = P.Payload(FP, 100, ("a", "b", "c"), np.arange(0), np.arange(0), receiver="head", head=h)
+    raw = P._head_raw(h)
+    for bad in (bytes([raw[0] | 0x0F]) + raw[1:],  # nibble 15
+                raw[:4] + bytes([raw[4] | 0xF0]) + raw[5:],  # the padding nibble set
+                raw[:5] + np.array([-1.0], "<f2").tobytes() + raw[7:]):  # a negative scale
+        blob = P._compress(bad, 19)
+        good = P.encode(p)
+        sec = P.peek_header(good)["sections"][-1]
+        data = _rewrite(good[:-32 - sec["length"]] + blob + good[-32:],
+                        lambda hd, n=len(blob): hd["sections"][-1].update(length=n))
+        with pytest.raises(PayloadError):
+            P.decode(data)
+    with pytest.raises(PayloadError):
+        P.Head("efficientnet-lite0", 64, 4, np.full((2, 2), 8), np.ones(2), np.zeros(2))  # |w| > 7
+
+
+def test_basis_is_deterministic_whitened_and_sign_fixed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLADA_CACHE", str(tmp_path))
+    feats = np.random.default_rng(0).normal(size=(500, 16)).astype(np.float32) * np.linspace(3, 0.5, 16)
+    a = headmod.basis(feats, "k")
+    b = headmod.basis(feats, "k")  # served from the cache
+    c = headmod.basis(feats)
+    for x, y in ((a, b), (a, c)):
+        assert np.array_equal(x.components, y.components) and np.array_equal(x.spread, y.spread)
+    z = a.project(feats, 8)
+    assert np.allclose(z.std(0), 1, atol=0.05) and np.allclose(z.mean(0), 0, atol=0.05)
+    top = np.abs(a.components).argmax(0)
+    assert (a.components[top, np.arange(16)] > 0).all()
+    # the whitened space does not depend on the features' overall scale (they are L2-normalised first)
+    assert np.allclose(headmod.basis(feats * 3).project(feats * 3, 8), z, atol=1e-3)
+
+
+def test_choose_respects_the_budget_and_prefers_accuracy() -> None:
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 64)) * 2
+    y = np.repeat(np.arange(4), 100)
+    x = (centres[y] + rng.normal(size=(400, 64))).astype(np.float32)
+    pca = headmod.basis(x)
+
+    def size_of(h: P.Head) -> int:
+        return len(P.encode(P.Payload(FP, 400, tuple("abcd"), np.arange(0), np.arange(0), forecast=0.1234,
+                                      receiver="head", head=h)))
+
+    free = headmod.choose(x, y, 4, pca, "efficientnet-lite0", 64, size_of, None)
+    best = max(c["holdout_accuracy"] for c in free.grid)
+    assert free.forecast == best > 0.9  # no budget: the most accurate cell on held-out rows
+    smallest = min(c["bytes"] for c in free.grid)
+    tight = headmod.choose(x, y, 4, pca, "efficientnet-lite0", 64, size_of, smallest + 2)
+    assert size_of(tight.head) <= smallest + 2 and tight.head.dim == 16
+    with pytest.raises(Exception, match="cannot hold a head"):
+        headmod.choose(x, y, 4, pca, "efficientnet-lite0", 64, size_of, smallest - 20)
+
+
+def test_send_and_receive_a_head(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "h.plada"
+    base = ("send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "--budget", "600",
+            "--set", "receiver=head")
+    code, sent, err = run(capsys, *base, "-o", str(out))
+    assert code == 0, err
+    assert sent["kept"] == 0 and sent["receiver"] == "head" and sent["payload_bytes"] <= 600
+    assert sent["payload_bytes"] == out.stat().st_size and 0 < sent["forecast_accuracy"] <= 1
+    code, sent2, err = run(capsys, *base, "-o", str(tmp_path / "h2.plada"))
+    assert code == 0 and (tmp_path / "h2.plada").read_bytes() == out.read_bytes()  # deterministic
+    code, info, err = run(capsys, "inspect", str(out))
+    assert code == 0 and info["format"] == "1.1" and info["head"]["dim"] == sent["head"]["dim"]
+
+    recv = ("receive", str(out), "--pool", "tinypool", "--data", str(tiny_data), "--test", "tinytarget")
+    code, rec, err = run(capsys, *recv, "--student-mode", "linear")
+    assert code == 0, err
+    assert rec["receiver"]["mode"] == "head" and rec["receiver"]["payload"] == 0 and rec["receiver"]["pseudo"] > 0
+    # three colours, chance 1/3, and no labelled image was sent at all: the pool's tints differ from the target's,
+    # so the pool images the head labels are an imperfect stand-in (0.75 when written)
+    assert rec["student_accuracy"] > 0.6
+    code, rec2, err = run(capsys, *recv, "--student-mode", "linear")
+    assert rec2["student_accuracy"] == rec["student_accuracy"]
+    code, _, err = run(capsys, *recv, "--receiver", "plain")  # labels only: this payload has none
+    assert code == 2 and one_line(err) and "--receiver head" in err
+
+
+def test_head_refusals_are_one_line(tiny_data: Path, cache: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    base = ("send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "-o", str(tmp_path / "x.plada"),
+            "--set", "receiver=head")
+    for extra in (("--budget", "600", "--keep", "5%"), ("--budget", "600", "--set", "teacher.epochs=3"),
+                  ("--policy", "auto"), ("--budget", "100")):
+        code, _, err = run(capsys, *base, *extra)
+        assert code == 2 and one_line(err), (extra, err)
+    assert not (tmp_path / "x.plada").exists()
+    plain = tmp_path / "p.plada"
+    P.write(plain, P.Payload(json.loads(json.dumps(FP)), 320, ("blue", "green", "red"), np.arange(3), np.arange(3)))
+    code, _, err = run(capsys, "receive", str(plain), "--pool", "tinypool", "--data", str(tiny_data),
+                       "--receiver", "head")
+    assert code == 2 and one_line(err) and "head" in err
