@@ -617,7 +617,7 @@ def test_error_messages(small: tuple[P.Payload, bytes]) -> None:
     _, data = small
     assert reject(b"GIF89a" + bytes(100)) == "not a .plada payload (bad magic)"
     assert reject(data[:5]).startswith("payload truncated")
-    for version, name in ((0, "0.0"), (5, "0.5"), (7, "0.7"), (0x0101, "1.1"), (0x0200, "2.0"), (0xFFFF, "255.255")):
+    for version, name in ((0, "0.0"), (5, "0.5"), (7, "0.7"), (0x0102, "1.2"), (0x0200, "2.0"), (0xFFFF, "255.255")):
         other = data[:8] + struct.pack("<H", version) + data[10:]
         assert reject(other) == f"unsupported payload format {name} (this plada reads formats 1.0 and 1.1)"
     header, blobs = unpack(data)
