@@ -40,7 +40,8 @@ from plada.score import score_pool
 from plada.student import StudentConfig, train_student
 from plada.train import accuracy, predict, torch_threads, train_head
 
-POOL_MODES = tuple(m for m in receiver.LABEL_MODES if m != "plain")
+MODES = receiver.LABEL_MODES  # the modes a label payload serves (head: benchmarks.pool_head)
+POOL_MODES = tuple(m for m in MODES if m != "plain")
 
 
 @dataclass
@@ -149,7 +150,7 @@ def run_target(target: str, pool: Pool, cfg: ReceiverConfig, data: str | None, l
         return job
 
     # payload sizes: the real file with a header naming the longest mode, so every mode's payload fits
-    longest = max(receiver.LABEL_MODES, key=len)
+    longest = max(MODES, key=len)
     sizer = auto.payload_sizer(pool.fingerprint, len(pool), names, longest, groups=gid)
     sel = {}
 
@@ -224,10 +225,10 @@ def run_target(target: str, pool: Pool, cfg: ReceiverConfig, data: str | None, l
                              for s in cfg.seeds]
         prop = receiver.expand("propagate", pool_f, idx, lab, n_cls, graph_key=gkey, progress=False)
         exps["propagate"] = [prop] * len(cfg.seeds)  # deterministic: the seed only acts in the head
-        jobs = [head_acc(exps[m][i], s, test_f, test.labels) for m in receiver.LABEL_MODES for i, s in enumerate(cfg.seeds)]
+        jobs = [head_acc(exps[m][i], s, test_f, test.labels) for m in MODES for i, s in enumerate(cfg.seeds)]
         accs = heads(jobs, cfg.workers)
         modes = {}
-        for j, m in enumerate(receiver.LABEL_MODES):
+        for j, m in enumerate(MODES):
             e = exps[m][0]
             extra = slice(len(idx), None)  # the pseudo-labelled rows: how often they agree with the teacher
             right = float((e.labels[extra] == plabels[e.indices[extra]]).mean()) if len(e.indices) > len(idx) else None
@@ -235,9 +236,9 @@ def run_target(target: str, pool: Pool, cfg: ReceiverConfig, data: str | None, l
                         "trained_on": int(len(e.indices)), "pseudo": e.info.get("pseudo", 0),
                         "agree_with_teacher": right}
         fc = auto.forecast_modes(pool_feats=pool_f, indices=idx, labels=lab, heldout_feats=held_f,
-                                 heldout_labels=train.labels[held], n_classes=n_cls, modes=receiver.LABEL_MODES,
+                                 heldout_labels=train.labels[held], n_classes=n_cls, modes=MODES,
                                  expand=expand_fn, seed=0)
-        pick = max(receiver.LABEL_MODES, key=lambda m: (fc[m], -receiver.LABEL_MODES.index(m)))  # ties: plain, as the sender
+        pick = max(MODES, key=lambda m: (fc[m], -MODES.index(m)))  # ties: plain, as the sender
         return modes, {"modes": fc, "choice": pick, "held_out": int(len(held)),
                        "held_out_unseen_by_teacher": bool(len(unseen) >= pipeline.MIN_UNSEEN)}
 
@@ -295,7 +296,7 @@ def run_target(target: str, pool: Pool, cfg: ReceiverConfig, data: str | None, l
         hb, wq, bq = paper.int8_head(w, b)
         head = {"bytes": hb, "accuracy": accuracy(test_f @ wq.T + bq, test.labels), "from": "measured here"}
     hb = head["bytes"]
-    fits = [(p["modes"][m]["accuracy"]["mean"], m, p["bytes"]) for p in points for m in receiver.LABEL_MODES
+    fits = [(p["modes"][m]["accuracy"]["mean"], m, p["bytes"]) for p in points for m in MODES
             if p["bytes"] <= hb]
     top = max(fits) if fits else None
     head["plada_at_no_more_bytes"] = ({"accuracy": top[0], "mode": top[1], "bytes": top[2]} if top else None)
@@ -377,17 +378,17 @@ def write_markdown(res: dict, path: Path, plots: dict[str, str]) -> None:
          "target train images the teacher never saw, under each mode's expansion, 3 seeds; plain on ties), and "
          "that mode's test accuracy minus plain's (– : the run predates the forecast).", "",
          "## Accuracy against payload bytes (linear student)", "",
-         "| target | bytes | kept | " + " | ".join(receiver.LABEL_MODES) + " | best pool mode − plain | forecast picks "
-         "| picked − plain |", "|---|---|---|" + "---|" * len(receiver.LABEL_MODES) + "---|---|---|"]
+         "| target | bytes | kept | " + " | ".join(MODES) + " | best pool mode − plain | forecast picks "
+         "| picked − plain |", "|---|---|---|" + "---|" * len(MODES) + "---|---|---|"]
     for t, r in res["targets"].items():
         for p in r["points"]:
-            a = {m: p["modes"][m]["accuracy"] for m in receiver.LABEL_MODES}
+            a = {m: p["modes"][m]["accuracy"] for m in MODES}
             gain = max(a[m]["mean"] for m in POOL_MODES) - a["plain"]["mean"]
             fc = p.get("forecast")
             pick = (f"{fc['choice']} | {100 * (a[fc['choice']]['mean'] - a['plain']['mean']):+.1f}" if fc
                     else "– | –")
             L.append(f"| {t} | {p['bytes']:,} | {p['kept']:,} | " + " | ".join(
-                f"{pct(a[m]['mean'])} ± {pct(a[m]['std'])}" for m in receiver.LABEL_MODES)
+                f"{pct(a[m]['mean'])} ± {pct(a[m]['std'])}" for m in MODES)
                 + f" | {100 * gain:+.1f} | {pick} |")
     sp = [(t, q, {p["bytes_target"]: p for p in r["points"]}.get(q["bytes_target"]))
           for t, r in res["targets"].items() for q in r.get("spread_points", [])]
@@ -398,15 +399,15 @@ def write_markdown(res: dict, path: Path, plots: dict[str, str]) -> None:
               "(linear student, mean of the seeds) per mode; *forecast* is the sender's proxy on held-out target "
               "train images (validation data), its best mode, next to the lowest-energy selection's at the same "
               "byte target.", "",
-              "| target | cover | bytes | kept | " + " | ".join(receiver.LABEL_MODES) + " | best − lowest-energy's best "
+              "| target | cover | bytes | kept | " + " | ".join(MODES) + " | best − lowest-energy's best "
               "| forecast: spread | forecast: lowest-energy |",
-              "|---|---|---|---|" + "---|" * len(receiver.LABEL_MODES) + "---|---|---|"]
+              "|---|---|---|---|" + "---|" * len(MODES) + "---|---|---|"]
         for t, q, le_p in sp:
-            a = {m: q["modes"][m]["accuracy"]["mean"] for m in receiver.LABEL_MODES}
-            d = (max(a.values()) - max(le_p["modes"][m]["accuracy"]["mean"] for m in receiver.LABEL_MODES)) if le_p else None
+            a = {m: q["modes"][m]["accuracy"]["mean"] for m in MODES}
+            d = (max(a.values()) - max(le_p["modes"][m]["accuracy"]["mean"] for m in MODES)) if le_p else None
             f, g = q["forecast"], (le_p or {}).get("forecast")
             L.append(f"| {t} | {q['cover']} | {q['bytes']:,} | {q['kept']:,} | "
-                     + " | ".join(pct(a[m]) for m in receiver.LABEL_MODES)
+                     + " | ".join(pct(a[m]) for m in MODES)
                      + f" | {'–' if d is None else f'{100 * d:+.1f}'} | {f['choice']} {pct(f['modes'][f['choice']])} | "
                      + (f"{g['choice']} {pct(g['modes'][g['choice']])}" if g else "–") + " |")
     L += ["", "## Against the paper policy (plain receiver) and the int8 head", "",
@@ -421,10 +422,28 @@ def write_markdown(res: dict, path: Path, plots: dict[str, str]) -> None:
         pl = h["plada_at_no_more_bytes"]
         L.append(f"| {t} | {pct(b['accuracy']['mean'])} (keep {b['keep']:g}) | {b['bytes']:,} | "
                  + (f"{c['mode']} {pct(c['accuracy'])} at {c['bytes']:,} B" if c else "none") + " | "
-                 + (f"{r['moonshot_ratio']:.3f}" if r["moonshot_ratio"] is not None else "–") + " | "
+                 + (f"{m['ratio']:.3f}" if m["ratio"] is not None else "–") + " | "
                  + (f"{bw['mode']} {pct(bw['accuracy'])} at {bw['bytes']:,} B" if bw else "–") + " | "
                  f"{pct(h['accuracy'])} at {h['bytes']:,} B | "
                  + (f"{pl['mode']} {pct(pl['accuracy'])} at {pl['bytes']:,} B" if pl else "–") + " |")
+    folded = [(t, r) for t, r in res["targets"].items() if r.get("head_mode")]
+    if folded:
+        L += ["", "## Receiver mode head (folded in from benchmarks.pool_head)", "",
+              f"From `{folded[0][1]['head_mode']['command']}` ({folded[0][1]['head_mode']['from']}): the payload "
+              "carries a linear head in the pool's PCA space, chosen on held-out train images under each budget; "
+              "the linear student trains on the pool images the head labels. `moonshot_ratio` is the best of the "
+              "label modes' ratio (table above) and this one.", "",
+              "| target | cheapest head point within 1 pt | head ratio | label modes' ratio | moonshot_ratio | "
+              "head mode at ≤ int8 head's bytes |", "|---|---|---|---|---|---|"]
+        for t, r in folded:
+            hm, lab = r["head_mode"]["moonshot"], r["moonshot"]["ratio"]
+            c, hb = hm["cheapest"], r["int8_head"].get("head_mode_at_no_more_bytes")
+            L.append(f"| {t} | " + (f"{pct(c['linear_student'])} at {c['bytes']:,} B" if c else "none") + " | "
+                     + (f"{hm['ratio']:.3f}" if hm["ratio"] is not None else "–") + " | "
+                     + (f"{lab:.3f}" if lab is not None else "–") + " | "
+                     + (f"{r['moonshot_ratio']:.3f}" if r["moonshot_ratio"] is not None else "–") + " | "
+                     + (f"{pct(hb['student'])} at {hb['bytes']:,} B (int8 head {pct(r['int8_head']['accuracy'])} at "
+                        f"{r['int8_head']['bytes']:,} B)" if hb else "–") + " |")
     ft = [(t, f) for t, r in res["targets"].items() for f in r["finetune"]]
     if ft:
         L += ["", "## Fine-tuned students (1 run each)", "",
@@ -456,7 +475,7 @@ def plot(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.6))
-    for m, style in zip(receiver.LABEL_MODES, ("o-", "s-", "^-"), strict=False):
+    for m, style in zip(MODES, ("o-", "s-", "^-"), strict=False):
         pts = r["points"]
         ax.errorbar([p["bytes"] for p in pts], [100 * p["modes"][m]["accuracy"]["mean"] for p in pts],
                     yerr=[100 * p["modes"][m]["accuracy"]["std"] for p in pts], fmt=style, capsize=2,
@@ -494,9 +513,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="byte targets of the fine-tuned students (default: 1000 5000)")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="combine per-target runs (their results JSON) into one report instead of running")
+    ap.add_argument("--head-from", default=None, metavar="JSON",
+                    help="with --merge: fold in receiver mode head's record (results/pool_head.json)")
     a = ap.parse_args(argv)
     if a.merge:
-        return merge([Path(m) for m in a.merge], Path(a.out_dir), a.quick)
+        return merge([Path(m) for m in a.merge], Path(a.out_dir), a.quick,
+                     Path(a.head_from) if a.head_from else None)
     cfg = paper.apply_common_args(ReceiverConfig(), a, quick_config)
     cfg.validate = not a.no_validate
     if a.finetune_targets is not None:
@@ -513,7 +535,29 @@ def main(argv: list[str] | None = None) -> int:
     return write_all(res, out, a.quick)
 
 
-def merge(paths: list[Path], out: Path, quick: bool) -> int:
+def fold_head(res: dict, path: Path) -> None:
+    """Receiver mode head's record (benchmarks.pool_head's JSON) beside each target's label modes.
+
+    `moonshot_ratio` becomes the better of the label modes' ratio (kept in `moonshot`) and the head mode's,
+    both against the same paper-policy best; the int8 head gains the head mode's best point at no more bytes.
+    Idempotent: folding twice gives the same record.
+    """
+    head = json.loads(path.read_text())
+    for t, r in res["targets"].items():
+        h = head.get("targets", {}).get(t)
+        if not h:
+            continue
+        r["head_mode"] = {"from": str(path), "command": head["command"], "points": h["points"],
+                          "moonshot": h["moonshot"]}
+        ratios = [(x, m) for x, m in ((r["moonshot"]["ratio"], "label modes"), (h["moonshot"]["ratio"], "head"))
+                  if x is not None]
+        best = min(ratios) if ratios else (None, None)
+        r["moonshot_ratio"], r["moonshot_from"] = best
+        r["int8_head"]["head_mode_at_no_more_bytes"] = (h.get("int8_head") or {}).get("head_mode_at_no_more_bytes")
+    res["head_from"] = str(path)
+
+
+def merge(paths: list[Path], out: Path, quick: bool, head_from: Path | None = None) -> int:
     """One report from runs made one target at a time (a long grid split across sessions)."""
     runs = [json.loads(p.read_text()) for p in paths]
     if any(r["constants"] != runs[0]["constants"] or r["pool_fingerprint"] != runs[0]["pool_fingerprint"]
@@ -522,8 +566,11 @@ def merge(paths: list[Path], out: Path, quick: bool) -> int:
         return 2
     res = {**runs[0], "targets": {t: v for r in runs for t, v in r["targets"].items()},
            "command": " && ".join(r["command"] for r in runs),
-           "wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1), "merged_from": [str(p) for p in paths]}
+           "wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1),
+           "merged_from": [m for r, p in zip(runs, paths, strict=True) for m in r.get("merged_from", [str(p)])]}
     res["config"] = {**runs[0]["config"], "targets": list(res["targets"])}
+    if head_from is not None:
+        fold_head(res, head_from)
     return write_all(res, out, quick)
 
 

@@ -21,6 +21,7 @@ bound's business; anything above it is a failure.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import random
@@ -70,7 +71,7 @@ def corpus() -> tuple[list[tuple[bytes, np.ndarray | None]], list[float]]:
         labels = rng.integers(0, c, idx.size)
         forecast = [None, 0.4123, 1.0, 0.0, 0.98765][j % 5]
         p = P.Payload(hashlib.sha256(f"{n}".encode()).hexdigest(), n, tuple(f"c{i}" for i in range(c)),
-                      idx, labels, forecast=forecast, receiver=P.RECEIVERS[j % len(P.RECEIVERS)])
+                      idx, labels, forecast=forecast, receiver=P.LABEL_RECEIVERS[j % len(P.LABEL_RECEIVERS)])
         weight = 0.05 if c > 1000 else 1.0
         seeds.append((P.encode(p, level=3), None))
         weights.append(weight)
@@ -80,6 +81,13 @@ def corpus() -> tuple[list[tuple[bytes, np.ndarray | None]], list[float]]:
         if 1 < n <= 2**31:
             groups = np.arange(n) * 10 // n  # ten folders
             seeds.append((P.encode(p, level=3, groups=groups, codecs=(P.JOINT_CODEC,)), groups))
+            weights.append(weight)
+        if c <= 300 and j % 2 == 0:  # format 1.1: the same selection with a head (4- and 8-bit in turn)
+            bits, dim = (4, 8)[j // 2 % 2], 1 + 7 * j
+            top = 2 ** (bits - 1) - 1
+            h = P.Head("efficientnet-lite0", 64, bits, rng.integers(-top, top + 1, (c, dim)),
+                       rng.uniform(1e-3, 1, c), rng.normal(0, 1, c))
+            seeds.append((P.encode(dataclasses.replace(p, receiver="head", head=h), level=3), None))
             weights.append(weight)
     return seeds, weights
 

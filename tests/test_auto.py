@@ -605,9 +605,9 @@ def test_search_with_the_real_receiver_modes_is_deterministic() -> None:
     def expand(mode: str, rows: np.ndarray, labels: np.ndarray):
         return receiver.expand(mode, feats, rows, labels, 3, pseudo=120, k=5, graph_key=None, progress=False)
 
-    a, b = (run(w, "propagate", k=30, receivers=receiver.MODES, expand=expand) for _ in range(2))
+    a, b = (run(w, "propagate", k=30, receivers=receiver.LABEL_MODES, expand=expand) for _ in range(2))
     assert a.receiver == b.receiver and a.forecast == b.forecast and np.array_equal(a.indices, b.indices)
-    assert {r["receiver"] for r in a.candidates} == set(receiver.MODES)
+    assert {r["receiver"] for r in a.candidates} == set(receiver.LABEL_MODES)
 
 
 @pytest.mark.parametrize("right", [True, False])

@@ -137,29 +137,6 @@ def test_spread_order_keeps_uncovered_seeds_first_and_nests() -> None:
     assert spread_order(labels, key, nbr, cover=2).tolist() == [0, 3, 5, 6, 1, 2, 4, 7]
 
 
-# ---------------------------------------------------------------------------------------------- pool_head
-def test_pool_pca_is_sign_fixed_and_whitens() -> None:
-    from benchmarks.pool_head import pool_pca, project, quantised
-
-    rng = np.random.default_rng(0)
-    f = rng.normal(size=(400, 12)).astype(np.float32) * np.linspace(3, 0.5, 12, dtype=np.float32)
-    pca = pool_pca(f, chunk=64)
-    mean, basis, spread = pca
-    assert np.allclose(basis.T @ basis, np.eye(12), atol=1e-4)  # orthonormal
-    assert np.all(np.diff(spread) <= 1e-6)  # by decreasing variance
-    top = basis[np.abs(basis).argmax(0), np.arange(12)]
-    assert np.all(top > 0)  # each component's largest entry positive: both sides agree on signs
-    again = pool_pca(f.copy(), chunk=400)  # chunking does not change the basis
-    assert np.allclose(again[1], basis, atol=1e-4)
-    z = project(f, pca, 5)
-    assert z.shape == (400, 5) and np.allclose(z.std(0), 1, atol=0.05)  # whitened by the pool's own spread
-    w, b = rng.normal(size=(3, 5)), rng.normal(size=3)
-    n8, w8, _ = quantised(w, b, 8)
-    n4, w4, _ = quantised(w, b, 4)
-    assert np.abs(w8 - w).max() < np.abs(w4 - w).max() < np.abs(w).max() / 6  # coarser with fewer bits
-    assert 0 < n4 <= n8
-
-
 def test_spread_order_puts_rows_the_pool_lacks_last() -> None:
     from benchmarks.receiver import spread_order
 

@@ -92,7 +92,7 @@ def test_head_section_values_are_bounds_checked() -> None:
         good = P.encode(p)
         sec = P.peek_header(good)["sections"][-1]
         data = _rewrite(good[:-32 - sec["length"]] + blob + good[-32:],
-                        lambda hd, n=len(blob): hd["sections"][-1].update(length=n))
+                        lambda hd, n=len(blob): hd["sections"][-1].update(length=n))  # noqa: B008
         with pytest.raises(PayloadError):
             P.decode(data)
     with pytest.raises(PayloadError):
@@ -176,3 +176,37 @@ def test_head_refusals_are_one_line(tiny_data: Path, cache: Path, tmp_path: Path
     code, _, err = run(capsys, "receive", str(plain), "--pool", "tinypool", "--data", str(tiny_data),
                        "--receiver", "head")
     assert code == 2 and one_line(err) and "head" in err
+
+
+def test_quantise_is_coarser_with_fewer_bits() -> None:
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(size=(3, 5)), rng.normal(size=3)
+    w8, _ = headmod.quantise(w, b, 8, "efficientnet-lite0", 64).dequantised()
+    w4, b4 = headmod.quantise(w, b, 4, "efficientnet-lite0", 64).dequantised()
+    assert np.abs(w8 - w).max() < np.abs(w4 - w).max() < np.abs(w).max() / 6
+    assert np.allclose(b4, b, atol=1e-2)  # float16 bias
+    z = headmod.quantise(np.zeros((2, 3)), np.zeros(2), 4, "efficientnet-lite0", 64)  # an all-zero row still sends
+    assert (z.scales > 0).all() and not z.weights.any()
+
+
+def test_head_receiver_never_opens_target_train(tiny_data: Path, cache: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from plada import data
+    from plada.config import ReceiveConfig, SendConfig, StudentConfig
+    from plada.pipeline import receive, send
+
+    out = tmp_path / "h.plada"
+    send("tinytarget", "tinypool", out, SendConfig(budget=600, receiver="head"), data=tiny_data, progress=False)
+    real = data.Source.split
+
+    def guarded(self, split):
+        if self.name == "tinytarget" and split != "test":
+            raise AssertionError(f"the receiver opened the target's {split} split")
+        return real(self, split)
+
+    monkeypatch.setattr(data.Source, "split", guarded)
+    # a fine-tuned student of another resolution than the head's backbone: features come from the header's backbone
+    cfg = ReceiveConfig(student=StudentConfig(mode="finetune", res=32, epochs=1.0), pseudo=60)
+    rep = receive(out, "tinypool", cfg, data=tiny_data, test="tinytarget", progress=False)
+    assert rep["receiver"]["mode"] == "head" and rep["receiver"]["trained_on"] == 60
+    assert rep["receiver"]["backbone"] == "efficientnet-lite0" and 0 <= rep["student_accuracy"] <= 1

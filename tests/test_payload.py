@@ -599,7 +599,8 @@ def test_every_single_bit_flip(small: tuple[P.Payload, bytes]) -> None:
                 if v == P.HEAD_VERSION:  # 1.1 is a format: the flip is caught by the checksum
                     assert "checksum mismatch" in msg
                 else:
-                    assert msg == f"unsupported payload format {v >> 8}.{v & 0xFF} (this plada reads formats 1.0 and 1.1)"
+                    want = "(this plada reads formats 1.0 and 1.1)"
+                    assert msg == f"unsupported payload format {v >> 8}.{v & 0xFF} {want}"
             else:
                 assert msg == "payload checksum mismatch (corrupted or truncated)"
 
@@ -718,7 +719,8 @@ def _mutated(small: tuple[P.Payload, bytes], **changes: object) -> bytes:
         ({"forecast": "0.5"}, "forecast"),
         ({"forecast": [0.5]}, "forecast"),
         ({"forecast": {"value": 0.5}}, "forecast"),
-        ({"receiver": "distill"}, "unknown receiver mode 'distill' \\(this plada knows plain, selftrain, propagate, head\\)"),
+        ({"receiver": "distill"},
+         "unknown receiver mode 'distill' \\(this plada knows plain, selftrain, propagate, head\\)"),
         ({"receiver": "PLAIN"}, "unknown receiver"),
         ({"receiver": ""}, "unknown receiver"),
         ({"receiver": None}, "unknown receiver"),

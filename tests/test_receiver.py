@@ -279,14 +279,17 @@ def test_pool_head_benchmark_quick(tiny_data: Path, cache: Path, tmp_path: Path)
     from benchmarks import pool_head
 
     code = pool_head.main(["--quick", "--data", str(tiny_data), "--pool", "tinypool", "--targets", "tinytarget",
-                           "--out-dir", str(tmp_path), "--finetune"])
+                           "--out-dir", str(tmp_path), "--finetune-targets", "tinytarget"])
     assert code == 0
     r = json.loads((tmp_path / "results" / "pool_head_quick.json").read_text())["targets"]["tinytarget"]
     assert {(c["dim"], c["bits"]) for c in r["cells"]} == {(4, 8), (4, 4), (16, 8), (16, 4)}
     assert all(0 <= c["accuracy"]["mean"] <= 1 and c["bytes"] > 0 for c in r["cells"])
     by = {(c["dim"], c["bits"]): c["bytes"] for c in r["cells"]}
     assert by[(4, 8)] < by[(16, 8)]  # more dimensions, more bytes
-    q = r["pool_route"]
-    assert q["pool_rows"] > 0 and 0 <= q["student_accuracy"]["mean"] <= 1
-    assert 0 < q["finetune"]["trained_on"] <= q["pool_rows"] and 0 <= q["finetune"]["accuracy"] <= 1
+    pts = r["points"]  # the library's path under each budget
+    assert [p["budget"] for p in pts] == [400, 1000] and all(p["bytes"] <= p["budget"] for p in pts)
+    assert all(p["pool_rows"] > 0 and p["linear_student"]["mean"] > 0.5 for p in pts)  # chance: 1/3
+    ft = [p["finetune"] for p in pts if "finetune" in p]
+    assert len(ft) == 1 and 0 < ft[0]["trained_on"] <= pts[1]["pool_rows"] and 0 <= ft[0]["accuracy"] <= 1
+    assert "moonshot" in r
     assert "| tinytarget |" in (tmp_path / "benchmarks" / "reports" / "POOL_HEAD_quick.md").read_text()

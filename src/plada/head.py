@@ -98,6 +98,9 @@ def quantise(w: np.ndarray, b: np.ndarray, bits: int, backbone: str, res: int) -
     if bits not in HEAD_BITS:
         raise PladaError(f"head bits must be one of {HEAD_BITS}, got {bits}")
     top = 2 ** (bits - 1) - 1
+    w, b = np.asarray(w, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if not (np.isfinite(w).all() and np.isfinite(b).all()) or np.abs(w).max() / top > 6e4 or np.abs(b).max() > 6e4:
+        raise PladaError("head weights are beyond what float16 scales can send: refit on better-scaled features")
     scale = (np.abs(w).max(1) / top).astype(np.float16).astype(np.float32)
     scale = np.where(scale > 0, scale, np.float32(2 ** -14))  # an all-zero row still needs a positive scale
     q = np.clip(np.round(w / scale[:, None]), -top, top).astype(np.int8)
@@ -118,8 +121,10 @@ def pool_logits(feats: np.ndarray, head: Head, pca: Basis) -> np.ndarray:
 
 def fit(z: np.ndarray, labels: np.ndarray, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Softmax regression on whitened coordinates (train.train_head, one thread: the head is small)."""
+    # no per-feature standardisation: z is already whitened by the pool, and standardising a component on which
+    # the target barely varies would blow its weight up past what float16 scales can send
     with torch_threads(1):
-        w, b = train_head(z, labels, n_classes, steps=STEPS, seed=seed)
+        w, b = train_head(z, labels, n_classes, steps=STEPS, seed=seed, standardise=False)
     return w.astype(np.float32), b.astype(np.float32)
 
 

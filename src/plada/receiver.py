@@ -161,7 +161,8 @@ def expand(
         pseudo = int(round(HEAD_SHARE * len(feats))) if pseudo is None else pseudo
         ok = np.ones(len(feats), dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool).copy()
         ok[indices] = False
-        pred, conf = _softmax_conf(headmod.pool_logits(feats, head, headmod.basis(feats, graph_key or basis_key(feats))))
+        pca = headmod.basis(feats, graph_key or basis_key(feats))
+        pred, conf = _softmax_conf(headmod.pool_logits(feats, head, pca))
         return from_pool_labels(indices, labels, pred, conf, ok, pseudo, n_classes, False,
                                 {"mode": mode, "dim": head.dim, "bits": head.bits, "backbone": head.backbone})
     if mode == "plain":

@@ -352,7 +352,7 @@ def _predict_on(dev: torch.device, model: Classifier, images: np.ndarray, batch_
 
 def train_head(
     feats: np.ndarray, labels: np.ndarray, n_classes: int, steps: int = 1000, lr: float = 1e-2, seed: int = 0,
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, standardise: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Softmax regression on fixed features: (weight, bias) acting on raw features.
 
@@ -361,12 +361,16 @@ def train_head(
     draw comes from generators seeded here (none from torch's global one), so heads trained at once on
     several threads (`train_heads`) come out exactly as when trained one by one. On an accelerator
     (``device``) the same draws, still made on the CPU, train the head in float32; on the CPU every
-    ``.to(dev)`` below is the identity, so the reference arithmetic is untouched.
+    ``.to(dev)`` below is the identity, so the reference arithmetic is untouched. ``standardise`` False
+    trains on the features as given (their scale must already be sane).
     """
     dev = as_device(device)
     f = torch.from_numpy(np.array(feats, dtype=np.float32)).to(dev)
     y = torch.as_tensor(np.array(labels), dtype=torch.long).to(dev)
-    mu, sd = f.mean(0), f.std(0, correction=0) + 1e-6
+    if standardise:
+        mu, sd = f.mean(0), f.std(0, correction=0) + 1e-6
+    else:  # features already on a common scale (plada.head's whitened coordinates): a near-constant one stays small
+        mu, sd = torch.zeros(f.shape[1], device=dev), torch.ones(f.shape[1], device=dev)
     fn = (f - mu) / sd
     head = torch.nn.utils.skip_init(torch.nn.Linear, f.shape[1], n_classes)
     with torch.no_grad():  # nn.Linear's own initialisation, drawn from a generator seeded like torch.manual_seed
