@@ -204,7 +204,7 @@ def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: 
                progress: bool, device: torch.device | None = None):
     """Stages of the auto sender: deciding teachers and their held-out rows, pool features, search, header."""
     from . import auto
-    from .features import cached_features, feature_model, rows_features
+    from .features import rows_features
 
     seen, unseen, tgroups = unseen_rows(train, cfg.teacher, cfg.holdout_groups)
     own_teacher = len(unseen) >= MIN_UNSEEN  # the sending teacher left enough of train unseen to decide on
@@ -221,8 +221,7 @@ def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: 
         if cfg.budget < one:
             raise PladaError(f"byte budget {cfg.budget} is too small: a payload keeping one image of this target "
                              f"and pool needs about {one} bytes")
-    fm = feature_model(cfg.proxy, cfg.proxy_res)
-    pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress, device=device)
+    fm, pool_f = _proxy_pool_features(cfg, pool, progress, device)
     key = "/".join((train.dataset, train.split, str(len(train))))
 
     def feats(idx: np.ndarray, what: str) -> np.ndarray:
@@ -272,11 +271,10 @@ def _send_head(name: str, train: Split, pool: Pool, groups: np.ndarray, cfg: Sen
     never exceed the bytes measured.
     """
     from . import head as headmod
-    from .features import cached_features, feature_model, rows_features
+    from .features import rows_features
     from .receiver import basis_key
 
-    fm = feature_model(cfg.proxy, cfg.proxy_res)
-    pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress, device=device)
+    fm, pool_f = _proxy_pool_features(cfg, pool, progress, device)
     rows = train.subset_indices(headmod.TRAIN_LIMIT, cfg.seed)
     key = "/".join((train.dataset, train.split, str(len(train)), "head"))
     train_f = rows_features(fm, train.images, rows, key, progress=progress, device=device)
@@ -306,6 +304,14 @@ def _send_head(name: str, train: Split, pool: Pool, groups: np.ndarray, cfg: Sen
     return encoded, report
 
 
+def _proxy_pool_features(cfg: SendConfig, pool: Pool, progress: bool, device: torch.device | None):
+    """(feature model, pool features) of the proxy's public backbone: the default student's, so the receiver's."""
+    from .features import cached_features, feature_model
+
+    fm = feature_model(cfg.proxy, cfg.proxy_res)
+    return fm, cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress, device=device)
+
+
 def _expander(pool: Pool, pool_f: np.ndarray, n_classes: int, seed: int, progress: bool):
     """What a receiver of this pool with the proxy's public features makes of a selection (`plada.receiver`):
     the default student's backbone is the proxy's, so this is the receiver's own expansion, not a guess."""
@@ -326,15 +332,14 @@ def _fixed_receiver(train: Split, pool: Pool, idx: np.ndarray, labels: np.ndarra
     not sent (the header's forecast stays empty for a fixed policy). Ties go to the first mode, plain.
     """
     from . import auto
-    from .features import cached_features, feature_model, rows_features
+    from .features import rows_features
 
     modes = cfg.receivers
     if len(modes) == 1:
         return modes[0], None
     _, unseen, _ = unseen_rows(train, cfg.teacher, None)
     held = auto.subsample(unseen if len(unseen) >= MIN_UNSEEN else np.arange(len(train)), 5000, cfg.seed)
-    fm = feature_model(cfg.proxy, cfg.proxy_res)
-    pool_f = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress, device=device)
+    fm, pool_f = _proxy_pool_features(cfg, pool, progress, device)
     key = "/".join((train.dataset, train.split, str(len(train)), "held"))
     fc = auto.forecast_modes(pool_feats=pool_f, indices=idx, labels=labels, n_classes=len(train.class_names),
                              heldout_feats=rows_features(fm, train.images, held, key, progress=progress, device=device),

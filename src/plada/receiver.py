@@ -153,23 +153,13 @@ def expand(
     if len(indices) == 0 and mode != "head":
         raise PladaError("the payload keeps no images: nothing to train a student on"
                          + (" (it carries a head: receive it with --receiver head)" if head is not None else ""))
-    if mode == "head":
-        if head is None:
-            raise PladaError("receiver mode head needs a payload that carries a head (format 1.1); this one has none")
-        from . import head as headmod
-
-        pseudo = int(round(HEAD_SHARE * len(feats))) if pseudo is None else pseudo
-        ok = np.ones(len(feats), dtype=bool) if allowed is None else np.asarray(allowed, dtype=bool).copy()
-        ok[indices] = False
-        pca = headmod.basis(feats, graph_key or basis_key(feats))
-        pred, conf = _softmax_conf(headmod.pool_logits(feats, head, pca))
-        return from_pool_labels(indices, labels, pred, conf, ok, pseudo, n_classes, False,
-                                {"mode": mode, "dim": head.dim, "bits": head.bits, "backbone": head.backbone})
     if mode == "plain":
         return Expansion(indices, labels, None, {"mode": mode, "payload": len(indices), "pseudo": 0})
-    pseudo = int(round(PSEUDO_SHARE * len(feats))) if pseudo is None else pseudo
+    share = HEAD_SHARE if mode == "head" else PSEUDO_SHARE
+    pseudo = int(round(share * len(feats))) if pseudo is None else pseudo
     pred, conf, ok, info = pool_labels(mode, feats, indices, labels, n_classes, seed=seed, pseudo=pseudo, k=k,
-                                       rounds=rounds, allowed=allowed, graph_key=graph_key, progress=progress)
+                                       rounds=rounds, allowed=allowed, graph_key=graph_key, progress=progress,
+                                       head=head)
     weighted = PROPAGATE_WEIGHTED if weighted is None else weighted
     return from_pool_labels(indices, labels, pred, conf, ok, pseudo, n_classes, weighted and mode == "propagate",
                             info)
@@ -178,7 +168,7 @@ def expand(
 def pool_labels(
     mode: str, feats: np.ndarray, indices: np.ndarray, labels: np.ndarray, n_classes: int, *, seed: int = 0,
     pseudo: int, k: int | None = None, rounds: int | None = None, allowed: np.ndarray | None = None,
-    graph_key: str | None = None, progress: bool = True,
+    graph_key: str | None = None, progress: bool = True, head: Head | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """(label, confidence, may-be-pseudo-labelled mask, info) for every pool row under a pool mode.
 
@@ -193,6 +183,14 @@ def pool_labels(
         rounds = SELFTRAIN_ROUNDS if rounds is None else rounds
         pred, conf = _selftrain(feats, indices, labels, n_classes, ok, pseudo, rounds, seed, progress)
         return pred, conf, ok, {"mode": mode, "rounds": rounds}
+    if mode == "head":
+        if head is None:
+            raise PladaError("receiver mode head needs a payload that carries a head (format 1.1); this one has none")
+        from . import head as headmod
+
+        pca = headmod.basis(feats, graph_key or basis_key(feats))
+        pred, conf = _softmax_conf(headmod.pool_logits(feats, head, pca))
+        return pred, conf, ok, {"mode": mode, "dim": head.dim, "bits": head.bits, "backbone": head.backbone}
     if mode != "propagate":
         raise PladaError(f"receiver mode {mode!r} does not label the pool")
     k = KNN_K if k is None else k
