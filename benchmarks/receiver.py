@@ -444,6 +444,18 @@ def write_markdown(res: dict, path: Path, plots: dict[str, str]) -> None:
                      + (f"{r['moonshot_ratio']:.3f}" if r["moonshot_ratio"] is not None else "–") + " | "
                      + (f"{pct(hb['student'])} at {hb['bytes']:,} B (int8 head {pct(r['int8_head']['accuracy'])} at "
                         f"{r['int8_head']['bytes']:,} B)" if hb else "–") + " |")
+    val = [(t, x) for t, r in res["targets"].items() for x in r.get("head_vs_labels_on_validation", [])]
+    if val:
+        d = res["default_on_validation"]
+        L += ["", "## The budget's default payload, chosen on validation data", "",
+              "Held-out target *train* images only (the head: `plada.head.choose`'s held-out rows; labels: the "
+              "proxy's forecast for the best label mode, or the validation grid's best cell where a record has no "
+              f"forecast). Head ahead in {d['head_wins']} of {d['cells']} cells, by {100 * d['min_gap']:.1f} to "
+              f"{100 * d['max_gap']:.1f} points: `config.BUDGET_RECEIVER = \"head\"`.", "",
+              "| target | budget | head (bytes) | best label mode (bytes) | gap | label side |",
+              "|---|---|---|---|---|---|"]
+        L += [f"| {t} | {x['budget']:,} | {pct(x['head'])} ({x['head_bytes']:,}) | {pct(x['label'])} "
+              f"({x['label_bytes']:,}) | {100 * x['gap']:+.1f} | {x['label_source']} |" for t, x in val]
     ft = [(t, f) for t, r in res["targets"].items() for f in r["finetune"]]
     if ft:
         L += ["", "## Fine-tuned students (1 run each)", "",
@@ -554,7 +566,39 @@ def fold_head(res: dict, path: Path) -> None:
         best = min(ratios) if ratios else (None, None)
         r["moonshot_ratio"], r["moonshot_from"] = best
         r["int8_head"]["head_mode_at_no_more_bytes"] = (h.get("int8_head") or {}).get("head_mode_at_no_more_bytes")
+        r["head_vs_labels_on_validation"] = head_vs_labels(r, h)
     res["head_from"] = str(path)
+    rows = [x for r in res["targets"].values() for x in r.get("head_vs_labels_on_validation", [])]
+    res["default_on_validation"] = {
+        "rule": "under a byte budget the default payload is the one more accurate on held-out target train images",
+        "cells": len(rows), "head_wins": sum(x["gap"] > 0 for x in rows),
+        "min_gap": min((x["gap"] for x in rows), default=None), "max_gap": max((x["gap"] for x in rows), default=None)}
+
+
+def head_vs_labels(r: dict, h: dict) -> list[dict]:
+    """Per budget, on held-out target *train* images only: the head's forecast against the best label mode's.
+
+    Why: the budget's default payload (config.BUDGET_RECEIVER) is chosen on validation data, never on the test
+    split. The label side is the linear proxy's forecast per mode at that budget (`forecast.modes`), or, for a
+    record made before forecasts were kept, the best cell of the validation grid at that size.
+    """
+    grid: dict[int, float] = {}
+    for g in (r.get("validation") or {}).get("grid", []):
+        grid[g["bytes_target"]] = max(grid.get(g["bytes_target"], 0.0), g["val_accuracy"])
+    out = []
+    for hp in h["points"]:
+        lp = next((p for p in r["points"] if p["bytes_target"] == hp["budget"]), None)
+        if lp is None:
+            continue
+        modes = (lp.get("forecast") or {}).get("modes")
+        label, source = ((max(modes.values()), "proxy forecast") if modes else
+                         (grid.get(hp["budget"]), "validation grid"))
+        if label is None:
+            continue
+        out.append({"budget": hp["budget"], "head_bytes": hp["bytes"], "head": hp["forecast"],
+                    "label_bytes": lp["bytes"], "label": label, "label_source": source,
+                    "gap": hp["forecast"] - label})
+    return out
 
 
 def merge(paths: list[Path], out: Path, quick: bool, head_from: Path | None = None) -> int:

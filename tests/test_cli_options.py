@@ -32,7 +32,7 @@ CHANGES = {
     "--policy": (["--policy", "highest-energy"], "indices"),
     "--teacher": (["--teacher", "small-cnn"], "teacher"),
     "--seed": (["--seed", "1", "--policy", "random"], "indices"),
-    "--budget": (["--budget", "1KB"], "auto"),
+    "--budget": (["--budget", "1KB", "--set", "receiver=plain"], "auto"),
     "--set": (["--set", "count=7"], "kept"),
 }
 
@@ -64,9 +64,10 @@ def test_every_send_option_changes_the_output_or_is_refused(tiny_data: Path, cac
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--budget", "1KB", "--keep", "5%"], "auto policy chooses keep"),
-    (["--budget", "1KB", "--set", "safety_share=0.2"], "chooses safety_share"),
+    (["--budget", "1KB", "--set", "receiver=plain", "--keep", "5%"], "auto policy chooses keep"),
+    (["--budget", "1KB", "--set", "receiver=plain", "--set", "safety_share=0.2"], "chooses safety_share"),
     (["--budget", "1KB", "--policy", "random"], "cannot be combined"),
+    (["--budget", "1KB"], "teacher do not act; drop them, or add --set receiver=plain"),
     (["--set", "deciders=2"], "only act under the auto policy"),
     (["--set", "actors=2"], "only act with engine ray"),
     (["--keep", "5%", "--set", "count=3"], "not both"),
@@ -84,7 +85,7 @@ def test_every_send_option_changes_the_output_or_is_refused(tiny_data: Path, cac
     (["--set", "teacher.res"], "takes key=value"),
     (["--set", "teacher.res=big"], "teacher.res takes int"),
     (["--teacher", "resnet999"], "unknown teacher.model"),
-    (["--budget", "10"], "too small"),
+    (["--budget", "10", "--set", "receiver=plain"], "too small"),
     (["--teacher-epochs", "2"], "--set teacher.epochs"),
     (["--holdout-folds", "3"], "was removed"),
 ])

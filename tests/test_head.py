@@ -138,14 +138,13 @@ def test_choose_respects_the_budget_and_prefers_accuracy() -> None:
 
 def test_send_and_receive_a_head(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "h.plada"
-    base = ("send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "--budget", "600",
-            "--set", "receiver=head")
-    code, sent, err = run(capsys, *base, "-o", str(out))
+    base = ("send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "--budget", "600")
+    code, sent, err = run(capsys, *base, "-o", str(out))  # under a budget the default payload is a head
     assert code == 0, err
     assert sent["kept"] == 0 and sent["receiver"] == "head" and sent["payload_bytes"] <= 600
     assert sent["payload_bytes"] == out.stat().st_size and 0 < sent["forecast_accuracy"] <= 1
-    code, sent2, err = run(capsys, *base, "-o", str(tmp_path / "h2.plada"))
-    assert code == 0 and (tmp_path / "h2.plada").read_bytes() == out.read_bytes()  # deterministic
+    code, sent2, err = run(capsys, *base, "--set", "receiver=head", "-o", str(tmp_path / "h2.plada"))
+    assert code == 0 and (tmp_path / "h2.plada").read_bytes() == out.read_bytes()  # deterministic, the same mode
     code, info, err = run(capsys, "inspect", str(out))
     assert code == 0 and info["format"] == "1.1" and info["head"]["dim"] == sent["head"]["dim"]
 
@@ -176,6 +175,42 @@ def test_head_refusals_are_one_line(tiny_data: Path, cache: Path, tmp_path: Path
     code, _, err = run(capsys, "receive", str(plain), "--pool", "tinypool", "--data", str(tiny_data),
                        "--receiver", "head")
     assert code == 2 and one_line(err) and "head" in err
+
+
+def test_budget_default_is_a_head_and_plain_sends_labels() -> None:
+    from plada.config import SendConfig
+
+    assert SendConfig(budget=1000).check().sends_head
+    assert not SendConfig(budget=1000, receiver="plain").check().sends_head
+    assert not SendConfig().check().sends_head  # no budget: the paper's method, labels only
+    assert SendConfig(receiver="head").check().sends_head  # a head beside a fixed selection
+    SendConfig(budget=1000, holdout_groups=r"^(\d+)_").check()  # acts on the head's held-out rows
+    with pytest.raises(Exception, match="add --set receiver=plain"):
+        SendConfig(budget=1000, temperature=0.5).check()
+
+
+def test_choose_holds_out_whole_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With groups, no held-out row has a sibling among the fit rows (GTSRB's frames of one sign)."""
+    from plada import auto
+
+    seen = []
+    real = auto.fold_split
+
+    def spy(n, folds, seed=0, groups=None, frac=None):
+        seen.append((groups, real(n, folds, seed, groups, frac=frac)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(auto, "fold_split", spy)
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(4), 100)
+    x = (rng.normal(size=(4, 32))[y] * 2 + rng.normal(size=(400, 32))).astype(np.float32)
+    g = np.arange(400) // 5  # 80 groups of 5
+    ch = headmod.choose(x, y, 4, headmod.basis(x), "efficientnet-lite0", 64, lambda h: 100, None, groups=g)
+    (groups, [(fit, held)]), = seen
+    assert groups is g and not set(g[fit]) & set(g[held]) and 60 <= len(held) <= 100
+    assert 0 < ch.forecast <= 1
+    headmod.choose(x, y, 4, headmod.basis(x), "efficientnet-lite0", 64, lambda h: 100, None)
+    assert len(seen) == 1  # without groups the seeded row split, as before
 
 
 def test_quantise_is_coarser_with_fewer_bits() -> None:

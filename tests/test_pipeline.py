@@ -142,7 +142,8 @@ def test_energy_sign() -> None:
          "data folder not found"),
         (["receive", "missing.plada", "--pool", "tinypool"], "payload not found"),
         (["inspect", "missing.plada"], "payload not found"),
-        (["send", "tinytarget", "--pool", "tinypool", "-o", "x.plada", "--budget", "1KB", "--set", "deciders=5",
+        (["send", "tinytarget", "--pool", "tinypool", "-o", "x.plada", "--budget", "1KB", "--set", "receiver=plain",
+          "--set", "deciders=5",
           "--set", "holdout_fraction=0.2"], "leave no train image"),
     ],
 )
@@ -184,7 +185,8 @@ def test_send_with_byte_budget(tiny_data: Path, cache: Path, tmp_path: Path, cap
     """`--budget` picks policy and size by proxy students: the payload fits and records its forecast."""
     out = tmp_path / "b.plada"
     code, sent, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
-                          "-o", str(out), "--set", "teacher.res=32", "--set", "teacher.epochs=4", "--budget", "1KB")
+                          "-o", str(out), "--set", "teacher.res=32", "--set", "teacher.epochs=4", "--budget", "1KB",
+                          "--set", "receiver=plain")
     assert code == 0, err
     assert sent["payload_bytes"] == out.stat().st_size <= 1000
     assert 0.0 <= sent["forecast_accuracy"] <= 1.0
@@ -226,7 +228,8 @@ def test_send_holds_out_whole_groups(tiny_data: Path, cache: Path, tmp_path: Pat
 
     monkeypatch.setattr(auto, "fold_split", spy)
     args = ["send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "--set", "teacher.res=32",
-            "--set", "teacher.epochs=4", "--budget", "1KB", "--set", "deciders=3", "--set", "holdout_fraction=0.3"]
+            "--set", "teacher.epochs=4", "--budget", "1KB", "--set", "receiver=plain",
+            "--set", "deciders=3", "--set", "holdout_fraction=0.3"]
     code, _, err = run(capsys, *args, "-o", str(tmp_path / "bad.plada"), "--set", "holdout_groups=(")
     assert code == 2 and one_line(err) and "regular expression" in err and not seen  # refused before any work
     out = tmp_path / "g.plada"

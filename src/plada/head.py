@@ -138,21 +138,27 @@ class Choice:
 
 
 def choose(train_f: np.ndarray, labels: np.ndarray, n_classes: int, pca: Basis, backbone: str, res: int,
-           size_of, budget: int | None, seed: int = 0) -> Choice:
+           size_of, budget: int | None, seed: int = 0, groups: np.ndarray | None = None) -> Choice:
     """The most accurate (width, bits) on held-out train images whose payload fits ``budget`` bytes.
 
     ``size_of(head)`` is the payload's size with that head (the caller encodes it). Each cell's head is
     fitted on the rest of train; the one sent is refitted on all of it with the chosen cell, and kept
     only if it still fits (its Zstd size can differ by a byte or two), else the held-out fit is sent.
-    Ties go to fewer bytes. The test split is never seen.
+    Ties go to fewer bytes. The test split is never seen. With ``groups`` (one id per row, `auto.name_groups`)
+    whole groups are held out, so near-copies of a held-out image (frames of one sign) do not sit in the fit
+    rows and inflate the forecast.
     """
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)
     if n < 10:
         raise PladaError(f"a head needs at least 10 labelled train images, got {n}")
-    rng = np.random.default_rng(seed)
     held = np.zeros(n, dtype=bool)
-    held[rng.permutation(n)[: max(1, int(round(HOLDOUT * n)))]] = True
+    if groups is None:
+        held[np.random.default_rng(seed).permutation(n)[: max(1, int(round(HOLDOUT * n)))]] = True
+    else:
+        from .auto import fold_split
+
+        held[fold_split(n, 1, seed, np.asarray(groups), frac=HOLDOUT)[0][1]] = True
     grid, best = [], None
     for dim in [d for d in DIMS if d <= pca.components.shape[1]]:
         z = pca.project(train_f, dim)

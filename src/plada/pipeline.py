@@ -128,7 +128,7 @@ def send(
         raise PladaError(f"pool '{pool.name}' lacks {int(pool.missing.sum())} of its manifest's images; "
                          "a sender needs the complete pool")
     groups = pool.groups()[0]
-    if cfg.receiver == "head" and cfg.budget is not None:  # the head alone: no teacher, no labels
+    if cfg.sends_head and cfg.budget is not None:  # the head alone: no teacher, no labels
         idx, labels = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
         encoded, report = _send_head(src.name, train, pool, groups, cfg, idx, labels, progress, dev)
     elif cfg.auto:  # the very bytes the search measured
@@ -290,9 +290,16 @@ def _send_head(name: str, train: Split, pool: Pool, groups: np.ndarray, cfg: Sen
                                             cfg.proxy_res), 0.1234))
         if cfg.budget < least:
             raise PladaError(f"byte budget {cfg.budget} is too small: the smallest head payload for this target and "
-                             f"pool needs about {least} bytes")
+                             f"pool needs about {least} bytes (--set receiver=plain sends labels instead)")
+    tgroups = None
+    if cfg.holdout_groups is not None:  # e.g. GTSRB's frames of one sign: held out together, as test images are new
+        if train.files is None:
+            raise PladaError("holdout_groups needs the train split's file names; this split has none")
+        from .auto import name_groups
+
+        tgroups = name_groups([train.files[i] for i in rows], cfg.holdout_groups)
     choice = headmod.choose(train_f, train.labels[rows], len(classes), pca, cfg.proxy, cfg.proxy_res,
-                            lambda h: len(encode(h, 0.1234)), cfg.budget, seed=cfg.seed)
+                            lambda h: len(encode(h, 0.1234)), cfg.budget, seed=cfg.seed, groups=tgroups)
     encoded = encode(choice.head, choice.forecast)
     h = choice.head
     info = {"backbone": h.backbone, "res": h.res, "dim": h.dim, "bits": h.bits, "train_images": int(len(rows)),
