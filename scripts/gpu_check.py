@@ -6,6 +6,8 @@ At 224 px in mixed precision (`plada.device.amp_dtype`: bf16 from Ampere on, els
   pinned, prefetched, resized and normalised on the GPU) and the local engine (`score.score_pool`, chunk files);
 - training: a bare forward+backward+AdamW step on a batch already on the GPU, against `train.fit` (gather,
   augmentation, schedule, the GradScaler where fp16);
+- decoding: scoring a folder of synthetic full-resolution JPEGs (`score.score_pool` on a folder pool) with
+  decoding in threads, then in worker processes (`PLADA_DECODE_PROCESSES`), against the bare forward;
 - Ray: `engines.score_pool_ray` with one actor per GPU, when ray is installed;
 - agreement: plada's mixed-precision logits against a float32 forward of the same images.
 
@@ -182,6 +184,42 @@ def ray_section(model, name: str, pool_dir: Path, res: int, batch: int, n: int, 
             "note": "wall includes starting Ray and its actors; actor_img_s is the scoring itself"}
 
 
+def decode_section(model, dev, tmp: Path, res: int, batch: int, n: int, bare: float) -> dict:
+    """Scoring from JPEG files (400x300, as ImageNet's typical size) with decoding in threads, then processes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from plada import images as imgs
+    from plada import score
+    from plada.pool import build_pool
+
+    root = tmp / "jpegs" / "train"
+    rng = np.random.default_rng(1)
+    base = rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)
+
+    def write(i: int) -> None:
+        d = root / f"n{i % 10:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.roll(base, i, axis=1)).save(d / f"n{i % 10:08d}_{i}.JPEG", quality=90)
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as ex:
+        list(ex.map(write, range(n)))
+    pool = build_pool([str(root)], name="gpu-check-jpegs", out=tmp / "jpegpool", progress=False)
+    procs = max(1, min(16, (os.cpu_count() or 2) - 1))
+    out = {"images": n, "jpeg": "400x300", "res": res, "cpus": os.cpu_count(), "processes": procs}
+    for label, env in (("threads", "0"), ("processes", str(procs))):
+        os.environ[imgs.PROCESSES_ENV] = env
+        t = time.perf_counter()
+        score.score_pool(model, pool, tmp / f"dscores-{label}", batch_size=batch, progress=False, device=dev)
+        sync(dev)
+        out[f"{label}_img_s"] = round(n / (time.perf_counter() - t), 1)
+    os.environ.pop(imgs.PROCESSES_ENV, None)
+    out["processes_vs_threads"] = round(out["processes_img_s"] / out["threads_img_s"], 3)
+    out["processes_vs_bare"] = round(out["processes_img_s"] / bare, 3)
+    return out
+
+
 def machine(dev) -> dict:
     import torch
 
@@ -290,6 +328,16 @@ def main() -> None:
             print(f"gpu_check: train {json.dumps(report['train'])}", file=sys.stderr)
         else:
             report["train"] = {"skipped": f"past the {a.budget:g} s budget"}
+
+        # decoding: a JPEG folder scored with threads, then with worker processes
+        if time.perf_counter() - t0 < a.budget:
+            try:
+                report["decode"] = decode_section(model, dev, pool_dir, res, pb, 64 if a.smoke else 4096, bare)
+            except Exception as e:  # noqa: BLE001 - the other sections' figures are still worth writing
+                report["decode"] = {"error": f"{type(e).__name__}: {e}"}
+        else:
+            report["decode"] = {"skipped": f"past the {a.budget:g} s budget"}
+        print(f"gpu_check: decode {json.dumps(report['decode'])}", file=sys.stderr)
 
         # Ray
         want_ray = a.ray == "on" or (a.ray == "auto" and dev.type == "cuda" and not a.smoke)

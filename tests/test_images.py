@@ -211,6 +211,36 @@ def test_corrupt_and_truncated_files_read_as_zero_rows_named_once(tmp_path: Path
     assert lazy.at(32).bad.tolist() == [7, 31] and capsys.readouterr().err == ""
 
 
+def test_decoding_in_worker_processes_gives_the_same_rows(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """PLADA_DECODE_PROCESSES=2: the same pixels, bad rows and warning as threads, and the same pool scores."""
+    root = tmp_path / "f"
+    files = _folder(root, n=50, w=120, h=90)
+    paths = sorted(files)
+    (root / paths[9]).write_bytes(files[paths[9]][:200])  # truncated: a zero row, named once
+    threads = LazyImages(FolderFiles(root, paths), res=40, label="test pool", workers=2)
+    want = np.concatenate(list(threads.batches(5, 50, 8)))
+    capsys.readouterr()
+    monkeypatch.setenv(images.PROCESSES_ENV, "2")
+    procs = LazyImages(FolderFiles(root, paths), res=40, label="test pool", workers=2)
+    got = list(procs.batches(5, 50, 8))
+    assert [len(b) for b in got] == [8, 8, 8, 8, 8, 5] and np.array_equal(np.concatenate(got), want)
+    assert procs.bad.tolist() == threads.bad.tolist() == [9] and not want[4].any()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 image(s) of test pool read as zeros" in err[0] and paths[9] in err[0]
+    pool = build_pool([str(root)], progress=False)
+    model = _model()
+    a = score.score_pool(model, pool, tmp_path / "sp", batch_size=7, progress=False, chunk=20)
+    monkeypatch.setenv(images.PROCESSES_ENV, "0")
+    b = score.score_pool(model, pool, tmp_path / "st", batch_size=7, progress=False, chunk=20)
+    assert np.array_equal(a.logits, b.logits)
+    for bad in ("-1", "two", "1000"):
+        monkeypatch.setenv(images.PROCESSES_ENV, bad)
+        with pytest.raises(PladaError, match="PLADA_DECODE_PROCESSES must be an integer") as e:
+            list(procs.batches(0, 20, 8))
+        assert one_line(str(e.value))
+
+
 def test_bad_files_in_a_folder_pool_never_abort_the_run(tmp_path: Path, cache: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     """Build: a corrupt file is left out of the manifest (counted in `skipped`, named once). Scoring: a

@@ -5,7 +5,10 @@ model at 224 px read from a 64 px cache sees blurred pixels. So a folder or WebD
 its manifest and where each image's bytes are (a file under a root, or a byte range of a tar shard);
 `LazyImages` decodes rows when they are read, at the resolution it was opened at, and drops in wherever
 `pool.images[a:b]` is sliced. Decoding uses a thread pool (PIL releases the GIL while decoding and
-resizing), with the next batch decoded while the current one is consumed (`LazyImages.batches`).
+resizing), with the next batch decoded while the current one is consumed (`LazyImages.batches`). On a
+machine whose accelerator outruns one Python process's decoding, `PLADA_DECODE_PROCESSES=N` streams the
+batches from N forked worker processes instead, each decoding whole batches into shared memory: the same
+pixels, the same bad-row accounting.
 
 Safety, since pool files are whoever's bytes: an image whose header declares more than `MAX_PIXELS`
 pixels is refused from the header alone, before PIL allocates its pixels (a 60000x60000 PNG of a few
@@ -26,6 +29,8 @@ import hashlib
 import io
 import json
 import math
+import mmap
+import multiprocessing
 import os
 import re
 import sys
@@ -34,7 +39,7 @@ import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -56,6 +61,38 @@ DEFAULT_RES = 224  # what `Pool.images` of a lazy pool decodes at; models ask fo
 DRAFT_GAP = 2.0  # JPEG DCT downscaling stops at twice the target size, so the final resize still antialiases
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference when one sample has several
 NAME_KEYS = ("filename", "fname")
+PROCESSES_ENV = "PLADA_DECODE_PROCESSES"  # worker processes that decode streamed batches (unset or 0: threads)
+
+
+def decode_processes() -> int:
+    """Worker processes for streamed decoding, from $PLADA_DECODE_PROCESSES; a bad value is a one-line error."""
+    text = os.environ.get(PROCESSES_ENV, "").strip()
+    try:
+        n = int(text or 0)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= 256:
+        raise PladaError(f"{PROCESSES_ENV} must be an integer from 0 (threads) to 256, got {text!r}")
+    if n and "fork" not in multiprocessing.get_all_start_methods():
+        raise PladaError(f"{PROCESSES_ENV} needs the fork start method (Linux); unset it to decode in threads")
+    return n
+
+
+# What a forked decoding worker reads: the parent's `LazyImages` and shared batch slots, inherited, never pickled
+# (a 14M-row manifest would otherwise be copied into every worker).
+_WORKER: tuple[LazyImages, np.ndarray] | None = None
+
+
+def _worker_init(images: LazyImages, slots: np.ndarray) -> None:
+    global _WORKER
+    _WORKER = (images, slots)
+
+
+def _worker_decode(slot: int, a: int, b: int) -> list[tuple[int, str]]:
+    images, slots = _WORKER  # type: ignore[misc]
+    out = slots[slot, : b - a]
+    out[...] = 0
+    return images._decode_into(np.arange(a, b, dtype=np.int64), out)
 # ImageNet's train files are named for their class (`n01440764_10026.JPEG` in folder `n01440764/`); shards
 # built from them (timm's ImageNet-21K ones) often record the bare name. Such a name gets its folder back,
 # so the shards give the folder pool's manifest and fingerprint and group by class as the folder does.
@@ -317,6 +354,12 @@ class LazyImages:
         bounds = deque((a, min(a + batch_size, stop)) for a in range(start, stop, batch_size))
         if not bounds:
             return
+        procs = decode_processes()
+        if procs and len(bounds) > 1:
+            yield from self._process_batches(bounds, batch_size, procs, prefetch)
+            if warn:
+                self.warn_bad()
+            return
         ex = ThreadPoolExecutor(self.workers, thread_name_prefix="plada-decode")
         try:
             queued: deque[tuple[np.ndarray, list[Future]]] = deque()
@@ -329,6 +372,35 @@ class LazyImages:
             ex.shutdown(wait=True, cancel_futures=True)
         if warn:
             self.warn_bad()
+
+    def _process_batches(self, bounds: deque, batch_size: int, procs: int, prefetch: int) -> Iterator[np.ndarray]:
+        """`batches` from forked workers: each decodes a whole batch into a shared slot; the parent copies it out.
+
+        Why slots in an anonymous shared mapping: a 224 px batch is ~38 MB, and sending it back pickled
+        through a pipe would cost the parent as much as decoding saves. Up to ``procs + prefetch`` batches
+        are in flight; a slot is refilled only after its batch was copied out, and batches come in order.
+        """
+        depth = min(len(bounds), procs + max(0, prefetch))
+        shape = (depth, batch_size, self.res, self.res, 3)
+        buf = mmap.mmap(-1, int(np.prod(shape)))  # MAP_SHARED | MAP_ANONYMOUS: forked workers write into it
+        slots = np.frombuffer(buf, dtype=np.uint8).reshape(shape)
+        ctx = multiprocessing.get_context("fork")
+        ex = ProcessPoolExecutor(min(procs, depth), mp_context=ctx, initializer=_worker_init, initargs=(self, slots))
+        try:
+            queued: deque[tuple[int, int, int, Future]] = deque()
+            free = deque(range(depth))
+            while bounds or queued:
+                while bounds and free:
+                    a, b = bounds.popleft()
+                    k = free.popleft()
+                    queued.append((k, a, b, ex.submit(_worker_decode, k, a, b)))
+                k, a, b, fut = queued.popleft()
+                self._record(fut.result())
+                batch = slots[k, : b - a].copy()
+                free.append(k)
+                yield batch
+        finally:
+            ex.shutdown(wait=True, cancel_futures=True)  # the mapping goes with its last view (the executor's)
 
     def stream(self, start: int, stop: int, batch_size: int = 256) -> BatchStream:
         """Rows `[start, stop)` as an array-like that `train.predict` slices batch by batch, prefetched."""
