@@ -177,6 +177,21 @@ def test_head_refusals_are_one_line(tiny_data: Path, cache: Path, tmp_path: Path
     assert code == 2 and one_line(err) and "head" in err
 
 
+def test_demo_sends_a_head_by_default_and_the_paper_method_with_keep(tiny_data: Path, cache: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    base = ("demo", "--target", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
+            "--set", "student.mode=linear")
+    code, got, err = run(capsys, *base, "--out-dir", str(tmp_path / "h"))
+    assert code == 0, err
+    assert got["receiver"] == "head" and got["kept"] == 0 and got["teacher_accuracy"] is None
+    assert got["payload_bytes"] <= 1000 and got["student_accuracy"] > 0.6 and 0 < got["forecast_accuracy"] <= 1
+    assert not (cache / "teachers").exists()  # no teacher was trained
+    code, got, err = run(capsys, *base, "--keep", "10%", "--set", "teacher.res=32", "--set", "teacher.epochs=2",
+                         "--out-dir", str(tmp_path / "k"))
+    assert code == 0, err
+    assert got["receiver"] == "plain" and got["kept"] == 32 and 0 <= got["teacher_accuracy"] <= 1
+
+
 def test_budget_default_is_a_head_and_plain_sends_labels() -> None:
     from plada.config import SendConfig
 
