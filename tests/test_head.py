@@ -228,6 +228,23 @@ def test_choose_holds_out_whole_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(seen) == 1  # without groups the seeded row split, as before
 
 
+def test_send_passes_holdout_groups_to_the_head(tiny_data: Path, cache: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    got = []
+    real = headmod.choose
+
+    def spy(*args, **kw):
+        got.append(kw.get("groups"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(headmod, "choose", spy)
+    code, sent, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "--budget",
+                          "600", "--set", r"holdout_groups=^\d(\d)", "-o", str(tmp_path / "g.plada"))
+    assert code == 0, err
+    (groups,) = got
+    assert groups is not None and len(np.unique(groups)) == 3 * 4  # 3 colours x 4 tens digits of 000-039
+
+
 def test_quantise_is_coarser_with_fewer_bits() -> None:
     rng = np.random.default_rng(0)
     w, b = rng.normal(size=(3, 5)), rng.normal(size=3)

@@ -89,7 +89,8 @@ def _device_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
 def _send_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sender")
     g.add_argument("--budget", type=_size, default=None,
-                   help="payload bytes, e.g. 5KB: the auto policy picks policy and keep size to fit")
+                   help="payload bytes, e.g. 1KB: sends a head that fits (no teacher); with --set receiver=plain "
+                        "labels, the auto policy picking policy and keep size")
     g.add_argument("--keep", type=_keep, default=None, help="share of the pool to keep (default 1%%)")
     g.add_argument("--policy", default=None, choices=POLICIES, help="selection rule (default lowest-energy)")
     g.add_argument("--teacher", default=None, help="teacher backbone: a registry name, timm:NAME or tv:NAME")
