@@ -243,6 +243,10 @@ def test_send_passes_holdout_groups_to_the_head(tiny_data: Path, cache: Path, tm
     assert code == 0, err
     (groups,) = got
     assert groups is not None and len(np.unique(groups)) == 3 * 4  # 3 colours x 4 tens digits of 000-039
+    assert "note" not in sent or sent["payload_bytes"] * 2 <= 600
+    code, big, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "--budget",
+                         "20KB", "-o", str(tmp_path / "big.plada"))
+    assert code == 0 and big["payload_bytes"] * 2 <= 20000 and "--set receiver=plain" in big["note"], err
 
 
 def test_quantise_is_coarser_with_fewer_bits() -> None:

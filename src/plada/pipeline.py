@@ -308,6 +308,10 @@ def _send_head(name: str, train: Split, pool: Pool, groups: np.ndarray, cfg: Sen
               "selection": {"target": name, "head": {k: info[k] for k in ("backbone", "res", "dim", "bits")}}}
     if cfg.budget is not None:
         report["teacher_accuracy"] = None
+        if len(encoded) * 2 <= cfg.budget:  # the most accurate head leaves most of the budget unused
+            report["note"] = (f"the most accurate head needs {len(encoded)} of the {cfg.budget} bytes; a fine-tuned "
+                              "student may learn more from labels at this budget (--set receiver=plain; "
+                              "docs/RESULTS.md, receiver mode head)")
     return encoded, report
 
 
