@@ -24,7 +24,7 @@ import numpy as np
 from benchmarks import paper
 from plada import head as headmod
 from plada import payload, receiver
-from plada.auto import fold_split, name_groups
+from plada.auto import name_groups
 from plada.data import load_source
 from plada.features import cached_features, feature_model, split_key
 from plada.pool import Pool
@@ -58,12 +58,7 @@ def run_target(target: str, pool: Pool, cfg: ShareConfig, data: str | None, log)
     pca = headmod.basis(pool_f, receiver.basis_key(pool_f))
     pattern = cfg.holdout_groups.get(target)
     groups = name_groups(trn.files, pattern) if pattern and trn.files is not None else None
-    n = len(trn)
-    held = np.zeros(n, dtype=bool)  # choose's own split: the rows the head never saw
-    if groups is None:
-        held[np.random.default_rng(0).permutation(n)[: max(1, int(round(headmod.HOLDOUT * n)))]] = True
-    else:
-        held[fold_split(n, 1, 0, groups, frac=headmod.HOLDOUT)[0][1]] = True
+    held = headmod.holdout_mask(len(trn), 0, groups)  # choose's own split: the rows the head never saw
 
     def size_of(h: payload.Head) -> int:
         return len(payload.encode(payload.Payload(pool.fingerprint, len(pool), names, np.zeros(0, np.int64),

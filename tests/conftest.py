@@ -69,3 +69,19 @@ def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, dict | None, st
 def one_line(err: str) -> bool:
     """A user mistake must read as one line, never a traceback."""
     return len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.fixture()
+def fold_split_calls(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Every `auto.fold_split` call made during the test, as (groups, its result)."""
+    from plada import auto
+
+    seen: list = []
+    real = auto.fold_split
+
+    def spy(n, folds, seed=0, groups=None, frac=None):
+        seen.append((groups, real(n, folds, seed, groups, frac=frac)))
+        return seen[-1][1]
+
+    monkeypatch.setattr(auto, "fold_split", spy)
+    return seen

@@ -204,18 +204,9 @@ def test_budget_default_is_a_head_and_plain_sends_labels() -> None:
         SendConfig(budget=1000, temperature=0.5).check()
 
 
-def test_choose_holds_out_whole_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_choose_holds_out_whole_groups(fold_split_calls: list) -> None:
     """With groups, no held-out row has a sibling among the fit rows (GTSRB's frames of one sign)."""
-    from plada import auto
-
-    seen = []
-    real = auto.fold_split
-
-    def spy(n, folds, seed=0, groups=None, frac=None):
-        seen.append((groups, real(n, folds, seed, groups, frac=frac)))
-        return seen[-1][1]
-
-    monkeypatch.setattr(auto, "fold_split", spy)
+    seen = fold_split_calls
     rng = np.random.default_rng(1)
     y = np.repeat(np.arange(4), 100)
     x = (rng.normal(size=(4, 32))[y] * 2 + rng.normal(size=(400, 32))).astype(np.float32)

@@ -215,18 +215,9 @@ def test_send_with_byte_budget(tiny_data: Path, cache: Path, tmp_path: Path, cap
 
 @pytest.mark.slow
 def test_send_holds_out_whole_groups(tiny_data: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                     fold_split_calls: list) -> None:
     """`--holdout-groups`: no deciding teacher trains on an image of a group it is scored on."""
-    from plada import auto
-
-    seen = []
-    real = auto.fold_split
-
-    def spy(n, folds, seed=0, groups=None, frac=None):
-        seen.append((groups, real(n, folds, seed, groups, frac=frac)))
-        return seen[-1][1]
-
-    monkeypatch.setattr(auto, "fold_split", spy)
+    seen = fold_split_calls
     args = ["send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data), "--set", "teacher.res=32",
             "--set", "teacher.epochs=4", "--budget", "1KB", "--set", "receiver=plain",
             "--set", "deciders=3", "--set", "holdout_fraction=0.3"]

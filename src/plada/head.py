@@ -137,6 +137,18 @@ class Choice:
     grid: list[dict]
 
 
+def holdout_mask(n: int, seed: int = 0, groups: np.ndarray | None = None) -> np.ndarray:
+    """The train rows `choose` holds out (HOLDOUT of them, seeded; whole groups when given), as a mask."""
+    held = np.zeros(n, dtype=bool)
+    if groups is None:
+        held[np.random.default_rng(seed).permutation(n)[: max(1, int(round(HOLDOUT * n)))]] = True
+    else:
+        from .auto import fold_split
+
+        held[fold_split(n, 1, seed, np.asarray(groups), frac=HOLDOUT)[0][1]] = True
+    return held
+
+
 def choose(train_f: np.ndarray, labels: np.ndarray, n_classes: int, pca: Basis, backbone: str, res: int,
            size_of, budget: int | None, seed: int = 0, groups: np.ndarray | None = None) -> Choice:
     """The most accurate (width, bits) on held-out train images whose payload fits ``budget`` bytes.
@@ -152,13 +164,7 @@ def choose(train_f: np.ndarray, labels: np.ndarray, n_classes: int, pca: Basis, 
     n = len(labels)
     if n < 10:
         raise PladaError(f"a head needs at least 10 labelled train images, got {n}")
-    held = np.zeros(n, dtype=bool)
-    if groups is None:
-        held[np.random.default_rng(seed).permutation(n)[: max(1, int(round(HOLDOUT * n)))]] = True
-    else:
-        from .auto import fold_split
-
-        held[fold_split(n, 1, seed, np.asarray(groups), frac=HOLDOUT)[0][1]] = True
+    held = holdout_mask(n, seed, groups)
     grid, best = [], None
     for dim in [d for d in DIMS if d <= pca.components.shape[1]]:
         z = pca.project(train_f, dim)

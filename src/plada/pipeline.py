@@ -291,13 +291,8 @@ def _send_head(name: str, train: Split, pool: Pool, groups: np.ndarray, cfg: Sen
         if cfg.budget < least:
             raise PladaError(f"byte budget {cfg.budget} is too small: the smallest head payload for this target and "
                              f"pool needs about {least} bytes (--set receiver=plain sends labels instead)")
-    tgroups = None
-    if cfg.holdout_groups is not None:  # e.g. GTSRB's frames of one sign: held out together, as test images are new
-        if train.files is None:
-            raise PladaError("holdout_groups needs the train split's file names; this split has none")
-        from .auto import name_groups
-
-        tgroups = name_groups([train.files[i] for i in rows], cfg.holdout_groups)
+    # e.g. GTSRB's frames of one sign: held out together, as test images are new
+    tgroups = None if cfg.holdout_groups is None else train_groups(train, cfg.holdout_groups)[rows]
     choice = headmod.choose(train_f, train.labels[rows], len(classes), pca, cfg.proxy, cfg.proxy_res,
                             lambda h: len(encode(h, 0.1234)), cfg.budget, seed=cfg.seed, groups=tgroups)
     encoded = encode(choice.head, choice.forecast)
@@ -360,17 +355,22 @@ def _fixed_receiver(train: Split, pool: Pool, idx: np.ndarray, labels: np.ndarra
     return best, fc
 
 
-def unseen_rows(train: Split, teacher: TeacherConfig, group_pattern: str | None):
-    """(rows the teacher trains on, rows it never sees, group id per row or None) for the auto search."""
+def train_groups(train: Split, pattern: str) -> np.ndarray:
+    """Group id per train row from its file name (`auto.name_groups`); a split without names is refused."""
     from . import auto
 
+    if train.files is None:
+        raise PladaError("holdout_groups needs the train split's file names; this split has none")
+    return auto.name_groups(train.files, pattern)
+
+
+def unseen_rows(train: Split, teacher: TeacherConfig, group_pattern: str | None):
+    """(rows the teacher trains on, rows it never sees, group id per row or None) for the auto search."""
     seen = train.subset_indices(teacher.limit, teacher.seed)
     unseen = np.setdiff1d(np.arange(len(train)), seen)
     tgroups = None
     if group_pattern is not None:
-        if train.files is None:
-            raise PladaError("holdout_groups needs the train split's file names; this split has none")
-        tgroups = auto.name_groups(train.files, group_pattern)
+        tgroups = train_groups(train, group_pattern)
         unseen = unseen[~np.isin(tgroups[unseen], tgroups[seen])]  # a seen group's other images are not new
     return seen, unseen, tgroups
 
