@@ -46,8 +46,21 @@ def quick_config(cfg: ShareConfig) -> ShareConfig:
     return cfg
 
 
-def run_target(target: str, pool: Pool, cfg: ShareConfig, data: str | None, log) -> dict:
-    t0 = time.time()
+@dataclass
+class Replay:
+    """The sender's side of `plada.head.choose`, replayed without the test split: what each benchmark of the
+    head-mode receiver starts from."""
+
+    train: object  # the target train subset the sender fits on (its images, labels, files)
+    train_f: np.ndarray  # its frozen features
+    pool_f: np.ndarray  # the pool's frozen features (a memory map)
+    held: np.ndarray  # the train rows `choose` holds out: the validation rows
+    heads: list  # (budget, head fitted on the other rows, with the width and bits `choose` picked)
+    n_classes: int
+
+
+def replay(target: str, pool: Pool, cfg: ShareConfig, data: str | None, log) -> Replay:
+    """Per budget, the head `choose` picks, refitted on the non-held-out rows only (as `choose` scores it)."""
     src = load_source(target, data)
     train = src.split("train")
     n_cls, names = len(train.class_names), tuple(train.class_names)
@@ -64,7 +77,7 @@ def run_target(target: str, pool: Pool, cfg: ShareConfig, data: str | None, log)
         return len(payload.encode(payload.Payload(pool.fingerprint, len(pool), names, np.zeros(0, np.int64),
                                                   np.zeros(0, np.int64), forecast=0.1234, receiver="head", head=h)))
 
-    rows = []
+    heads = []
     for budget in cfg.budgets:
         try:
             ch = headmod.choose(train_f, trn.labels, n_cls, pca, cfg.student, cfg.student_res, size_of, budget,
@@ -73,21 +86,29 @@ def run_target(target: str, pool: Pool, cfg: ShareConfig, data: str | None, log)
             log(f"[{target}] {budget} B: {e}")
             continue
         w, b = headmod.fit(pca.project(train_f[~held], ch.head.dim), trn.labels[~held], n_cls, 0)
-        h = headmod.quantise(w, b, ch.head.bits, cfg.student, cfg.student_res)  # the held-out fit, as sent
+        heads.append((budget, headmod.quantise(w, b, ch.head.bits, cfg.student, cfg.student_res)))
+    return Replay(trn, train_f, pool_f, held, heads, n_cls)
+
+
+def run_target(target: str, pool: Pool, cfg: ShareConfig, data: str | None, log) -> dict:
+    t0 = time.time()
+    r = replay(target, pool, cfg, data, log)
+    rows = []
+    for budget, h in r.heads:
         for share in cfg.shares:
-            exp = receiver.expand("head", pool_f, np.zeros(0, np.int64), np.zeros(0, np.int64), n_cls,
-                                  pseudo=int(round(share * len(pool_f))), allowed=~pool.missing, head=h,
+            exp = receiver.expand("head", r.pool_f, np.zeros(0, np.int64), np.zeros(0, np.int64), r.n_classes,
+                                  pseudo=int(round(share * len(r.pool_f))), allowed=~pool.missing, head=h,
                                   progress=False)
             accs = []
             for s in cfg.seeds:
-                w2, b2 = receiver.fit_head(pool_f, exp, n_cls, steps=cfg.head_steps, seed=s)
-                accs.append(accuracy(train_f[held] @ w2.T + b2, trn.labels[held]))
+                w2, b2 = receiver.fit_head(r.pool_f, exp, r.n_classes, steps=cfg.head_steps, seed=s)
+                accs.append(accuracy(r.train_f[r.held] @ w2.T + b2, r.train.labels[r.held]))
             rows.append({"budget": budget, "dim": h.dim, "bits": h.bits, "share": share,
                          "pool_rows": int(len(exp.indices)), "val_accuracy": paper.mean_std(accs)})
             log(f"[{target}] {budget} B d={h.dim} {h.bits}-bit share {share:g}: {len(exp.indices)} pool rows, "
                 f"val {np.mean(accs):.4f}")
-    return {"target": target, "val_images": int(held.sum()), "grouped": groups is not None, "rows": rows,
-            "seconds": round(time.time() - t0, 1)}
+    return {"target": target, "val_images": int(r.held.sum()), "grouped": cfg.holdout_groups.get(target) is not None,
+            "rows": rows, "seconds": round(time.time() - t0, 1)}
 
 
 def summary(res: dict) -> dict:
@@ -128,14 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     res = paper.run_all("head_share", cfg, a, run_target)
     if res is None:
         return 2
-    res["summary"] = summary(res)
+    save_report(res, a, "head_share", summary, write_markdown)
+    return 0
+
+
+def save_report(res: dict, a: argparse.Namespace, stem: str, summarise, write_md) -> None:
+    """Summary, then benchmarks/reports/<stem>[_quick].{json,md} under --out-dir: the head benchmarks' one tail."""
+    res["summary"] = summarise(res)
     out = Path(a.out_dir) / paper.REPORTS
     out.mkdir(parents=True, exist_ok=True)
-    stem = "head_share_quick" if a.quick else "head_share"
+    stem = f"{stem}_quick" if a.quick else stem
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1, sort_keys=True) + "\n")
-    write_markdown(res, out / f"{stem}.md")
-    print(f"wrote {out / stem}.json and .md: best share {res['summary']['best_share']}")
-    return 0
+    write_md(res, out / f"{stem}.md")
+    print(f"wrote {out / stem}.json and .md: {res['summary']}")
 
 
 if __name__ == "__main__":

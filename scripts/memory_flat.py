@@ -183,6 +183,8 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=100, help="teacher classes C (logits are N x C float32)")
     ap.add_argument("--res", type=int, default=16, help="image and model resolution")
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed after)")
+    ap.add_argument("--phases", nargs="+", choices=("build", *PHASES), default=None,
+                    help="measure only these phases (default: all; score, features and select need build first)")
     ap.add_argument("--child", choices=("build", *PHASES), help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -200,7 +202,8 @@ def main() -> None:
             t = time.perf_counter()
             make_source(work, n, a.kind, a.res)
             print(f"N={n}: synthetic {a.kind} source written in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-            for phase in (("build",) if a.kind == "folder" else ()) + PHASES:
+            for phase in [p for p in (("build",) if a.kind == "folder" else ()) + PHASES
+                          if a.phases is None or p in a.phases]:
                 cmd = [sys.executable, __file__, "--child", phase, "--n", str(n), "--work", str(work),
                        "--kind", a.kind, "--classes", str(a.classes), "--res", str(a.res)]
                 proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -13,6 +13,7 @@ from conftest import one_line, run
 
 from plada import head as headmod
 from plada import payload as P
+from plada import receiver
 from plada.errors import PayloadError
 
 FP = "ab" * 32
@@ -149,8 +150,9 @@ def test_send_and_receive_a_head(tiny_data: Path, cache: Path, tmp_path: Path, c
     assert code == 0 and info["format"] == "1.1" and info["head"]["dim"] == sent["head"]["dim"]
 
     recv = ("receive", str(out), "--pool", "tinypool", "--data", str(tiny_data), "--test", "tinytarget")
-    code, rec, err = run(capsys, *recv, "--student-mode", "linear")
+    code, rec, err = run(capsys, *recv)  # no student mode asked for: a head payload gets the linear student
     assert code == 0, err
+    assert rec["student"]["mode"] == "linear"
     assert rec["receiver"]["mode"] == "head" and rec["receiver"]["payload"] == 0 and rec["receiver"]["pseudo"] > 0
     # three colours, chance 1/3, and no labelled image was sent at all: the pool's tints differ from the target's,
     # so the pool images the head labels are an imperfect stand-in (0.75 when written)
@@ -272,3 +274,37 @@ def test_head_receiver_never_opens_target_train(tiny_data: Path, cache: Path, tm
     rep = receive(out, "tinypool", cfg, data=tiny_data, test="tinytarget", progress=False)
     assert rep["receiver"]["mode"] == "head" and rep["receiver"]["trained_on"] == 60
     assert rep["receiver"]["backbone"] == "efficientnet-lite0" and 0 <= rep["student_accuracy"] <= 1
+
+
+def test_student_mode_follows_the_payload_unless_asked() -> None:
+    """A head payload's forecast assumed frozen features: its default student is linear; labels keep the paper's."""
+    from plada.config import StudentConfig, check_student
+
+    assert StudentConfig().mode is None
+    assert StudentConfig().for_receiver("head").mode == "linear"
+    assert StudentConfig().for_receiver("plain").mode == "finetune"
+    assert StudentConfig().for_receiver("propagate").mode == "finetune"
+    assert StudentConfig(mode="finetune").for_receiver("head").mode == "finetune"  # asked for: kept
+    check_student(StudentConfig())  # None is a valid setting: resolved when the payload is read
+    with pytest.raises(Exception, match="student.mode"):
+        check_student(StudentConfig(mode="bogus"))
+
+
+def test_pool_labels_are_capped_in_rows_whatever_the_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole-pool share on ImageNet-21K would hold 14M rows of features: PSEUDO_MAX bounds them."""
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(400, 32)).astype(np.float32)
+    pca = headmod.basis(feats)
+    w, b = headmod.fit(pca.project(feats, 16), rng.integers(0, 3, 400), 3)
+    h = headmod.quantise(w, b, 8, "efficientnet-lite0", 64)
+    empty = np.zeros(0, np.int64)
+    full = receiver.expand("head", feats, empty, empty, 3, head=h, progress=False)
+    assert len(full.indices) == 400  # HEAD_SHARE 1.0: the whole pool
+    sure = full.capped(30)  # a fine-tuned student's cap keeps the head's surest rows of each class
+    conf = full.confidence
+    for k in range(3):
+        rows = np.flatnonzero(full.labels == k)
+        assert set(sure.indices[sure.labels == k]) == set(full.indices[rows[np.argsort(-conf[rows])[:10]]])
+    monkeypatch.setattr(receiver, "PSEUDO_MAX", 50)
+    capped = receiver.expand("head", feats, empty, empty, 3, head=h, progress=False)
+    assert len(capped.indices) == 50 and set(capped.indices) <= set(full.indices)

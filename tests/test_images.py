@@ -461,3 +461,35 @@ def test_send_refuses_a_pool_whose_files_broke_after_the_build(tiny_data: Path, 
                        "--set", "teacher.res=32", "--set", "teacher.mode=linear", "--keep", "25%")
     assert code == 2 and one_line(err.splitlines()[-1]) and "changed or became unreadable" in err
     assert broken in err and not out.exists() and not (tmp_path / "t.plada.json").exists()
+
+
+def test_folder_manifest_streams_in_sorted_path_order(tmp_path: Path, cache: Path) -> None:
+    """The walk yields paths in manifest order without sorting them all: names that sort around "/" included.
+
+    "a.b" and "a-b" sort before "a/" byte-wise but after "a" as folder names; a folder-by-folder walk sorted by
+    name alone would list "a/..." first and give a manifest that `Manifest.parse` refuses as unsorted.
+    """
+    rng = np.random.default_rng(0)
+    names = ["a/x.jpg", "a.b/y.jpg", "a-b.jpg", "a b/z.jpg", "a0.jpg", "a/b/c.jpg", "a/b.jpg", "ab/q.jpg",
+             "Z/upper.jpg", "é/accent.jpg", "a/b-c/d.jpg", "a/b.c.jpg"]
+    root = tmp_path / "tricky"
+    for n in names:
+        (root / n).parent.mkdir(parents=True, exist_ok=True)
+        (root / n).write_bytes(_jpeg(rng, 40, 30))
+    (root / "notes.txt").write_text("not an image")
+    got = images.scan_folder(root, progress=False)
+    assert list(got.paths) == sorted(names)
+    assert list(got.hashes) == [file_hash((root / n).read_bytes()) for n in sorted(names)]
+    pool = build_pool([str(root)], name="tricky", progress=False)
+    assert list(pool.paths) == sorted(names) and len(pool) == len(names)
+
+
+def test_folder_file_name_with_a_tab_is_refused_by_name(tmp_path: Path, cache: Path) -> None:
+    """A streamed manifest still refuses, naming the file, a path no manifest line can hold."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "tabbed"
+    root.mkdir()
+    (root / "ok.jpg").write_bytes(_jpeg(rng, 40, 30))
+    (root / "bad\tname.jpg").write_bytes(_jpeg(rng, 40, 30))
+    with pytest.raises(PladaError, match=r"cannot be stored in a pool manifest.*bad\\tname"):
+        build_pool([str(root)], name="tabbed", progress=False)

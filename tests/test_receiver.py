@@ -167,6 +167,12 @@ def test_cap_keeps_payload_and_every_class() -> None:
     c = e.capped(40)
     assert len(c.indices) == 40 and np.isin(idx, c.indices).all()
     assert np.bincount(c.labels[~np.isin(c.indices, idx)], minlength=3).tolist() == [10, 10, 10]
+    # unweighted pseudo-labels (selftrain, head) still keep their surest rows, not their lowest row numbers
+    conf = np.r_[np.ones(10), np.random.default_rng(0).random(90)]
+    u = receiver.Expansion(np.arange(100), e.labels, None, {"payload": 10}, conf).capped(40)
+    for k in range(3):
+        rows = np.flatnonzero(e.labels[10:] == k) + 10
+        assert set(u.indices[np.isin(u.indices, rows)]) == set(rows[np.argsort(-conf[rows])[:10]])
     assert receiver.finetune_budget(6000, 1200, 15.0, 128) == pytest.approx(2 * 10 * 15 / 47)
     assert receiver.finetune_budget(1300, 1200, 15.0, 128) == 15.0
 

@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop kept images this pool lacks (see `pool build --manifest`) instead of refusing")
     r.add_argument("--student", default=None, help="student backbone: a registry name, timm:NAME or tv:NAME")
     r.add_argument("--student-mode", default=None, choices=STUDENT_MODES,
-                   help="finetune (default: the paper's), linear (frozen features), scratch (no pretraining)")
+                   help="finetune (the paper's), linear (frozen features), scratch (no pretraining); default: "
+                        "linear for a head payload, else finetune")
     r.add_argument("--receiver", default=None, choices=ReceiveConfig.MODES,
                    help="plain (the payload's images only), selftrain or propagate (also pseudo-label the pool "
                         "this receiver holds), head (the payload's head labels the pool); default: the mode the "

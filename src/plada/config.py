@@ -36,6 +36,7 @@ DEFAULT_RECEIVERS = ("plain",)
 # four shared targets, by 3.5 to 62.6 points (results/receiver.json "default_on_validation"; docs/RESULTS.md,
 # "Defaults"). --set receiver=plain sends the paper's labels under a budget.
 BUDGET_RECEIVER = "head"
+HEAD_STUDENT = "linear"  # the student a head payload gets unless told (student_mode)
 MAX_SEED = 2**32 - 1  # numpy and torch both take any seed below this
 TEACHER_MODES = ("finetune", "linear")
 STUDENT_MODES = ("finetune", "linear", "scratch")
@@ -67,7 +68,24 @@ class TeacherConfig(TrainConfig):
 class StudentConfig(TrainConfig):
     """The receiver's student. finetune is the paper's recipe (AdamW 1e-3, cosine); linear trains a head only."""
 
+    # None: the student the payload's forecast assumed (`student_mode`): linear for a head payload, else finetune
+    mode: str | None = None
     epochs: float = 15.0
+
+    def for_receiver(self, receiver: str) -> StudentConfig:
+        """This config with its mode resolved for the payload's receiver mode (see `student_mode`)."""
+        return self if self.mode is not None else replace(self, mode=student_mode(receiver))
+
+
+def student_mode(receiver: str) -> str:
+    """The student mode used when none is asked for: the one the sender's forecast assumed.
+
+    A head payload's forecast is the head on frozen features, and on held-out target train images a linear
+    student on the head's pool labels beat a fine-tuned one on every shared target (far-OOD ones by tens of
+    points: fine-tuning on pool images drifts the backbone away from the target's domain); see
+    benchmarks/reports/head_student.md. Labels keep the paper's fine-tuned student.
+    """
+    return HEAD_STUDENT if receiver == "head" else "finetune"
 
 
 @dataclass(frozen=True)
@@ -241,7 +259,7 @@ def check_teacher(t: TeacherConfig) -> None:
 
 
 def check_student(s: StudentConfig) -> None:
-    _check_train("student", s, STUDENT_MODES)
+    _check_train("student", s if s.mode is not None else replace(s, mode="finetune"), STUDENT_MODES)
 
 
 def _check_train(name: str, c: TrainConfig, modes: typing.Sequence[str]) -> None:

@@ -98,7 +98,7 @@ def _split_path(rel: str) -> tuple[str, str, str] | None:
     return parts[0], parts[1], "/".join(parts)
 
 
-def _walk_files(src: Path) -> Iterator[tuple[str, str]]:
+def _walk_files(src: Path, path_order: bool = False) -> Iterator[tuple[str, str]]:
     """(posix path relative to `src`, full path) of every file under `src`, in `sorted(src.rglob("*"))` order.
 
     Why not that one-liner: it holds a Path for every entry of the tree at once (~0.6 kB each: 300 MB for a
@@ -106,12 +106,22 @@ def _walk_files(src: Path) -> Iterator[tuple[str, str]]:
     name, a folder's contents right after it) and rglob's rules (hidden files listed, symlinked folders not
     entered), except that a folder it cannot list is an error naming it: rglob skips it without a word, and
     a target missing a class folder would be sent as a dataset with one class fewer.
+
+    ``path_order``: instead, in ``sorted(relative paths)`` order (a manifest's), still one folder's listing
+    at a time. A folder sorts among its siblings as its name plus "/": every path below it starts so, and a
+    file name cannot hold "/", so sibling order decides the order of everything beneath them.
     """
+
+    def key(e: os.DirEntry) -> str:
+        try:
+            return e.name + "/" if path_order and e.is_dir(follow_symlinks=False) else e.name
+        except OSError:
+            return e.name
 
     def walk(folder: str, prefix: str) -> Iterator[tuple[str, str]]:
         try:
             with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = sorted(it, key=key)
         except OSError as e:
             raise PladaError(f"cannot read folder {_shown(folder)}: {e.strerror or e}") from None
         for entry in entries:

@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from .data import _check_name, _is_image, _shown, _to_8bit, _to_square, _walk_files
 from .errors import PladaError
+from .manifest import Manifest
 
 __all__ = ["DEFAULT_RES", "MAX_PIXELS", "BadImage", "FolderFiles", "LazyImages", "Scanned", "TarMembers",
            "check_header", "decode", "file_hash", "layout_of", "scan_folder", "scan_shards"]
@@ -481,8 +482,8 @@ class BatchStream:
 class Scanned:
     """A source's images in manifest order: paths, hashes, and for shards where each one's bytes are."""
 
-    paths: list[str]
-    hashes: list[str]
+    paths: Sequence[str]
+    hashes: Sequence[str]
     skipped: list[str]  # files refused (unreadable, not an image, a bomb), sorted; not in the manifest
     members: np.ndarray | None = None  # (N, 3) int64 shard, offset, size: shards only
     shards: list[str] | None = None  # shard file names under the root: shards only
@@ -556,30 +557,57 @@ def scan_folder(root: Path, progress: bool = True, workers: int | None = None,
 
     Why threads: hashing and PIL's header parsing release the GIL over the bytes, and reads overlap; a
     file that cannot be read or is no admissible image is left out and named in one warning line.
+    Why streamed: the walk yields paths already in manifest order (`_walk_files(path_order=True)`), so
+    each block of hashes is written straight into the manifest's bytes; no list of every path and hash
+    is ever held (at 14.2M images those lists alone cost about 2 GB more than the manifest itself).
     """
     root = Path(root)
-    rels = sorted(rel for rel, _ in _walk_files(root) if _is_image(rel))
-    if not rels:
-        raise PladaError(f"{root} holds no image files (.jpg, .jpeg, .png, .webp, ...)")
-    for rel in rels:
-        _check_name(rel, root)
-    hashes: list[str | None] = []
-    why: list[str] = []
     base = os.fspath(root)
+    parts: list[bytes] = []
+    ends: list[np.ndarray] = []
+    skipped: list[tuple[str, str]] = []
+    size = 0
+
+    def flush(block: list[str], ex: ThreadPoolExecutor) -> None:
+        nonlocal size
+        lines = []
+        for rel, (h, why) in zip(block, ex.map(lambda r: _inspect(_reader(os.path.join(base, r)), max_pixels),
+                                               block), strict=True):
+            if h is None:
+                skipped.append((rel, why))
+            else:
+                lines.append(f"{rel}\t{h}\n".encode())
+        if lines:
+            lens = np.fromiter((len(x) for x in lines), dtype=np.int64, count=len(lines))
+            ends.append(size + np.cumsum(lens) - 1)
+            parts.append(b"".join(lines))
+            size += int(lens.sum())
+        bar.update(len(block))
+
+    seen = 0
     with (ThreadPoolExecutor(workers or min(32, os.cpu_count() or 1)) as ex,
-          tqdm(total=len(rels), desc=f"hashing {root.name}", unit="img", disable=not progress) as bar):
-        for a in range(0, len(rels), _BLOCK):
-            block = rels[a : a + _BLOCK]
-            for h, w in ex.map(lambda r: _inspect(_reader(os.path.join(base, r)), max_pixels), block):
-                hashes.append(h)
-                why.append(w)
-            bar.update(len(block))
-    keep = [i for i, h in enumerate(hashes) if h is not None]
-    skipped = [(rels[i], why[i]) for i, h in enumerate(hashes) if h is None]
+          tqdm(desc=f"hashing {root.name}", unit="img", disable=not progress) as bar):
+        block: list[str] = []
+        for rel, _ in _walk_files(root, path_order=True):
+            if not _is_image(rel):
+                continue
+            _check_name(rel, root)
+            block.append(rel)
+            seen += 1
+            if len(block) == _BLOCK:
+                flush(block, ex)
+                block = []
+        if block:
+            flush(block, ex)
+    if not seen:
+        raise PladaError(f"{root} holds no image files (.jpg, .jpeg, .png, .webp, ...)")
     _warn_skipped(skipped, root)
-    if not keep:
+    if not parts:
         raise PladaError(f"no image in {root} could be read ({len(skipped)} refused, e.g. {skipped[0][0]})")
-    return Scanned([rels[i] for i in keep], [hashes[i] for i in keep], [s for s, _ in skipped])  # type: ignore[misc]
+    raw = b"".join(parts)
+    parts.clear()  # the chunks, now copied into raw
+    m = Manifest(raw, np.concatenate(ends))  # canonical by construction; `pool` parses it again before use
+    return Scanned(m.paths, m.hashes, [s for s, _ in skipped])
 
 
 def _sample_parts(name: str) -> tuple[str, str]:

@@ -439,6 +439,7 @@ def receive(
     # Before the pool is opened: a header naming a receiver mode this plada lacks is refused in one line.
     mode, mode_from = receiver.resolve_mode(cfg.mode, header["receiver"])
     replace(cfg, mode=mode).check()  # the header's mode: its knobs are checked as if it had been given
+    student = student.for_receiver(mode)
     if mode == "head" and "head" not in header:
         raise PladaError(f"receiver mode head needs a payload that carries a head; {payload_path} has none "
                          f"(its sender named {header['receiver']})")
@@ -494,13 +495,7 @@ def receive(
         feats = cached_features(fm, pool.images, f"pool/{pool.fingerprint}", progress=progress, device=dev)
         expansion = receiver.expand(mode, feats, indices, labels, n_cls, seed=student.seed, pseudo=cfg.pseudo,
                                     k=cfg.knn, rounds=cfg.rounds, allowed=~pool.missing, progress=progress)
-    train_cfg = student
-    if student.mode != "linear" and mode != "plain":  # bounded cost: a capped set, a bounded step count
-        expansion = expansion.capped(receiver.FINETUNE_CAP)
-        # a head payload keeps few images or none: its cost is bounded as if it kept the paper's 1%
-        ref = max(len(indices), len(pool) // 100) if mode == "head" else len(indices)
-        train_cfg = replace(student, epochs=receiver.finetune_budget(len(expansion.indices), ref,
-                                                                     student.epochs, student.batch_size))
+    expansion, train_cfg = receiver.student_recipe(expansion, student, mode, len(indices), len(pool))
     rows, rlabels = expansion.training_rows(student.seed)
     order = np.argsort(rows, kind="stable")
     rows, rlabels = rows[order], rlabels[order]

@@ -321,20 +321,24 @@ def _build_files_pool(src: Path, layout: str, name: str, root: Path,
         if members is not None:
             members = np.where(same[:, None], members[np.maximum(at, 0)], np.array([-1, 0, 0]))
     fp = hashlib.sha256(text).hexdigest()
+    n, n_skipped, shards = len(paths), len(got.skipped), got.shards
     with _locked(root, name, progress) as created:
         _check_replaceable(root)
         version = root / f"v-{secrets.token_hex(8)}"
         try:
             version.mkdir()
             atomic_write(version / "manifest.tsv", text)
+            # the pool opened below reads its manifest back from disk: the scan's copy goes first, so a
+            # build holds one manifest at a time, not two (1.2 GB each at 14.2M images)
+            got = text = paths = hashes = None  # type: ignore[assignment]
             atomic_save_npy(version / "missing.npy", missing)
             if members is not None:
                 atomic_save_npy(version / "members.npy", np.ascontiguousarray(members, dtype=np.int64))
             meta = {"name": name, "kind": _KIND_FILES, "layout": layout, "source": str(src), "sources": [str(src)],
-                    "size": len(paths), "fingerprint": fp, "missing": int(missing.sum()), "skipped": len(got.skipped),
+                    "size": n, "fingerprint": fp, "missing": int(missing.sum()), "skipped": n_skipped,
                     "default_res": DEFAULT_RES, "max_pixels": MAX_PIXELS}
-            if got.shards is not None:
-                meta["shards"] = got.shards
+            if shards is not None:
+                meta["shards"] = shards
             write_json_atomic(version / "pool.json", meta)
             _fsync(version)
             pool = _open_version(version, root)

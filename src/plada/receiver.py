@@ -11,15 +11,15 @@ optional weights) using only those:
   graph of the pool's frozen features; the most confident images of each class join the training set,
   weighted by how sure the spreading is (Iscen et al., 2019).
 - ``head``: the payload carries a linear head in the pool's PCA space (`plada.head`, format 1.1); it labels
-  the whole pool and its surest images of each class, with the payload's own, are the training set.
+  the whole pool, which (with the payload's own images, if any) is the training set.
 
 Every step is seeded or deterministic (stable sorts, ties broken by pool row), so one seed gives one
 training set. The pool's features are computed once and memory-mapped (`features.cached_features`);
 the kNN graph is computed in row chunks (never an N x N matrix), saved chunk by chunk so an interrupted
-build resumes, and cached under the features' key. The constants below are NOT yet tuned: they are the
-published defaults of label spreading (Zhou et al.; Iscen et al.) and hand-set shares. ``python -m
-benchmarks.receiver`` runs a validation grid on target *train* images (never a test split) to choose them;
-until its numbers are in benchmarks/reports/RECEIVER.md the default receiver stays ``plain``.
+build resumes, and cached under the features' key. HEAD_SHARE was chosen on held-out target *train* images
+(``python -m benchmarks.head_share``); the spreading constants are the published defaults of label spreading
+(Zhou et al.; Iscen et al.) and PSEUDO_SHARE is hand-set (``python -m benchmarks.receiver`` grids them on
+target train images, benchmarks/reports/RECEIVER.md).
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ import hashlib
 import math
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import ReceiveConfig
+from .config import ReceiveConfig, StudentConfig
 from .data import atomic_save_npy, atomic_write, cache_root
 from .errors import PladaError
 from .payload import LABEL_RECEIVERS, Head
@@ -55,8 +55,14 @@ SPREAD_ALPHA = 0.99  # label spreading: weight of the neighbours against the pay
 SPREAD_ITERS = 40
 PROPAGATE_WEIGHTED = True  # propagate: pseudo-labels weighted by the spreading's confidence (else all count 1)
 EDGE_POWER = 3  # edge weight = cosine similarity ** EDGE_POWER (Iscen et al.): near neighbours count most
-HEAD_SHARE = 0.25  # head: this share of the pool, balanced over classes (the payload sends no images of its own);
-# hand-set as in benchmarks.pool_head's whole-pool route, not tuned
+# head: this share of the pool, surest first and balanced over classes (the payload sends no images of its own).
+# Chosen on held-out target train images (python -m benchmarks.head_share, benchmarks/reports/head_share.md):
+# the whole pool gave the best mean linear student over 4 targets x 2 budgets (62.8% against 61.3% at 0.25)
+HEAD_SHARE = 1.0
+# A memory bound, not a tuned value: a linear student holds its rows' features in RAM (1280-d float32: 1 GB per
+# 200,000 rows), and its 1,000 minibatches of 512 see each of 200,000 rows about 2.5 times, so more rows add
+# little; on a 120,000-image pool it never binds, on ImageNet-21K it keeps a receive under a few GB
+PSEUDO_MAX = 200_000  # pseudo-labelled images at most, whatever the share
 FINETUNE_CAP = 6000  # a fine-tuned student trains on at most this many images ...
 FINETUNE_STEP_FACTOR = 2.0  # ... and for at most this many times the steps the payload alone would take
 
@@ -69,6 +75,8 @@ class Expansion:
     labels: np.ndarray
     weights: np.ndarray | None = None
     info: dict = field(default_factory=dict)
+    # per row, how sure the mode is of its label (the payload's own rows: 1); what `capped` keeps the surest by
+    confidence: np.ndarray | None = None
 
     def training_rows(self, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows, labels) to train on: weights become a seeded resample, so any trainer can use them.
@@ -92,7 +100,8 @@ class Expansion:
         rest = np.arange(n_payload, len(self.indices))
         room = cap - len(keep)
         if room > 0 and len(rest):
-            conf = self.weights[rest] if self.weights is not None else np.ones(len(rest))
+            sure = self.confidence if self.confidence is not None else self.weights
+            conf = sure[rest] if sure is not None else np.ones(len(rest))
             # round-robin over classes, surest first, so a cap never drops a whole class
             lab = self.labels[rest]
             rank = np.empty(len(rest), dtype=np.int64)
@@ -103,7 +112,8 @@ class Expansion:
             keep = np.concatenate([keep, rest[order[:room]]])
         keep = np.sort(keep)
         w = None if self.weights is None else self.weights[keep]
-        return Expansion(self.indices[keep], self.labels[keep], w, {**self.info, "capped_to": int(cap)})
+        c = None if self.confidence is None else self.confidence[keep]
+        return Expansion(self.indices[keep], self.labels[keep], w, {**self.info, "capped_to": int(cap)}, c)
 
 
 def resolve_mode(explicit: str | None, named: str) -> tuple[str, str]:
@@ -156,7 +166,7 @@ def expand(
     if mode == "plain":
         return Expansion(indices, labels, None, {"mode": mode, "payload": len(indices), "pseudo": 0})
     share = HEAD_SHARE if mode == "head" else PSEUDO_SHARE
-    pseudo = int(round(share * len(feats))) if pseudo is None else pseudo
+    pseudo = min(int(round(share * len(feats))), PSEUDO_MAX) if pseudo is None else pseudo
     pred, conf, ok, info = pool_labels(mode, feats, indices, labels, n_classes, seed=seed, pseudo=pseudo, k=k,
                                        rounds=rounds, allowed=allowed, graph_key=graph_key, progress=progress,
                                        head=head)
@@ -211,7 +221,8 @@ def from_pool_labels(indices: np.ndarray, labels: np.ndarray, pred: np.ndarray, 
     hist = np.bincount(pred[rows], minlength=n_classes)
     return Expansion(np.concatenate([indices, rows]), np.concatenate([labels, pred[rows]]), w,
                      {**info, "payload": len(indices), "pseudo": int(len(rows)), "weighted": bool(weighted),
-                      "pseudo_per_class": hist.tolist()})
+                      "pseudo_per_class": hist.tolist()},
+                     np.concatenate([np.ones(len(indices)), np.asarray(conf[rows], dtype=np.float64)]))
 
 
 def basis_key(feats: np.ndarray) -> str:
@@ -434,6 +445,21 @@ def finetune_budget(n_rows: int, n_payload: int, epochs: float, batch_size: int)
     plain_steps = max(1, math.ceil(n_payload / batch_size)) * epochs
     per_epoch = max(1, math.ceil(n_rows / batch_size))
     return float(min(epochs, FINETUNE_STEP_FACTOR * plain_steps / per_epoch))
+
+
+def student_recipe(exp: Expansion, student: StudentConfig, mode: str, n_payload: int, pool_size: int
+                   ) -> tuple[Expansion, StudentConfig]:
+    """The training set and recipe a pool mode's student gets: one rule for `plada receive` and the benchmarks.
+
+    A linear student trains on every expanded row (a head is cheap); any other student on at most
+    FINETUNE_CAP of them for a bounded number of steps (`finetune_budget`). A head payload keeps few images
+    or none, so its cost is bounded as if it kept the paper's 1% of the pool.
+    """
+    if student.mode == "linear" or mode == "plain":
+        return exp, student
+    exp = exp.capped(FINETUNE_CAP)
+    ref = max(n_payload, pool_size // 100) if mode == "head" else n_payload
+    return exp, replace(student, epochs=finetune_budget(len(exp.indices), ref, student.epochs, student.batch_size))
 
 
 def fit_head(feats: np.ndarray, exp: Expansion, n_classes: int, steps: int = 1000, seed: int = 0
