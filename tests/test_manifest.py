@@ -68,7 +68,7 @@ def random_manifest(rng: random.Random) -> bytes:
     return bytes(raw)
 
 
-@pytest.mark.parametrize("chunk", [manifest._CHUNK_BYTES, 64])  # 64 bytes: many tiny chunks and boundaries
+@pytest.mark.parametrize("chunk", [manifest._CHUNK_BYTES, 64, 16])  # 64 and 16 bytes: tiny chunks, runs of one line
 def test_agrees_with_the_plain_reading(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(manifest, "_CHUNK_BYTES", chunk)
     rng = random.Random(chunk)

@@ -101,26 +101,32 @@ class Manifest:
                 dec.decode(raw[a : a + _CHUNK_BYTES], final=a + _CHUNK_BYTES >= len(raw))
         except UnicodeDecodeError:
             raise PladaError(f"{where} is not a pool manifest (not UTF-8 text)") from None
-        ends = np.flatnonzero(buf == 0x0A)
-        starts = np.empty_like(ends)
-        starts[0], starts[1:] = 0, ends[:-1] + 1
-        bad = ends - starts < _TAIL + 1  # room for a non-empty path, the tab and the hash
-        for ch in (0x09, 0x0D, 0x00):  # exactly one tab per line; no CR or NUL anywhere
-            at = np.flatnonzero(buf == ch)
-            per_line = np.bincount(np.searchsorted(ends, at), minlength=len(ends))
-            bad |= per_line != (1 if ch == 0x09 else 0)
-        ok = np.flatnonzero(~bad)
-        tail = ends[ok] - _TAIL  # where each tab must be
-        bad[ok[buf[tail] != 0x09]] = True
-        step = max(1, _CHUNK_BYTES // HASH_HEX // 8)
-        for a in range(0, len(ok), step):
-            rows = ok[a : a + step]
-            digits = buf[(ends[rows] - HASH_HEX)[:, None] + np.arange(HASH_HEX)]
-            bad[rows[~_HEX[digits].all(1)]] = True
+        # Every step below works on a bounded run of lines (at most _CHUNK_BYTES of text), so checking holds
+        # the text, one int64 per line and scratch of a few chunks: no full-size temporary per separator.
+        ends = np.concatenate([np.flatnonzero(buf[a : a + _CHUNK_BYTES] == 0x0A) + a
+                               for a in range(0, len(buf), _CHUNK_BYTES)])
+        bad = np.zeros(len(ends), dtype=bool)
+        for r0, r1 in _line_runs(ends):
+            e = ends[r0:r1]
+            st = _starts(ends, r0, r1)
+            seg = buf[st[0] : e[-1] + 1]
+            b = e - st < _TAIL + 1  # room for a non-empty path, the tab and the hash
+            for ch in (0x09, 0x0D, 0x00):  # exactly one tab per line; no CR or NUL anywhere
+                at = np.flatnonzero(seg == ch) + st[0]
+                per_line = np.bincount(np.searchsorted(e, at), minlength=len(e))
+                b |= per_line != (1 if ch == 0x09 else 0)
+            ok = np.flatnonzero(~b)
+            b[ok[buf[e[ok] - _TAIL] != 0x09]] = True  # the tab must sit right before the hash
+            step = 65536  # lines per hex check: its index matrix is 128 B a line
+            for a in range(0, len(ok), step):
+                rows = ok[a : a + step]
+                digits = buf[(e[rows] - HASH_HEX)[:, None] + np.arange(HASH_HEX)]
+                b[rows[~_HEX[digits].all(1)]] = True
+            bad[r0:r1] = b
         if bad.any():
             raise PladaError(f"{where} is not a pool manifest: line {int(np.argmax(bad)) + 1} is not "
                              f"`path<TAB>{HASH_HEX}-hex-hash`")
-        _check_order(buf, starts, ends - _TAIL, where)
+        _check_order(buf, ends, where)
         return cls(raw, ends)
 
     @classmethod
@@ -161,24 +167,47 @@ def manifest_text(paths: Sequence[str], hashes: Sequence[str]) -> bytes:
                     for a in range(0, len(paths), step))
 
 
-def _check_order(buf: np.ndarray, starts: np.ndarray, stops: np.ndarray, where: object) -> None:
+def _line_runs(ends: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(first, stop) line numbers of consecutive runs of lines, each at most _CHUNK_BYTES of text (or one line)."""
+    n, r0 = len(ends), 0
+    while r0 < n:
+        first = int(ends[r0 - 1]) + 1 if r0 else 0
+        r1 = min(n, max(r0 + 1, int(np.searchsorted(ends, first + _CHUNK_BYTES))))
+        yield r0, r1
+        r0 = r1
+
+
+def _starts(ends: np.ndarray, r0: int, r1: int) -> np.ndarray:
+    """Byte offset of the first character of lines r0..r1-1."""
+    st = np.empty(r1 - r0, dtype=np.int64)
+    st[0] = ends[r0 - 1] + 1 if r0 else 0
+    st[1:] = ends[r0 : r1 - 1] + 1
+    return st
+
+
+def _check_order(buf: np.ndarray, ends: np.ndarray, where: object) -> None:
     """Paths strictly increasing byte-wise (UTF-8 byte order is code-point order, so `sorted(str)` order).
 
-    Consecutive paths are compared as zero-padded rows of a matrix, a bounded chunk at a time;
-    zero padding is exact because NUL was refused.
+    Consecutive paths are compared as zero-padded rows of a matrix, a bounded chunk at a time (each chunk
+    overlaps the next by one line); zero padding is exact because NUL was refused.
     """
-    n = len(starts)
-    lens = stops - starts
+    n = len(ends)
     a = 0
     while a < n - 1:
-        b = min(n, a + max(2, _CHUNK_BYTES // 4 // max(1, int(lens[a : a + 4096].max()))))
-        while b - a > 2 and (b - a) * int(lens[a:b].max()) > _CHUNK_BYTES // 4:
+        head = min(n, a + 4096)
+        lens = ends[a:head] - _TAIL - _starts(ends, a, head)
+        b = min(n, a + max(2, _CHUNK_BYTES // 16 // max(1, int(lens.max()))))
+        starts = _starts(ends, a, b)
+        stops = ends[a:b] - _TAIL
+        lens = stops - starts
+        while b - a > 2 and (b - a) * int(lens.max()) > _CHUNK_BYTES // 16:
             b = a + (b - a) // 2
-        width = max(1, int(lens[a:b].max()))
-        seg = np.zeros(int(stops[b - 1] - starts[a]) + width, dtype=np.uint8)
-        seg[: stops[b - 1] - starts[a]] = buf[starts[a] : stops[b - 1]]
-        m = np.lib.stride_tricks.sliding_window_view(seg, width)[starts[a:b] - starts[a]]  # a copy: rows x width
-        m[np.arange(width)[None, :] >= lens[a:b, None]] = 0
+            starts, stops, lens = starts[: b - a], stops[: b - a], lens[: b - a]
+        width = max(1, int(lens.max()))
+        seg = np.zeros(int(stops[-1] - starts[0]) + width, dtype=np.uint8)
+        seg[: stops[-1] - starts[0]] = buf[starts[0] : stops[-1]]
+        m = np.lib.stride_tricks.sliding_window_view(seg, width)[starts - starts[0]]  # a copy: rows x width
+        m[np.arange(width)[None, :] >= lens[:, None]] = 0
         x, y = m[:-1], m[1:]
         diff = x != y
         if not diff.any(1).all():
