@@ -29,7 +29,7 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -153,11 +153,9 @@ def run_target(target: str, pool: Pool, cfg: HeadConfig, data: str | None, log) 
               "head_accuracy": head_acc, "pool_rows": int(len(exp.indices)), "linear_student": paper.mean_std(accs)}
         if target in cfg.finetune_targets and budget in cfg.finetune_budgets:
             t1 = time.time()
-            e = exp.capped(receiver.FINETUNE_CAP)
             scfg = StudentConfig(model=cfg.student, res=cfg.student_res, mode="finetune", flip=target not in
                                  paper.NO_FLIP, seed=0)
-            scfg = replace(scfg, epochs=receiver.finetune_budget(len(e.indices), len(pool) // 100, scfg.epochs,
-                                                                       scfg.batch_size))
+            e, scfg = receiver.student_recipe(exp, scfg, "head", 0, len(pool))
             rows, rl = e.training_rows(0)
             order = np.argsort(rows, kind="stable")
             model = train_student(np.asarray(pool.images[rows[order]]), rl[order], n_cls, scfg, progress=False)

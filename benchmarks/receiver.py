@@ -25,7 +25,7 @@ import math
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -317,10 +317,7 @@ def run_target(target: str, pool: Pool, cfg: ReceiverConfig, data: str | None, l
                 scfg = StudentConfig(model=cfg.student, res=cfg.student_res, mode="finetune",
                                      epochs=cfg.finetune_epochs, flip=tcfg.flip, seed=0)
                 e = receiver.expand(m, pool_f, idx, lab, n_cls, graph_key=gkey, progress=False)
-                if m != "plain":
-                    e = e.capped(receiver.FINETUNE_CAP)
-                    scfg = replace(scfg, epochs=receiver.finetune_budget(len(e.indices), k, scfg.epochs,
-                                                                         scfg.batch_size))
+                e, scfg = receiver.student_recipe(e, scfg, m, k, len(pool))
                 rows, rl = e.training_rows(0)
                 order = np.argsort(rows, kind="stable")
                 model = train_student(np.asarray(pool.images[rows[order]]), rl[order], n_cls, scfg, progress=False)
