@@ -38,11 +38,12 @@ from plada.train import accuracy, predict
 @dataclass
 class StudentChoiceConfig(head_share.ShareConfig):
     budgets: tuple[int, ...] = (1000,)
+    student_epochs: float = StudentConfig.epochs  # the receiver's default fine-tune, before its step bound
 
 
 def quick_config(cfg: StudentChoiceConfig) -> StudentChoiceConfig:
     cfg = head_share.quick_config(cfg)
-    cfg.budgets = (600,)
+    cfg.budgets, cfg.student_epochs = (600,), 1.0
     return cfg
 
 
@@ -61,10 +62,8 @@ def run_target(target: str, pool: Pool, cfg: StudentChoiceConfig, data: str | No
             w2, b2 = receiver.fit_head(r.pool_f, exp, r.n_classes, steps=cfg.head_steps, seed=s)
             lin.append(accuracy(val_f @ w2.T + b2, val_y))
         t1 = time.time()
-        scfg = StudentConfig(model=cfg.student, res=cfg.student_res, mode="finetune",
+        scfg = StudentConfig(model=cfg.student, res=cfg.student_res, mode="finetune", epochs=cfg.student_epochs,
                              flip=target not in paper.NO_FLIP, seed=0)
-        if cfg.student_res < 64:  # --quick: a short fine-tune
-            scfg = StudentConfig(model=cfg.student, res=cfg.student_res, mode="finetune", epochs=1.0, seed=0)
         e, scfg = receiver.student_recipe(exp, scfg, "head", 0, len(pool))
         trows, tl = e.training_rows(0)
         order = np.argsort(trows, kind="stable")

@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from .data import _check_name, _is_image, _shown, _to_8bit, _to_square, _walk_files
 from .errors import PladaError
-from .manifest import Manifest
+from .manifest import ManifestWriter
 
 __all__ = ["DEFAULT_RES", "MAX_PIXELS", "BadImage", "FolderFiles", "LazyImages", "Scanned", "TarMembers",
            "check_header", "decode", "file_hash", "layout_of", "scan_folder", "scan_shards"]
@@ -563,13 +563,10 @@ def scan_folder(root: Path, progress: bool = True, workers: int | None = None,
     """
     root = Path(root)
     base = os.fspath(root)
-    parts: list[bytes] = []
-    ends: list[np.ndarray] = []
+    out = ManifestWriter()
     skipped: list[tuple[str, str]] = []
-    size = 0
 
     def flush(block: list[str], ex: ThreadPoolExecutor) -> None:
-        nonlocal size
         lines = []
         for rel, (h, why) in zip(block, ex.map(lambda r: _inspect(_reader(os.path.join(base, r)), max_pixels),
                                                block), strict=True):
@@ -577,11 +574,7 @@ def scan_folder(root: Path, progress: bool = True, workers: int | None = None,
                 skipped.append((rel, why))
             else:
                 lines.append(f"{rel}\t{h}\n".encode())
-        if lines:
-            lens = np.fromiter((len(x) for x in lines), dtype=np.int64, count=len(lines))
-            ends.append(size + np.cumsum(lens) - 1)
-            parts.append(b"".join(lines))
-            size += int(lens.sum())
+        out.add(lines)
         bar.update(len(block))
 
     seen = 0
@@ -602,11 +595,9 @@ def scan_folder(root: Path, progress: bool = True, workers: int | None = None,
     if not seen:
         raise PladaError(f"{root} holds no image files (.jpg, .jpeg, .png, .webp, ...)")
     _warn_skipped(skipped, root)
-    if not parts:
+    if not len(out):
         raise PladaError(f"no image in {root} could be read ({len(skipped)} refused, e.g. {skipped[0][0]})")
-    raw = b"".join(parts)
-    parts.clear()  # the chunks, now copied into raw
-    m = Manifest(raw, np.concatenate(ends))  # canonical by construction; `pool` parses it again before use
+    m = out.finish()  # canonical by construction; `pool` parses it again before use
     return Scanned(m.paths, m.hashes, [s for s, _ in skipped])
 
 
@@ -704,15 +695,11 @@ def scan_shards(root: Path, progress: bool = True, workers: int | None = None,
     _warn_skipped(sorted(skipped), root)
     if not len(key):
         raise PladaError(f"no image in the shards of {root} could be read")
-    lines, ends, size = [], [], 0
+    out = ManifestWriter()
     for a in range(0, len(key), 65536):  # the manifest's bytes a block at a time
-        block = [n + b"\t" + h + b"\n" for n, h in zip(key[a:a + 65536].tolist(), hashes[a:a + 65536].tolist(),
-                                                       strict=True)]
-        lens = np.fromiter((len(x) for x in block), dtype=np.int64, count=len(block))
-        ends.append(size + np.cumsum(lens) - 1)
-        lines.append(b"".join(block))
-        size += int(lens.sum())
-    m = Manifest(b"".join(lines), np.concatenate(ends))
+        out.add([n + b"\t" + h + b"\n" for n, h in zip(key[a:a + 65536].tolist(), hashes[a:a + 65536].tolist(),
+                                                       strict=True)])
+    m = out.finish()
     return Scanned(m.paths, m.hashes, sorted(n for n, _ in skipped), members, shards)
 
 

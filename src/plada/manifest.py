@@ -135,6 +135,36 @@ class Manifest:
         return cls.parse(manifest_text(paths, hashes))
 
 
+class ManifestWriter:
+    """A manifest built a block of lines at a time, in pool order: its bytes and line ends, no per-line objects.
+
+    Why: a builder that collected every path and hash as Python strings first would hold about 2 GB more
+    than the manifest itself at 14.2M images. The caller guarantees the order; `Manifest.parse` checks it.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._ends: list[np.ndarray] = []
+        self._size = 0
+
+    def add(self, lines: Sequence[bytes]) -> None:
+        """Append whole `path<TAB>hash<LF>` lines."""
+        if not lines:
+            return
+        lens = np.fromiter((len(x) for x in lines), dtype=np.int64, count=len(lines))
+        self._ends.append(self._size + np.cumsum(lens) - 1)
+        self._parts.append(b"".join(lines))
+        self._size += int(lens.sum())
+
+    def __len__(self) -> int:
+        return sum(len(e) for e in self._ends)
+
+    def finish(self) -> Manifest:
+        raw = b"".join(self._parts)
+        self._parts.clear()  # the blocks, now copied into raw
+        return Manifest(raw, np.concatenate(self._ends) if self._ends else np.zeros(0, dtype=np.int64))
+
+
 _UNSTORABLE = ("\n", "\t", "\r", "\x00")  # line and field separators, and what `Manifest.parse` refuses
 
 
