@@ -9,11 +9,13 @@ by EfficientNet-Lite0 (ImageNet weights) on this machine's CPU:
 
 - scoring: `score.score_pool` on the folder pool (files read, hashed, decoded at 224 in threads, prefetched,
   then the forward) against the bare forward of the same images already decoded, normalised and in memory;
-- training: `train.fit` on the folder pool (random batches decoded on the fly, augmentation, AdamW, schedule)
-  against a bare forward+backward+AdamW step on batches already in memory.
+- training: `train.fit` on the folder pool (random batches, each image a random-resized crop of its full file
+  and a flip, decoded on the fly; AdamW, schedule) against a bare forward+backward+AdamW step on batches
+  already in memory.
 
-Rounds alternate bare and plada measurements so a machine shared with other work slows both alike; each
-figure is the median over rounds. The manifest figure opens a synthetic 14.2M-line manifest (ImageNet-21K's
+Rounds alternate bare and plada measurements (odd rounds plada first) so a machine shared with other work,
+or drifting, slows both alike; each figure is the median over rounds, and the ratios' range over rounds is
+kept beside it. The manifest figure opens a synthetic 14.2M-line manifest (ImageNet-21K's
 size, paths and hashes as plada writes them) in a fresh process and reads its resident memory.
 """
 
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="folder of dataset archives (default: $PLADA_DATA)")
     ap.add_argument("--res", type=int, default=224)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--score-images", type=int, default=1024, help="images scored per round")
     ap.add_argument("--train-steps", type=int, default=12, help="training steps per round")
     ap.add_argument("--min-files", type=int, default=5000,
@@ -151,19 +153,23 @@ def main(argv: list[str] | None = None) -> int:
         model(xs[0])
     fit(backbones.create("efficientnet-lite0", 5, a.res, pretrained=True), decoded, labels[:n], epochs=a.batch / n,
         batch_size=a.batch, progress=False)
-    for r in range(a.rounds):
+    def bare_forward() -> float:
         t = time.perf_counter()
         with torch.inference_mode():
             for x in xs:
                 model(x)
-        bare_f.append(n / (time.perf_counter() - t))
+        return n / (time.perf_counter() - t)
+
+    def scoring() -> float:
         sub = _subpool(pool, n)
         with tempfile.TemporaryDirectory() as cache:
             t = time.perf_counter()
             got = score.score_pool(model, sub, Path(cache), batch_size=a.batch, progress=False)
-            plada_f.append(n / (time.perf_counter() - t))
+            rate = n / (time.perf_counter() - t)
         assert got.logits.shape == (n, 5)
+        return rate
 
+    def bare_step() -> float:
         net = backbones.create("efficientnet-lite0", 5, a.res, pretrained=True)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         y = torch.from_numpy(labels[: a.batch])
@@ -174,14 +180,28 @@ def main(argv: list[str] | None = None) -> int:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        bare_t.append(a.train_steps * a.batch / (time.perf_counter() - t))
+        return a.train_steps * a.batch / (time.perf_counter() - t)
+
+    def fitting(r: int) -> float:
         net = backbones.create("efficientnet-lite0", 5, a.res, pretrained=True)
         rows = a.train_steps * a.batch
         t = time.perf_counter()
         fit(net, view, labels, epochs=rows / len(pool), batch_size=a.batch, seed=r, progress=False)
-        plada_t.append(rows / (time.perf_counter() - t))
+        return rows / (time.perf_counter() - t)
+
+    for r in range(a.rounds):  # odd rounds measure plada first: a drifting machine favours neither side
+        first = r % 2 == 0
+        for bare, mine, fb, fp in ((bare_forward, scoring, bare_f, plada_f),
+                                   (bare_step, lambda r=r: fitting(r), bare_t, plada_t)):
+            if first:
+                fb.append(bare())
+            fp.append(mine())
+            if not first:
+                fb.append(bare())
         print(f"round {r}: forward {bare_f[-1]:.1f} img/s, scoring {plada_f[-1]:.1f}; "
               f"bare step {bare_t[-1]:.1f} img/s, fit {plada_t[-1]:.1f}", flush=True)
+    ratios = {"scoring": [p / b for p, b in zip(plada_f, bare_f, strict=True)],
+              "training": [p / b for p, b in zip(plada_t, bare_t, strict=True)]}
     result = {
         "command": " ".join(["python -m benchmarks.engine", *(sys.argv[1:] if argv is None else argv)]),
         "resolution": a.res, "model": "efficientnet-lite0 (ImageNet weights)", "device": "cpu",
@@ -192,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         "batch": a.batch, "rounds": a.rounds, "score_images_per_round": n, "train_steps_per_round": a.train_steps,
         "forward_img_s": median_rate(bare_f), "scoring_img_s": median_rate(plada_f),
         "train_step_img_s": median_rate(bare_t), "fit_img_s": median_rate(plada_t),
-        "scoring_vs_forward": round(statistics.median(p / b for p, b in zip(plada_f, bare_f, strict=True)), 3),
-        "training_vs_forward": round(statistics.median(p / b for p, b in zip(plada_t, bare_t, strict=True)), 3),
+        "scoring_vs_forward": round(statistics.median(ratios["scoring"]), 3),
+        "training_vs_forward": round(statistics.median(ratios["training"]), 3),
+        "ratio_range": {k: [round(min(v), 3), round(max(v), 3)] for k, v in ratios.items()},
+        "augmentation": "random-resized crops of each full file (images.RRC_SCALE, RRC_RATIO) and flips",
         "samples": {"forward": bare_f, "scoring": plada_f, "train_step": bare_t, "fit": plada_t},
         "machine": {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "python": platform.python_version(), "load_average": list(os.getloadavg())},
@@ -228,14 +250,16 @@ def _report(r: dict, path: Path) -> None:
         "# The engine at 224 px on this CPU", "",
         f"`{r['command']}`: a folder pool of {r['pool']['files']} files ({r['pool']['source']}; no decoded copy), "
         f"{r['model']}, batch {r['batch']}, {r['rounds']} alternating rounds (images/s: medians; ratios: median of "
-        "the rounds' ratios); "
+        "the rounds' ratios, their range in brackets); training reads " + r["augmentation"] + "; "
         f"{r['machine']['cpus']} CPUs, torch {r['machine']['torch']}, load average at the end "
         f"{r['machine']['load_average'][0]:.1f}.", "",
         "| path | images/s | vs the bare model |", "|---|---|---|",
         f"| bare forward (decoded, normalised, in memory) | {r['forward_img_s']} | 1 |",
-        f"| `score.score_pool` from the JPEG files | {r['scoring_img_s']} | {r['scoring_vs_forward']} |",
+        f"| `score.score_pool` from the JPEG files | {r['scoring_img_s']} | {r['scoring_vs_forward']} "
+        f"[{r['ratio_range']['scoring'][0]}, {r['ratio_range']['scoring'][1]}] |",
         f"| bare forward+backward+AdamW (in memory) | {r['train_step_img_s']} | 1 |",
-        f"| `train.fit` from the JPEG files | {r['fit_img_s']} | {r['training_vs_forward']} |", "",
+        f"| `train.fit` from the JPEG files | {r['fit_img_s']} | {r['training_vs_forward']} "
+        f"[{r['ratio_range']['training'][0]}, {r['ratio_range']['training'][1]}] |", "",
     ]
     if "manifest" in r:
         m = r["manifest"]

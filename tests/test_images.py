@@ -493,3 +493,78 @@ def test_folder_file_name_with_a_tab_is_refused_by_name(tmp_path: Path, cache: P
     (root / "bad\tname.jpg").write_bytes(_jpeg(rng, 40, 30))
     with pytest.raises(PladaError, match=r"cannot be stored in a pool manifest.*bad\\tname"):
         build_pool([str(root)], name="tabbed", progress=False)
+
+
+def test_random_resized_crop_boxes_and_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crop box lies in the image with the recipe's area share and ratio; its pixels are PIL's crop-resize
+    of the fully decoded file; a large JPEG is DCT-drafted only as far as a small crop still allows."""
+    rng = np.random.default_rng(3)
+    for u in rng.random((400, 4)):
+        x0, y0, x1, y1 = images.crop_box(300, 200, u)
+        assert -1e-9 <= x0 < x1 <= 300 + 1e-9 and -1e-9 <= y0 < y1 <= 200 + 1e-9
+        share, ratio = (x1 - x0) * (y1 - y0) / 60000, (x1 - x0) / (y1 - y0)
+        if x1 - x0 < 300 - 1e-6 and y1 - y0 < 200 - 1e-6:  # not clamped: exactly the drawn share and ratio
+            assert images.RRC_SCALE[0] - 1e-9 <= share <= images.RRC_SCALE[1] + 1e-9
+            assert images.RRC_RATIO[0] - 1e-9 <= ratio <= images.RRC_RATIO[1] + 1e-9
+    assert images.crop_box(300, 200, [0.0, 0.5, 0.0, 0.0]) == pytest.approx((0, 0, 69.282, 69.282), abs=1e-3)
+    assert images.crop_box(300, 200, [0.0, 0.5, 1.0, 1.0])[2:] == pytest.approx((300, 200))
+
+    raw = _jpeg(rng, 300, 200)
+    full = _decode(raw)
+    for u in ([0.3, 0.2, 0.7, 0.1], [0.999, 0.5, 0.5, 0.5]):
+        want = np.asarray(full.resize((RES, RES), Image.BILINEAR, box=images.crop_box(300, 200, u)))
+        assert np.array_equal(images.decode_crop(raw, RES, u), want)
+    a, b = images.decode_crop(raw, RES, [0.1, 0.5, 0.0, 0.5]), images.decode_crop(raw, RES, [0.1, 0.5, 1.0, 0.5])
+    assert not np.array_equal(a, b)  # left and right edges of the image: different pixels
+
+    from PIL import JpegImagePlugin
+
+    drafts: list[tuple[int, int] | None] = []
+    real_jpeg = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: drafts.append(size) or real_jpeg(self, mode, size))
+    big = _jpeg(rng, 1600, 1200)
+    whole = images.decode_crop(big, RES, [0.999, 0.5, 0.5, 0.5])
+    assert drafts == [(256, 192)]  # the crop is (nearly) the whole image: as `decode` drafts
+    drafts.clear()
+    small = images.decode_crop(big, RES, [0.0, 0.5, 0.5, 0.5])  # 8% of the area: 392 px a side
+    assert drafts == [(784, 588)] and small.shape == whole.shape == (RES, RES, 3)  # libjpeg: 1/2, not 1/4
+    box = images.crop_box(1600, 1200, [0.999, 0.5, 0.5, 0.5])
+    ref = np.asarray(_decode(big).resize((RES, RES), Image.BILINEAR, box=box))
+    assert np.abs(whole.astype(int) - ref).mean() < 2.0  # drafted, and still the same picture
+
+
+def test_fit_on_files_trains_on_random_resized_crops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    """`train.fit` reads a file-backed pool through `LazyImages.crops` (same seed, same losses, whatever the
+    decoding threads), an array through translations; `take` keeps rows undecoded, bad ones named by path."""
+    root = tmp_path / "f"
+    files = _folder(root, n=24, w=160, h=120)
+    paths = sorted(files)
+    (root / paths[5]).write_bytes(files[paths[5]][:200])  # truncated
+    lazy = LazyImages(FolderFiles(root, paths), res=48, label="test pool", workers=2)
+    draws = np.random.default_rng(0).random((6, 4))
+    one = LazyImages(FolderFiles(root, paths), res=48, workers=1).crops([0, 5, 9, 2, 2, 23], draws)
+    got = lazy.crops([0, 5, 9, 2, 2, 23], draws)
+    assert np.array_equal(got, one) and not got[1].any() and got[[0, 2, 3, 4, 5]].reshape(5, -1).any(1).all()
+    assert not np.array_equal(got[3], got[4])  # one file, two crops
+    assert np.array_equal(got[0], images.decode_crop(files[paths[0]], 48, draws[0]))
+    assert paths[5] in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"\(2, 4\) draws"):
+        lazy.crops([0, 1], draws)
+
+    sub = lazy.take([9, 5, 0])
+    assert isinstance(sub, LazyImages) and sub.shape == (3, 48, 48, 3)
+    assert np.array_equal(sub[:], np.stack([lazy[9], np.zeros((48, 48, 3), np.uint8), lazy[0]]))
+    assert sub.bad.tolist() == [1] and paths[5] in capsys.readouterr().err  # named by its own path
+
+    calls: list[int] = []
+    real = LazyImages.crops
+    monkeypatch.setattr(LazyImages, "crops", lambda self, key, d: calls.append(len(key)) or real(self, key, d))
+    labels = np.arange(24) % 3
+    losses = [train.fit(_model(48), lazy, labels, epochs=2, batch_size=8, seed=1, progress=False) for _ in range(2)]
+    assert calls == [8] * 12 and losses[0] == losses[1]
+    calls.clear()
+    train.fit(_model(48), np.asarray(lazy), labels, epochs=1, batch_size=8, seed=1, progress=False)
+    train.fit(_model(48), lazy, labels, epochs=1, batch_size=8, seed=1, progress=False, augment=False)
+    assert calls == []  # a decoded array is translated; no augmentation reads centre crops

@@ -53,7 +53,7 @@ from .errors import PladaError
 from .manifest import ManifestWriter
 
 __all__ = ["DEFAULT_RES", "MAX_PIXELS", "BadImage", "FolderFiles", "LazyImages", "Scanned", "TarMembers",
-           "check_header", "decode", "file_hash", "layout_of", "scan_folder", "scan_shards"]
+           "check_header", "crop_box", "decode", "decode_crop", "file_hash", "layout_of", "scan_folder", "scan_shards"]
 
 # Below PIL's own refusal (2 * Image.MAX_IMAGE_PIXELS, about 179M), so this is the limit that applies, and it
 # holds even where a program has switched PIL's off. 134M pixels: an 11,585 px square photo still passes.
@@ -63,6 +63,8 @@ DRAFT_GAP = 2.0  # JPEG DCT downscaling stops at twice the target size, so the f
 WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # in order of preference when one sample has several
 NAME_KEYS = ("filename", "fname")
 PROCESSES_ENV = "PLADA_DECODE_PROCESSES"  # worker processes that decode streamed batches (unset or 0: threads)
+RRC_SCALE = (0.08, 1.0)  # training crops: share of the image's area (timm's and torchvision's default)
+RRC_RATIO = (3 / 4, 4 / 3)  # ... and aspect ratio, drawn log-uniformly (the same default)
 
 
 def decode_processes() -> int:
@@ -138,18 +140,59 @@ def decode(raw: bytes, res: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     A JPEG much larger than needed is first downscaled in the DCT domain (`draft`), which decodes a 4000 px
     photo for 224 px at a fraction of the time and memory; it stops at `DRAFT_GAP` times the target.
     """
+    img, _ = _load_rgb(raw, res, max_pixels, None)
+    return _to_square(img, res)
+
+
+def decode_crop(raw: bytes, res: int, draw: Sequence[float], max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """`(res, res, 3)` uint8: the random-resized crop `crop_box` makes of four uniform draws, resized to `res`.
+
+    Why from the file and not from a decoded square: the crop may be any part of the full image, as in
+    every ImageNet training recipe, and a small crop resized up keeps the file's detail. A JPEG is
+    DCT-downscaled only as far as the crop still has `DRAFT_GAP` times `res` pixels on its shorter side.
+    """
+    img, box = _load_rgb(raw, res, max_pixels, draw)
+    return np.asarray(img.resize((res, res), Image.BILINEAR, box=box), dtype=np.uint8)
+
+
+def crop_box(w: int, h: int, draw: Sequence[float]) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of a random-resized crop of a `w` x `h` image, from four draws in [0, 1).
+
+    Area share uniform in `RRC_SCALE`, aspect ratio log-uniform in `RRC_RATIO`, position uniform. One draw
+    clamped to the image where torchvision retries up to ten times: the same boxes wherever a first try
+    fits (all but the widest ratios of large crops), and a pure function of the draws, so a batch is the
+    same whatever order its files decode in.
+    """
+    u_area, u_ratio, u_x, u_y = (float(v) for v in draw)
+    area = w * h * (RRC_SCALE[0] + u_area * (RRC_SCALE[1] - RRC_SCALE[0]))
+    lo, hi = math.log(RRC_RATIO[0]), math.log(RRC_RATIO[1])
+    ratio = math.exp(lo + u_ratio * (hi - lo))
+    cw, ch = min(float(w), math.sqrt(area * ratio)), min(float(h), math.sqrt(area / ratio))
+    x0, y0 = u_x * (w - cw), u_y * (h - ch)
+    return x0, y0, x0 + cw, y0 + ch
+
+
+def _load_rgb(raw: bytes, res: int, max_pixels: int,
+              draw: Sequence[float] | None) -> tuple[Image.Image, tuple[float, float, float, float] | None]:
+    """The image as RGB, JPEG-drafted as far as `res` allows, and (given `draw`) its crop box in those pixels."""
     img = _open(raw, max_pixels)
     try:
         with img:
             w, h = img.size
+            box = crop_box(w, h, draw) if draw is not None else None
+            short = min(w, h) if box is None else min(box[2] - box[0], box[3] - box[1])
             if img.format == "JPEG":
-                s = res * DRAFT_GAP / min(w, h)
+                s = res * DRAFT_GAP / max(short, 1e-9)
                 if s < 0.5:  # at least a 2x DCT reduction is possible
                     img.draft("RGB", (max(1, math.ceil(w * s)), max(1, math.ceil(h * s))))
             img.load()
             if img.mode == "I" or img.mode.startswith("I;16"):
                 img = _to_8bit(img)
-            return _to_square(img.convert("RGB"), res)
+            rgb = img.convert("RGB")
+        if box is not None:
+            fx, fy = rgb.size[0] / w, rgb.size[1] / h  # the draft's actual reduction
+            box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+        return rgb, box
     except BadImage:
         raise
     except Exception as e:  # truncated data (OSError), broken streams (SyntaxError, struct.error, ...)
@@ -212,6 +255,22 @@ class _Source(Protocol):
     def __len__(self) -> int: ...
     def name(self, i: int) -> str: ...
     def read(self, i: int) -> bytes: ...
+
+
+class _Rows:
+    """Some rows of another source, renumbered from 0: what `LazyImages.take` reads through."""
+
+    def __init__(self, source: _Source, rows: np.ndarray) -> None:
+        self.source, self.rows = source, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def name(self, i: int) -> str:
+        return self.source.name(int(self.rows[i]))
+
+    def read(self, i: int) -> bytes:
+        return self.source.read(int(self.rows[i]))
 
 
 @dataclass
@@ -282,8 +341,9 @@ class LazyImages:
             raise IndexError(f"index out of range for {n} images")
         return pos
 
-    def _decode_into(self, pos: np.ndarray, out: np.ndarray) -> list[tuple[int, str]]:
-        """Decode rows `pos` into `out` (already zeros); returns the rows that failed, with why."""
+    def _decode_into(self, pos: np.ndarray, out: np.ndarray,
+                     draws: np.ndarray | None = None) -> list[tuple[int, str]]:
+        """Decode rows `pos` into `out` (already zeros), cropped by `draws` when given; returns the failed rows."""
         bad = []
         for j, i in enumerate(pos.tolist()):
             if self.missing is not None and self.missing[i]:
@@ -295,19 +355,22 @@ class LazyImages:
                     raise BadImage(f"cannot be read ({e.strerror or ' '.join(str(e).split())})") from None
                 if self.hashes is not None and file_hash(raw) != self.hashes[i]:
                     raise BadImage("its bytes changed since the pool was built (hash differs from the manifest)")
-                out[j] = decode(raw, self.res, self.max_pixels)
+                out[j] = (decode(raw, self.res, self.max_pixels) if draws is None
+                          else decode_crop(raw, self.res, draws[j], self.max_pixels))
             except BadImage as e:
                 bad.append((i, str(e)))
         return bad
 
-    def _submit(self, ex: ThreadPoolExecutor, pos: np.ndarray) -> tuple[np.ndarray, list[Future]]:
+    def _submit(self, ex: ThreadPoolExecutor, pos: np.ndarray,
+                draws: np.ndarray | None = None) -> tuple[np.ndarray, list[Future]]:
         out = np.zeros((len(pos), self.res, self.res, 3), dtype=np.uint8)
         parts = np.array_split(np.arange(len(pos)), min(len(pos), self.workers * 4)) if len(pos) else []
-        return out, [ex.submit(self._decode_part, pos, out, p) for p in parts if len(p)]
+        return out, [ex.submit(self._decode_part, pos, out, p, draws) for p in parts if len(p)]
 
-    def _decode_part(self, pos: np.ndarray, out: np.ndarray, part: np.ndarray) -> list[tuple[int, str]]:
+    def _decode_part(self, pos: np.ndarray, out: np.ndarray, part: np.ndarray,
+                     draws: np.ndarray | None = None) -> list[tuple[int, str]]:
         a, b = int(part[0]), int(part[-1]) + 1  # array_split parts are contiguous: out[a:b] is a view
-        return self._decode_into(pos[a:b], out[a:b])
+        return self._decode_into(pos[a:b], out[a:b], None if draws is None else draws[a:b])
 
     def _collect(self, pending: tuple[np.ndarray, list[Future]]) -> np.ndarray:
         out, futures = pending
@@ -326,15 +389,39 @@ class LazyImages:
             if not -n <= int(key) < n:
                 raise IndexError(f"index {key} out of range for {n} images")
             return self[np.array([int(key) % n])][0]
+        return self._read(self._positions(key), None)
+
+    def crops(self, key: np.ndarray | Sequence[int], draws: np.ndarray) -> np.ndarray:
+        """Rows `key` as random-resized crops (`crop_box`, one row of four draws in [0, 1) per image) at `res`.
+
+        What `train.fit` reads for augmentation from a file-backed pool: the crop comes from the full file.
+        """
         pos = self._positions(key)
+        draws = np.asarray(draws, dtype=np.float64)
+        if draws.shape != (len(pos), 4):
+            raise ValueError(f"crops needs ({len(pos)}, 4) draws, got {draws.shape}")
+        return self._read(pos, draws)
+
+    def _read(self, pos: np.ndarray, draws: np.ndarray | None) -> np.ndarray:
         if len(pos) <= 1:  # no threads for one image
             out = np.zeros((len(pos), self.res, self.res, 3), dtype=np.uint8)
-            self._record(self._decode_into(pos, out))
+            self._record(self._decode_into(pos, out, draws))
         else:
             with ThreadPoolExecutor(min(self.workers, len(pos)), thread_name_prefix="plada-decode") as ex:
-                out = self._collect(self._submit(ex, pos))
+                out = self._collect(self._submit(ex, pos, draws))
         self.warn_bad()
         return out
+
+    def take(self, key: np.ndarray | Sequence[int]) -> LazyImages:
+        """Rows `key` as a `LazyImages` of their own, still undecoded: a receiver's kept images, say.
+
+        Why: decoding 1% of ImageNet-21K at 224 px whole would be 21 GB of memory before a step runs.
+        """
+        pos = self._positions(key)
+        hashes = None if self.hashes is None else [self.hashes[i] for i in pos.tolist()]
+        missing = None if self.missing is None else self.missing[pos]
+        return LazyImages(_Rows(self.source, pos), self.res, hashes, missing, self.label, self.max_pixels,
+                          self.workers)
 
     def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
         arr = self[:]  # every image decoded in memory: only for small pools

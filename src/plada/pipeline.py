@@ -21,6 +21,7 @@ from .config import ReceiveConfig, SendConfig
 from .data import Split, atomic_write, cache_root, load_source, resolve_source
 from .device import resolve as resolve_device
 from .errors import PladaError
+from .images import LazyImages
 from .pool import Pool
 from .score import chunk_size
 from .shards import open_any
@@ -503,8 +504,9 @@ def receive(
         model = train_student(pool.images, rlabels, n_cls, train_cfg, progress=progress, feats=np.asarray(feats[rows]),
                               device=dev)
     else:
-        model = train_student(np.asarray(pool.images_at(train_cfg.res)[rows]), rlabels, n_cls, train_cfg,
-                              progress=progress, device=dev)
+        view = pool.images_at(train_cfg.res)  # files stay undecoded (`take`): read and cropped per batch
+        kept = view.take(rows) if isinstance(view, LazyImages) else np.asarray(view[rows])
+        model = train_student(kept, rlabels, n_cls, train_cfg, progress=progress, device=dev)
     report = {"kept": int(len(indices)), "dropped_missing": dropped, "student": asdict(train_cfg), "seconds": 0.0,
               "receiver": {**expansion.info, "from": mode_from, "trained_on": int(len(rows))}}
     if testset is not None:

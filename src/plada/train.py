@@ -48,6 +48,21 @@ def _augment(x: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
     return out.permute(0, 2, 3, 1).round().to(torch.uint8)
 
 
+def _random_crops(crops: Callable[[np.ndarray, np.ndarray], np.ndarray], idx: np.ndarray, gen: torch.Generator,
+                  flip: bool) -> torch.Tensor:
+    """A file-backed batch augmented as ImageNet recipes do: random-resized crops of each full file, then flips.
+
+    ``crops`` is the images' own `LazyImages.crops`; its four draws per image, then the flips, come from
+    ``gen`` on this thread, so the batch is the same however its files are decoded.
+    """
+    draws = torch.rand((len(idx), 4), generator=gen, dtype=torch.float64)
+    xb = torch.from_numpy(crops(idx, draws.numpy()))
+    if flip:
+        m = torch.rand(len(idx), generator=gen) < 0.5
+        xb[m] = xb[m].flip(2)
+    return xb
+
+
 def _augment_draws(gen: torch.Generator, shape: torch.Size, flip: bool) -> tuple[int, torch.Tensor, torch.Tensor,
                                                                                  torch.Tensor | None]:
     """`_augment`'s random draws, in its order, from the same generator: (pad, dy, dx, flip mask or None)."""
@@ -164,6 +179,9 @@ def fit(
 ) -> list[float]:
     """Train in place; returns the per-step losses. Fractional epochs are allowed (for big targets).
 
+    Augmentation: ``images`` read from files (a `LazyImages`) give random-resized crops of each full file
+    (`_random_crops`); an array (a decoded cache, small images) gives translations, as every 64-px figure was made.
+
     ``device`` None or the CPU is the reference path; an accelerator (`_fit_on`) sees the same batches and
     the same augmentation draws, in mixed precision, and the model comes back to where it was.
     """
@@ -187,14 +205,18 @@ def fit(
     y_all = torch.as_tensor(np.array(labels), dtype=torch.long)
     losses: list[float] = []
     order = np.empty(0, dtype=np.int64)
+    crops = getattr(images, "crops", None) if augment else None
     bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
     for _ in range(total):
         if len(order) < batch_size:
             order = np.concatenate([order, rng.permutation(n)])
         idx, order = np.sort(order[:batch_size]), order[batch_size:]
-        xb = torch.from_numpy(np.array(images[idx]))
-        if augment:
-            xb = _augment(xb, gen, flip)
+        if crops is not None:
+            xb = _random_crops(crops, idx, gen, flip)
+        else:
+            xb = torch.from_numpy(np.array(images[idx]))
+            if augment:
+                xb = _augment(xb, gen, flip)
         x = prepare(xb, model)
         if model.res >= CPU_CHANNELS_LAST_RES:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -235,15 +257,20 @@ def _fit_on(dev: torch.device, model: Classifier, images: np.ndarray, labels: np
     def pinned(t: torch.Tensor | None) -> torch.Tensor | None:  # a pageable copy would wait for the GPU queue
         return t.pin_memory() if cuda and t is not None else t
 
+    crops = getattr(images, "crops", None) if augment else None
+
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor, tuple | None]]:
         order = np.empty(0, dtype=np.int64)
         for _ in range(total):
             if len(order) < batch_size:
                 order = np.concatenate([order, rng.permutation(n)])
             idx, order = np.sort(order[:batch_size]), order[batch_size:]
-            xb = torch.from_numpy(np.array(images[idx]))
             draws = None
-            if augment:
+            if crops is not None:  # cropped and flipped while decoding, on the CPU
+                xb = _random_crops(crops, idx, gen, flip)
+            else:
+                xb = torch.from_numpy(np.array(images[idx]))
+            if augment and crops is None:
                 pad, dy, dx, m = _augment_draws(gen, xb.shape, flip)
                 draws = (pad, pinned(dy), pinned(dx), pinned(m))
             yield pinned(xb), pinned(torch.from_numpy(idx)), draws
