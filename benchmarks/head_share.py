@@ -142,14 +142,21 @@ def write_markdown(res: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.head_share", description=__doc__.split("\n\n")[0])
+    return validation_main("head_share", __doc__, ShareConfig(), quick_config, run_target, summary, write_markdown,
+                           argv)
+
+
+def validation_main(stem: str, doc: str, cfg, quick, run_target, summarise, write_md,
+                    argv: list[str] | None = None) -> int:
+    """The whole command line of a validation-only benchmark: common options, every target, its report."""
+    ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{stem}", description=doc.split("\n\n")[0])
     paper.add_common_args(ap)
     a = ap.parse_args(argv)
-    cfg = paper.apply_common_args(ShareConfig(), a, quick_config)
-    res = paper.run_all("head_share", cfg, a, run_target)
+    cfg = paper.apply_common_args(cfg, a, quick)
+    res = paper.run_all(stem, cfg, a, run_target)
     if res is None:
         return 2
-    save_report(res, a, "head_share", summary, write_markdown)
+    save_report(res, a, stem, summarise, write_md)
     return 0
 
 

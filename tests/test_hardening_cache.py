@@ -323,3 +323,48 @@ def test_damaged_pool_json_is_one_line(damage: bytes, tiny_data: Path, cache: Pa
     meta.resolve().write_bytes(damage)
     code, _, err = run(capsys, "pool", "export", "tinypool", "-o", str(cache.parent / "m.tsv"))
     assert code == 2 and one_line(err) and "pool.json" in err and "plada pool build" in err, err
+
+
+def test_teacher_epochs_follow_the_train_size_and_share_the_explicit_cache(tmp_path: Path, cache: Path,
+                                                                         fits: list[int],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """No epochs set: TEACHER_SAMPLES images seen, within TEACHER_EPOCHS; the resolved teacher is the cache entry
+    of the same recipe asked for explicitly (and the other way round), so no cached teacher is orphaned."""
+    from plada import config
+
+    t = TeacherConfig()
+    assert t.epochs is None and t.for_train(50_000).epochs == 2.0 and t.for_train(25_000).epochs == 2.0
+    assert t.for_train(3430).epochs == round(config.TEACHER_SAMPLES / 3430, 2) and 2 < t.for_train(3430).epochs < 30
+    assert t.for_train(10).epochs == 30.0 and TeacherConfig(epochs=3.0).for_train(10).epochs == 3.0
+    train = load_source(str(write_archive(tmp_path / "t.tar", "t", target_files())), progress=False).split("train")
+    monkeypatch.setattr(config, "TEACHER_SAMPLES", len(train))  # one epoch's worth: the 2-epoch floor acts
+    auto = TeacherConfig(model="small-cnn", res=16, batch_size=16)
+    _, info = train_teacher(train, None, auto, cache / "teachers", progress=False)
+    assert info["config"]["epochs"] == 2.0 and len(fits) == 1
+    train_teacher(train, None, TeacherConfig(model="small-cnn", res=16, batch_size=16, epochs=2.0), cache / "teachers",
+                  progress=False)
+    assert len(fits) == 1
+    monkeypatch.setattr(config, "TEACHER_SAMPLES", 10 * len(train))  # 10 epochs: another recipe, another teacher
+    _, info = train_teacher(train, None, auto, cache / "teachers", progress=False)
+    assert info["config"]["epochs"] == 10.0 and len(fits) == 2
+
+
+def test_teacher_mode_auto_picks_the_better_recipe_on_held_out_train_rows(tmp_path: Path, cache: Path,
+                                                                          fits: list[int]) -> None:
+    """Both recipes train on the same 80% and are scored on the rest; the winner is its own recipe's cached
+    teacher on all of train (asking for that recipe afterwards trains nothing); a tie keeps the fine-tune."""
+    train = load_source(str(write_archive(tmp_path / "t.tar", "t", target_files())), progress=False).split("train")
+    cfg = TeacherConfig(model="small-cnn", res=16, epochs=2.0, batch_size=16, mode="auto")
+    model, info = train_teacher(train, None, cfg, cache / "teachers", progress=False)
+    rec = info["recipe"]
+    scores = rec["validation"]
+    assert set(scores) == {"finetune", "linear"} and rec["held_out"] == round(0.2 * len(train))
+    assert rec["chosen"] == ("linear" if scores["linear"] > scores["finetune"] else "finetune")
+    assert info["config"]["mode"] == rec["chosen"] and info["train_images"] == len(train)
+    n = len(fits)
+    assert n == 1 + (rec["chosen"] == "finetune")  # the 80% fine-tune, and the full one if it won
+    again, _ = train_teacher(train, None, TeacherConfig(model="small-cnn", res=16, epochs=2.0, batch_size=16,
+                                                        mode=rec["chosen"]), cache / "teachers", progress=False)
+    assert len(fits) == n
+    x = np.asarray(train.images[:8])
+    assert np.array_equal(predict(model, x, progress=False), predict(again, x, progress=False))

@@ -198,6 +198,9 @@ def _send_fixed(name: str, train: Split, test: Split | None, pool: Pool, cfg: Se
     idx = select.select(labels, key, k, len(train.class_names), safety_share=safety, alpha=alpha)
     rule = _selection(name, cfg.teacher, tinfo.get("test_accuracy"), policy=cfg.policy, keep=cfg.keep_share,
                       count=k, temperature=cfg.temperature, safety_share=safety, alpha=alpha, seed=cfg.seed)
+    trained = tinfo.get("config", {})  # what the teacher was: epochs resolved, mode auto's choice and its scores
+    rule["teacher"].update({f: trained[f] for f in ("mode", "epochs") if f in trained},
+                           **({"recipe": tinfo["recipe"]} if "recipe" in tinfo else {}))
     return idx, labels[idx], {"teacher_accuracy": tinfo.get("test_accuracy"), "selection": rule}
 
 
