@@ -151,8 +151,13 @@ def decode_crop(raw: bytes, res: int, draw: Sequence[float], max_pixels: int = M
     every ImageNet training recipe, and a small crop resized up keeps the file's detail. A JPEG is
     DCT-downscaled only as far as the crop still has `DRAFT_GAP` times `res` pixels on its shorter side.
     """
-    img, box = _load_rgb(raw, res, max_pixels, draw)
-    return np.asarray(img.resize((res, res), Image.BILINEAR, box=box), dtype=np.uint8)
+    img, (x0, y0, x1, y1) = _load_rgb(raw, res, max_pixels, draw)
+    w, h = img.size  # PIL refuses a box past the image by any margin: float rounding is clamped away
+    box = (max(0.0, x0), max(0.0, y0), min(float(w), x1), min(float(h), y1))
+    try:
+        return np.asarray(img.resize((res, res), Image.BILINEAR, box=box), dtype=np.uint8)
+    except Exception as e:  # a read as a zero row, as every other undecodable file
+        raise BadImage(f"cannot be cropped ({' '.join(str(e).split())[:80] or type(e).__name__})") from None
 
 
 def crop_box(w: int, h: int, draw: Sequence[float]) -> tuple[float, float, float, float]:
