@@ -29,7 +29,7 @@ import numpy as np
 from benchmarks import head_share, paper
 from plada import head as headmod
 from plada import receiver
-from plada.config import HEAD_STUDENT, StudentConfig
+from plada.config import HEAD_STUDENT, STUDENT_EPOCHS, StudentConfig
 from plada.pool import Pool
 from plada.student import train_student
 from plada.train import accuracy, predict
@@ -38,7 +38,7 @@ from plada.train import accuracy, predict
 @dataclass
 class StudentChoiceConfig(head_share.ShareConfig):
     budgets: tuple[int, ...] = (1000,)
-    student_epochs: float = StudentConfig.epochs  # the receiver's default fine-tune, before its step bound
+    student_epochs: float = STUDENT_EPOCHS[0]  # the pool modes' reference fine-tune, before its step bound
 
 
 def quick_config(cfg: StudentChoiceConfig) -> StudentChoiceConfig:

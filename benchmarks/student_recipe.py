@@ -3,11 +3,11 @@
     python -m benchmarks.student_recipe          # benchmarks/reports/student_recipe.{json,md}
     python -m benchmarks.student_recipe --quick  # tiny data, a minute
 
-The paper's student trains 15 epochs of the payload (`StudentConfig.epochs`): 75 steps for the 532 images
-CIFAR-10's 1 KB payload keeps. Per target, the teacher of `benchmarks.teacher_recipe` (trained on 80% of train
-with `plada send`'s default recipe, `TeacherConfig.for_train`) scores the pool, the lowest-energy payload that
-fits each byte budget is cut (the real `.plada` file), and the student is scored on the 20% of train rows the
-teacher never saw (the test split is not opened):
+The paper's student trains 15 epochs of the payload (`plada receive`'s recipe until this benchmark): 75 steps
+for the 532 images CIFAR-10's 1 KB payload keeps. Per target, the teacher of `benchmarks.teacher_recipe`
+(trained on 80% of train with `plada send`'s default recipe, `TeacherConfig.for_train`) scores the pool, the
+lowest-energy payload that fits each byte budget is cut (the real `.plada` file), and the student is scored on
+the 20% of train rows the teacher never saw (the test split is not opened):
 
 - ``epochs``: the paper's 15 epochs of the payload;
 - ``samples``: fine-tuned until it has seen ``student_samples`` images (at least 15 epochs, at most 100);
@@ -27,7 +27,7 @@ from benchmarks.receiver import largest_fitting
 from plada import auto, receiver, select
 from plada import head as headmod
 from plada.auto import name_groups
-from plada.config import StudentConfig, TeacherConfig
+from plada.config import STUDENT_EPOCHS, StudentConfig, TeacherConfig
 from plada.data import cache_root, load_source
 from plada.features import cached_features, feature_model
 from plada.pool import Pool
@@ -85,7 +85,8 @@ def run_target(target: str, pool: Pool, cfg: StudentRecipeConfig, data: str | No
             continue
         k, nbytes = fit
         idx = top(k)
-        base = StudentConfig(model=cfg.student, res=cfg.student_res, mode="finetune", flip=flip, seed=0)
+        base = StudentConfig(model=cfg.student, res=cfg.student_res, mode="finetune", flip=flip, seed=0,
+                             epochs=STUDENT_EPOCHS[0])
         epochs = round(min(cfg.student_max_epochs, max(base.epochs, cfg.student_samples / k)), 2)
         rows = {}
         for name, scfg in (("epochs", base), ("samples", replace(base, epochs=epochs))):

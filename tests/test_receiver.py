@@ -299,3 +299,18 @@ def test_pool_head_benchmark_quick(tiny_data: Path, cache: Path, tmp_path: Path)
     assert len(ft) == 1 and 0 < ft[0]["trained_on"] <= pts[1]["pool_rows"] and 0 <= ft[0]["accuracy"] <= 1
     assert "moonshot" in r
     assert "| tinytarget |" in (tmp_path / "benchmarks" / "reports" / "POOL_HEAD_quick.md").read_text()
+
+
+def test_student_epochs_follow_the_training_set_and_pool_modes_keep_their_bound() -> None:
+    """No epochs set: STUDENT_SAMPLES images seen within STUDENT_EPOCHS (a 533-image payload: 94 epochs, not 15);
+    a pool mode's fine-tune is bounded from the paper's 15 epochs exactly as when 15 is asked for."""
+    from plada import config
+
+    s = StudentConfig(mode="finetune")
+    assert s.epochs is None and s.for_rows(533).epochs == round(config.STUDENT_SAMPLES / 533, 2)
+    assert s.for_rows(10_000).epochs == 15.0 and s.for_rows(10).epochs == 100.0
+    assert StudentConfig(epochs=3.0).for_rows(10).epochs == 3.0
+    exp = receiver.Expansion(np.arange(9000), np.arange(9000) % 3, None, {})
+    got = receiver.student_recipe(exp, s, "selftrain", 533, 120_000)[1]
+    want = receiver.student_recipe(exp, StudentConfig(mode="finetune", epochs=15.0), "selftrain", 533, 120_000)[1]
+    assert got.epochs == want.epochs < 15.0

@@ -501,6 +501,7 @@ def receive(
                                     k=cfg.knn, rounds=cfg.rounds, allowed=~pool.missing, progress=progress)
     expansion, train_cfg = receiver.student_recipe(expansion, student, mode, len(indices), len(pool))
     rows, rlabels = expansion.training_rows(student.seed)
+    train_cfg = train_cfg.for_rows(len(rows))  # the epochs it trains for, in the report too
     order = np.argsort(rows, kind="stable")
     rows, rlabels = rows[order], rlabels[order]
     if student.mode == "linear" and feats is not None and student_feats:  # cached pool features, not images

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import ReceiveConfig, StudentConfig
+from .config import STUDENT_EPOCHS, ReceiveConfig, StudentConfig
 from .data import atomic_save_npy, atomic_write, cache_root
 from .errors import PladaError
 from .payload import LABEL_RECEIVERS, Head
@@ -459,7 +459,8 @@ def student_recipe(exp: Expansion, student: StudentConfig, mode: str, n_payload:
         return exp, student
     exp = exp.capped(FINETUNE_CAP)
     ref = max(n_payload, pool_size // 100) if mode == "head" else n_payload
-    return exp, replace(student, epochs=finetune_budget(len(exp.indices), ref, student.epochs, student.batch_size))
+    epochs = STUDENT_EPOCHS[0] if student.epochs is None else student.epochs  # the paper's 15 as the reference
+    return exp, replace(student, epochs=finetune_budget(len(exp.indices), ref, epochs, student.batch_size))
 
 
 def fit_head(feats: np.ndarray, exp: Expansion, n_classes: int, steps: int = 1000, seed: int = 0

@@ -25,7 +25,7 @@ def train_student(
     """A student trained on (pool images, payload labels); `feats` lets linear mode reuse cached features.
 
     ``device`` is where it trains (None: the CPU); the student comes back on the CPU either way."""
-    cfg = cfg.for_receiver("plain")  # no mode asked for, no payload to say: the paper's fine-tuned student
+    cfg = cfg.for_receiver("plain").for_rows(len(labels))  # no mode asked for, no payload: the fine-tuned student
     if cfg.mode not in MODES:
         raise PladaError(f"unknown student mode '{cfg.mode}' (have: {', '.join(MODES)})")
     if len(labels) == 0:
