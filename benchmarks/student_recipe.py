@@ -27,7 +27,7 @@ from benchmarks.receiver import largest_fitting
 from plada import auto, receiver, select
 from plada import head as headmod
 from plada.auto import name_groups
-from plada.config import STUDENT_EPOCHS, StudentConfig, TeacherConfig
+from plada.config import STUDENT_EPOCHS, StudentConfig, TeacherConfig, epochs_for
 from plada.data import cache_root, load_source
 from plada.features import cached_features, feature_model
 from plada.pool import Pool
@@ -87,7 +87,7 @@ def run_target(target: str, pool: Pool, cfg: StudentRecipeConfig, data: str | No
         idx = top(k)
         base = StudentConfig(model=cfg.student, res=cfg.student_res, mode="finetune", flip=flip, seed=0,
                              epochs=STUDENT_EPOCHS[0])
-        epochs = round(min(cfg.student_max_epochs, max(base.epochs, cfg.student_samples / k)), 2)
+        epochs = epochs_for(k, cfg.student_samples, base.epochs, cfg.student_max_epochs)
         rows = {}
         for name, scfg in (("epochs", base), ("samples", replace(base, epochs=epochs))):
             t1 = time.time()

@@ -28,7 +28,7 @@ import numpy as np
 from benchmarks import head_share, paper
 from plada import head as headmod
 from plada.auto import name_groups
-from plada.config import TeacherConfig
+from plada.config import TeacherConfig, epochs_for
 from plada.data import cache_root, load_source
 from plada.pool import Pool
 from plada.teacher import train_teacher
@@ -53,7 +53,7 @@ def quick_config(cfg: RecipeConfig) -> RecipeConfig:
 def recipes(cfg: RecipeConfig, n: int, flip: bool) -> dict[str, TeacherConfig]:
     base = TeacherConfig(model=cfg.teacher, res=cfg.teacher_res, epochs=cfg.epochs, flip=flip)
     out = {"epochs": base}
-    epochs = round(min(cfg.max_epochs, max(cfg.epochs, cfg.teacher_samples / n)), 2)
+    epochs = epochs_for(n, cfg.teacher_samples, cfg.epochs, cfg.max_epochs)
     if epochs > 1.1 * cfg.epochs:
         out["samples"] = replace(base, epochs=epochs)
     out["linear"] = replace(base, mode="linear")

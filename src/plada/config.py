@@ -61,6 +61,12 @@ class TrainConfig:
     seed: int = 0
 
 
+def epochs_for(n: int, samples: int, lo: float, hi: float) -> float:
+    """Epochs of an ``n``-image set that see ``samples`` images, within [lo, hi], to 2 decimals: one rule for the
+    teacher's and the student's default length (and the benchmarks that chose them)."""
+    return round(min(hi, max(lo, samples / max(1, n))), 2)
+
+
 @dataclass(frozen=True)
 class TeacherConfig(TrainConfig):
     """The sender's teacher: fine-tuned on the labelled target (mode linear: a linear probe; auto: whichever of the
@@ -79,8 +85,7 @@ class TeacherConfig(TrainConfig):
         """
         if self.epochs is not None:
             return self
-        lo, hi = TEACHER_EPOCHS
-        return replace(self, epochs=round(min(hi, max(lo, TEACHER_SAMPLES / max(1, n))), 2))
+        return replace(self, epochs=epochs_for(n, TEACHER_SAMPLES, *TEACHER_EPOCHS))
 
 
 @dataclass(frozen=True)
@@ -102,8 +107,7 @@ class StudentConfig(TrainConfig):
         """
         if self.epochs is not None:
             return self
-        lo, hi = STUDENT_EPOCHS
-        return replace(self, epochs=round(min(hi, max(lo, STUDENT_SAMPLES / max(1, n))), 2))
+        return replace(self, epochs=epochs_for(n, STUDENT_SAMPLES, *STUDENT_EPOCHS))
 
     def for_receiver(self, receiver: str) -> StudentConfig:
         """This config with its mode resolved for the payload's receiver mode (see `student_mode`)."""
