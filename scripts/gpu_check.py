@@ -158,7 +158,8 @@ def fp32_agreement(model, dev, images: np.ndarray, got: np.ndarray) -> dict:
 
 
 def ray_section(model, name: str, pool_dir: Path, res: int, batch: int, n: int, chunk: int) -> dict:
-    """`engines.score_pool_ray` over a memory-mapped pool of ``n`` images: one actor per GPU."""
+    """`engines.score_pool_ray` over a memory-mapped pool of ``n`` images, then over the decode section's JPEG
+    folder pool when it was made: one actor per GPU."""
     try:
         import ray  # noqa: F401
         import ray.data  # noqa: F401
@@ -176,12 +177,25 @@ def ray_section(model, name: str, pool_dir: Path, res: int, batch: int, n: int, 
     t, st = time.perf_counter(), engines.RayStats()
     scores = engines.score_pool_ray(model.cpu(), pool, cache, batch_size=batch, progress=False, chunk=chunk, stats=st)
     wall = time.perf_counter() - t
-    return {"model": name, "images": n, "actors": st.actors, "gpus_per_actor": st.gpus_per_actor,
-            "units": st.units, "wall_seconds": round(wall, 2), "wall_img_s": round(n / wall, 1),
-            "actor_seconds": round(st.actor_seconds, 2),
-            "actor_img_s": round(n / st.actor_seconds, 1) if st.actor_seconds else None,
-            "read_seconds": round(st.read_seconds, 2), "logits_shape": list(scores.logits.shape),
-            "note": "wall includes starting Ray and its actors; actor_img_s is the scoring itself"}
+    out = {"model": name, "images": n, "actors": st.actors, "gpus_per_actor": st.gpus_per_actor,
+           "units": st.units, "wall_seconds": round(wall, 2), "wall_img_s": round(n / wall, 1),
+           "actor_seconds": round(st.actor_seconds, 2),
+           "actor_img_s": round(n / st.actor_seconds, 1) if st.actor_seconds else None,
+           "read_seconds": round(st.read_seconds, 2), "logits_shape": list(scores.logits.shape),
+           "note": "wall includes starting Ray and its actors; actor_img_s is the scoring itself"}
+    if (pool_dir / "jpegpool" / "pool.json").is_file():  # the decode section's JPEG folder: actors decode it
+        from plada.pool import open_pool
+
+        jpegs = open_pool(pool_dir / "jpegpool", build=False, progress=False)
+        t, st = time.perf_counter(), engines.RayStats()
+        engines.score_pool_ray(model.cpu(), jpegs, pool_dir / "scores-ray-jpeg", batch_size=batch, progress=False,
+                               chunk=max(batch, len(jpegs) // 4), stats=st)
+        wall = time.perf_counter() - t
+        out["jpeg_folder"] = {"images": len(jpegs), "actors": st.actors, "units": st.units,
+                              "wall_img_s": round(len(jpegs) / wall, 1),
+                              "actor_img_s": round(len(jpegs) / st.actor_seconds, 1) if st.actor_seconds else None,
+                              "note": "each actor opens the pool and decodes its own rows' JPEGs at the model's size"}
+    return out
 
 
 def decode_section(model, dev, tmp: Path, res: int, batch: int, n: int, bare: float) -> dict:

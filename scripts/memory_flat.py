@@ -14,6 +14,12 @@ Each (N, phase) runs in a fresh process. After its setup (pool opened, model bui
 memmaps read, which the kernel may drop at will), the sampled peak of anonymous memory (what cannot be
 dropped), and tracemalloc's peak (Python and numpy buffers). `setup` is what the process held before
 the phase (the manifest grows with N by design; see scripts/manifest_memory.py).
+
+`select` starts from the merged logits memmap (scored in a separate process first, so its setup holds no
+scoring leftovers) and keeps N/10 images with a 20% Safety-Net by lowest energy. `--select stream` (the
+default) is the fixed sender's streamed selection, `Scores.select`: labels and keys a block of rows at a
+time, nothing N-long held. `--select arrays` is the whole-array path (labels, energy and confidence as
+N-long arrays, then `select.select`), what the auto sender needs for its decisions.
 """
 
 from __future__ import annotations
@@ -123,7 +129,7 @@ def _pool(work: Path, n: int, kind: str):
     return open_pool(str(work / f"pool-{n}"), build=False, progress=False)
 
 
-def child(phase: str, n: int, work: Path, kind: str, classes: int, res: int) -> dict:
+def child(phase: str, n: int, work: Path, kind: str, classes: int, res: int, select_path: str = "stream") -> dict:
     """One phase in this (fresh) process; returns its measurements."""
     from plada import rate, select
     from plada.features import cached_features
@@ -145,9 +151,16 @@ def child(phase: str, n: int, work: Path, kind: str, classes: int, res: int) -> 
         elif phase == "features":
             def run() -> None:
                 cached_features(model, pool.images, pool.fingerprint, progress=False)
-        else:
+        elif select_path == "stream":
+            s = score_pool(model, pool, scores_dir, progress=False)  # the merged memmap, already there
+
             def run() -> None:
-                s = score_pool(model, pool, scores_dir, progress=False)  # the merged memmap, already there
+                kept, labels = s.select("lowest-energy", n // 10, classes, safety_share=0.2)
+                assert len(kept) == len(labels) == n // 10
+        else:
+            s = score_pool(model, pool, scores_dir, progress=False)
+
+            def run() -> None:
                 labels, en = s.labels, s.energy()
                 conf = rate.confidence(s.logits)
                 kept = select.select(labels, select.rank_key("lowest-energy", en), n // 10, classes,
@@ -171,7 +184,7 @@ def child(phase: str, n: int, work: Path, kind: str, classes: int, res: int) -> 
     return {"n": n, "phase": phase, "kind": kind, "classes": classes, "seconds": round(seconds, 2),
             "setup_seconds": round(setup_s, 2), "setup_rss": before["VmRSS"], "setup_anon": before["RssAnon"],
             "peak_rss": after["VmHWM"], "peak_anon": anon.peak, "traced_peak": traced,
-            "logits_bytes": n * classes * 4}
+            "logits_bytes": n * classes * 4, **({"select": select_path} if phase == "select" else {})}
 
 
 def main() -> None:
@@ -185,11 +198,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed after)")
     ap.add_argument("--phases", nargs="+", choices=("build", *PHASES), default=None,
                     help="measure only these phases (default: all; score, features and select need build first)")
+    ap.add_argument("--select", choices=("stream", "arrays"), default="stream",
+                    help="select phase: stream (Scores.select, the fixed sender) or arrays (N-long labels, energy, "
+                         "confidence, then select.select)")
     ap.add_argument("--child", choices=("build", *PHASES), help=argparse.SUPPRESS)
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.n, a.work, a.kind, a.classes, a.res)))
+        print(json.dumps(child(a.child, a.n, a.work, a.kind, a.classes, a.res, a.select)))
         return
     if a.out is None:
         ap.error("--out is required")
@@ -202,14 +218,17 @@ def main() -> None:
             t = time.perf_counter()
             make_source(work, n, a.kind, a.res)
             print(f"N={n}: synthetic {a.kind} source written in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-            for phase in [p for p in (("build",) if a.kind == "folder" else ()) + PHASES
-                          if a.phases is None or p in a.phases]:
+            wanted = set(PHASES if a.phases is None else a.phases)
+            needed = set(wanted) | ({"score"} if "select" in wanted else set())  # select reads the scores
+            needed |= {"build"} if a.kind == "folder" and needed - {"build"} else set()
+            for phase in [p for p in ("build", *PHASES) if p in needed and (p != "build" or a.kind == "folder")]:
                 cmd = [sys.executable, __file__, "--child", phase, "--n", str(n), "--work", str(work),
-                       "--kind", a.kind, "--classes", str(a.classes), "--res", str(a.res)]
+                       "--kind", a.kind, "--classes", str(a.classes), "--res", str(a.res), "--select", a.select]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     sys.exit(f"{phase} at N={n} failed:\n{proc.stderr[-3000:]}")
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                if phase in wanted or (phase == "build" and a.phases is None):
+                    rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             for p in (work / f"jpegs-{n}", work / f"pool-{n}"):  # done with: disk holds one N at a time
                 shutil.rmtree(p, ignore_errors=True)
             (work / f"images-{n}.npy").unlink(missing_ok=True)
@@ -226,7 +245,8 @@ def main() -> None:
           "| N | phase | seconds | setup MB | resident peak − setup MB | anonymous peak − setup MB | traced MB | "
           "logits N x C MB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['n']:,} | {r['phase']} | {r['seconds']:.1f} | {r['setup_rss'] / MB:.1f} | "
+        phase = f"{r['phase']} ({r['select']})" if "select" in r else r["phase"]
+        md.append(f"| {r['n']:,} | {phase} | {r['seconds']:.1f} | {r['setup_rss'] / MB:.1f} | "
                   f"{(r['peak_rss'] - r['setup_rss']) / MB:.1f} | {(r['peak_anon'] - r['setup_anon']) / MB:.1f} | "
                   f"{r['traced_peak'] / MB:.1f} | {r['logits_bytes'] / MB:.1f} |")
     a.out.with_suffix(".md").write_text("\n".join(md) + "\n")

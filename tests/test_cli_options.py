@@ -46,7 +46,8 @@ def test_every_send_option_changes_the_output_or_is_refused(tiny_data: Path, cac
     base_p = payload.read(tmp_path / "base.plada")
     # --out/--pool/--data name the run's files; --engine is proven payload-neutral by test_scale's Ray test;
     # --device: a CPU-only machine has one device, and test_device proves --device cpu byte-identical to auto
-    untested = {"--out", "--pool", "--data", "--engine", "--device"}
+    # --weights: test_weights_flag_is_the_weights_setting (and the timm tests load a local weights file with it)
+    untested = {"--out", "--pool", "--data", "--engine", "--device", "--weights"}
     assert set(CHANGES) | untested == send_options()
     for opt, (argv, field) in CHANGES.items():
         out = tmp_path / f"{opt.strip('-')}.plada"
@@ -173,3 +174,22 @@ def test_inputs_that_would_hang_or_sprawl_are_one_line(tiny_data: Path, cache: P
     code, _, err = run(capsys, "send", "bad\nname", "--pool", "tinypool", "--data", str(tiny_data), *BASE,
                        "-o", str(tmp_path / "x.plada"))
     assert code == 2 and one_line(err), err
+
+
+def test_weights_flag_is_the_weights_setting(tiny_data: Path, cache: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
+    """`--weights FILE` is the teacher's weights on send and score, the student's on receive; a missing file is
+    one line before any work."""
+    from plada.cli import _receive_cfg, _send_cfg
+
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"x")
+    parser = build_parser()
+    for verb in ("send", "score"):
+        a = parser.parse_args([verb, "tinytarget", "--weights", str(f), *(["-o", "t.plada"] if verb == "send" else [])])
+        assert _send_cfg(a).teacher.weights == str(f) and config.SendConfig().teacher.weights is None
+    a = parser.parse_args(["receive", "t.plada", "--weights", str(f)])
+    assert _receive_cfg(a).student.weights == str(f)
+    code, _, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
+                       "-o", str(tmp_path / "t.plada"), "--weights", str(tmp_path / "absent.pt"))
+    assert code == 2 and one_line(err) and "absent.pt" in err and not (tmp_path / "t.plada").exists()

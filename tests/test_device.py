@@ -76,7 +76,7 @@ def test_cli_absent_device_is_one_line_before_any_work(verb: str, name: str, tin
     def untouchable(*a: object, **k: object) -> None:
         raise AssertionError("data was read or a model trained before the device was checked")
 
-    for fn in ("load_source", "open_any", "train_teacher", "train_student"):
+    for fn in ("open_target", "open_any", "train_teacher", "train_student"):
         monkeypatch.setattr(pipeline, fn, untouchable)
     out = tmp_path / "out.plada"
     argv = {"send": ["send", "tinytarget", "-o", str(out)],

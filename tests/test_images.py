@@ -143,6 +143,113 @@ def test_folder_pool_scored_at_full_resolution(folder: tuple[Path, dict[str, byt
     assert np.array_equal(reopened.images_at(RES)[[3, 0, 39]], decoded[[3, 0, 39]])
 
 
+@pytest.mark.slow
+def test_ray_actors_decode_folder_and_shard_pools_themselves(tmp_path: Path, cache: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray on a JPEG folder pool and on its WebDataset shards: each actor opens the pool and decodes its own rows
+    at the teacher's size (nothing through the object store), and the logits are the local engine's."""
+    import ray
+
+    from plada import engines
+
+    root = tmp_path / "imagenet" / "train"
+    files = _folder(root)
+    shards = _shards(tmp_path / "wds", files, 3, seed=1)
+    torch.manual_seed(0)
+    model = backbones.create("small-cnn", 3, 72, pretrained=False).eval()
+    puts, ray_put = [], ray.put
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        monkeypatch.setattr(ray, "put", lambda x, *a, **k: puts.append(type(x).__name__) or ray_put(x, *a, **k))
+        for src in (root, shards):
+            pool = build_pool([str(src)], name=src.name, progress=False)
+            assert isinstance(pool.images, LazyImages)
+            ref = score.score_pool(model, pool, tmp_path / f"local-{src.name}", batch_size=8, progress=False, chunk=16)
+            st = engines.RayStats()
+            got = engines.score_pool_ray(model, pool, tmp_path / f"ray-{src.name}", actors=2, batch_size=8,
+                                         progress=False, chunk=16, stats=st)
+            assert st.actors == 2 and st.scored_units == 3  # 40 rows in chunks of 16
+            assert np.array_equal(got.labels, ref.labels)
+            np.testing.assert_allclose(got.logits, ref.logits, atol=1e-4, rtol=0)
+        # the teacher's weights went through the object store, never an array of pixels (Ray Data puts its own
+        # bookkeeping objects too)
+        assert puts.count("dict") == 2 and "ndarray" not in puts
+    finally:
+        ray.shutdown()
+
+
+def _pattern(rng: np.random.Generator, kind: int, w: int, h: int) -> bytes:
+    """A JPEG of columns (0), rows (1), checks (2) or noise (3): textures a pretrained backbone tells apart."""
+    y, x = np.mgrid[0:h, 0:w]
+    period, phase = rng.uniform(10, 14), rng.uniform(0, 10)
+    wave = [np.sin(2 * np.pi * (x + phase) / period), np.sin(2 * np.pi * (y + phase) / period)]
+    v = [wave[0], wave[1], wave[0] * wave[1], rng.normal(0, 0.5, (h, w))][kind]
+    arr = 128 + 100 * v[..., None] + rng.normal(0, 10, (h, w, 3))
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_full_resolution_folders_end_to_end_at_96_px(tmp_path: Path, cache: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JPEG folder pool and a folder target of 120x90 photos, sent and received at 96 px: every image is
+    decoded from its file at 96 px (never through a 64-px copy), and the student, which only saw pool images,
+    beats chance on the target's test photos by far."""
+    rng = np.random.default_rng(0)
+    pool_dir = tmp_path / "imagenet" / "train"
+    for g in range(4):  # columns, rows, checks, noise; sizes vary, none square
+        wnid = f"n{g:08d}"
+        (pool_dir / wnid).mkdir(parents=True)
+        for i in range(40):
+            (pool_dir / wnid / f"{wnid}_{i}.JPEG").write_bytes(_pattern(rng, g, 100 + 2 * i, 80 + i))
+    target = tmp_path / "photos"
+    for split, n in (("train", 24), ("test", 12)):
+        for kind, name in ((2, "checks"), (0, "columns"), (1, "rows")):
+            (target / split / name).mkdir(parents=True)
+            for i in range(n):
+                (target / split / name / f"{i:03d}.jpg").write_bytes(_pattern(rng, kind, 120, 90))
+    sizes = []
+    real_decode = images.decode
+    monkeypatch.setattr(images, "decode", lambda raw, res, *a: sizes.append(res) or real_decode(raw, res, *a))
+
+    code, _, err = run(capsys, "pool", "build", str(pool_dir), "--name", "photos-pool")
+    assert code == 0, err
+    out = tmp_path / "t.plada"
+    code, sent, err = run(capsys, "send", str(target), "--pool", "photos-pool", "-o", str(out),
+                          "--set", "teacher.res=96", "--set", "teacher.mode=linear", "--keep", "30%",
+                          "--policy", "random")
+    assert code == 0, err
+    assert sent["kept"] == 48 and sent["teacher_accuracy"] > 0.7  # chance is 1/3
+    code, rec, err = run(capsys, "receive", str(out), "--pool", "photos-pool", "--test", str(target),
+                         "--set", "student.res=96", "--student-mode", "linear")
+    assert code == 0, err
+    assert rec["student_accuracy"] > 0.6  # chance is 1/3 (0.72 measured)
+    assert sizes and set(sizes) == {96}  # target and pool files alike, each straight to the model's size
+    assert not list((cache / "datasets").glob("photos-*"))  # no decoded copy of the target was written
+
+
+def test_target_folders_of_small_squares_keep_the_decoded_cache(tmp_path: Path, cache: Path) -> None:
+    """Only a folder of large images is read from its files; small squares of one size (and every archive) keep
+    `load_source`'s decoded cache, so every 64-px figure stays what it was."""
+    from plada.data import load_source, open_target
+
+    rng = np.random.default_rng(1)
+    small, large = tmp_path / "small", tmp_path / "large"
+    for root, size in ((small, 32), (large, 80)):
+        for name in ("a", "b"):
+            (root / "train" / name).mkdir(parents=True)
+            for i in range(3):
+                (root / "train" / name / f"{i}.jpg").write_bytes(_jpeg(rng, size, size))
+    kept = open_target(str(small), progress=False)
+    assert isinstance(kept.images, np.memmap) and kept.resolution == 32
+    assert np.array_equal(kept.images, load_source(str(small), progress=False).images)
+    lazy = open_target(str(large), progress=False)
+    assert isinstance(lazy.images, LazyImages) and lazy.paths == sorted(lazy.paths)
+    split = lazy.split("train")
+    raw = (large / "train" / split.files[4]).read_bytes()
+    assert np.array_equal(split.images.at(80)[4], decode(raw, 80)) and split.labels[4] == 1
+
+
 def test_accelerator_loop_reads_the_stream(folder: tuple[Path, dict[str, bytes]], cache: Path) -> None:
     """`train._predict_on` (the GPU loop, here on the CPU) slices a `BatchStream` from its prefetch thread."""
     root, files = folder

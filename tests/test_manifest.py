@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from plada import manifest
 from plada.errors import PladaError
-from plada.manifest import Manifest, manifest_text
+from plada.manifest import Manifest, folder_groups, manifest_text
+from plada.pool import Pool, open_pool
 
 _HASH = re.compile(r"[0-9a-f]{16}")
 
@@ -116,3 +122,64 @@ def test_held_memory_is_the_bytes_plus_an_offset() -> None:
     assert m._ends.nbytes == 8 * n and m.raw is raw
     assert m.paths[12345] == "pool/train/c024/012345.png" and m.hashes[12345] == f"{12345:016x}"
     assert np.array_equal(np.frombuffer(raw, np.uint8)[m._ends], np.full(n, 0x0A, np.uint8))
+
+
+def python_groups(paths: list[str]) -> tuple[np.ndarray, list[str]]:
+    """The rule `Pool.groups` used before, a `str` per path (kept for plain lists): what numpy must give exactly."""
+    return folder_groups(list(paths))
+
+
+def assert_same_groups(paths: list[str]) -> None:
+    want_ids, want_names = python_groups(paths)
+    m = Manifest.of(paths, [f"{i:016x}" for i in range(len(paths))])
+    for ids, names in (m.folders(), folder_groups(m.paths)):
+        assert ids.dtype == np.int64 and ids.shape == (len(paths),)
+        assert np.array_equal(ids, want_ids) and names == want_names, paths
+
+
+_PATH = st.text("ab/é日z", min_size=1, max_size=9)
+
+
+@settings(max_examples=400, deadline=None)
+@given(paths=st.lists(_PATH, min_size=1, max_size=40, unique=True), block=st.sampled_from([1, 7, 40, 1 << 22]))
+def test_folders_agree_with_the_python_rule(paths: list[str], block: int) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(manifest, "_FOLDER_BYTES", block)  # tiny blocks: runs of equal folders cut at block edges
+        assert_same_groups(sorted(paths))
+
+
+@pytest.mark.parametrize("block", [1, 50, 256, manifest._FOLDER_BYTES])
+def test_folders_of_hand_picked_paths(block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manifest, "_FOLDER_BYTES", block)
+    cases = [
+        ["a/b/1", "a/c", "a/d/2"],  # folders a/b, a, a/d: not contiguous, so runs repeat a folder
+        ["a/b/1", "a/b/2", "a/c", "a/d", "a/d/2", "a/e"],
+        ["x", "y.png", "z"],  # no "/": the folder is the whole path, as `rsplit("/", 1)[0]` gives
+        ["/", "//", "/a", "/b", "a/", "a//", "a//b", "a/b"],  # empty folders, trailing and doubled "/"
+        ["日本/é/1", "日本/é/2", "日本/ü", "日本/ü/x", "日本z", "é/1"],  # multi-byte folders of equal byte length
+        ["ab/1", "ac/1", "ba/1", "bb/1"],  # equal folder lengths, different bytes
+        [f"src/train/c{i % 7}/{'x' * (i % 13)}{i}.png" for i in range(3000)],  # long runs across many blocks
+    ]
+    for paths in cases:
+        assert_same_groups(sorted(paths))
+
+
+def test_pool_opened_from_a_manifest_groups_in_numpy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manifest, "_FOLDER_BYTES", 200)
+    rng = random.Random(3)
+    paths = sorted({f"pool/{rng.choice(['train', 'val'])}/n{rng.randrange(12):02d}é/{rng.randrange(10**6)}.JPEG"
+                    for _ in range(800)} | {"pool/README", "top.png", "pool/train/x/y/z.png"})
+    raw = manifest_text(paths, [f"{rng.getrandbits(64):016x}" for _ in paths])
+    folder = tmp_path / "p"
+    folder.mkdir()
+    (folder / "manifest.tsv").write_bytes(raw)
+    np.save(folder / "images.npy", np.zeros((len(paths), 2, 2, 3), dtype=np.uint8))
+    (folder / "pool.json").write_text(json.dumps({"name": "p", "fingerprint": hashlib.sha256(raw).hexdigest()}))
+    pool = open_pool(folder, build=False)
+    assert isinstance(pool.paths, manifest._Column)  # the numpy reading, not the list one
+    ids, names = pool.groups()
+    want_ids, want_names = python_groups(paths)
+    assert np.array_equal(ids, want_ids) and names == want_names and ids.dtype == np.int64
+    assert pool.groups()[0] is ids  # computed once
+    plain = Pool("p", folder, pool.images, list(paths), list(pool.hashes), pool.fingerprint)
+    assert np.array_equal(plain.groups()[0], ids) and plain.groups()[1] == names

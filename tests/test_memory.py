@@ -148,3 +148,109 @@ def test_rows_written_by_blocks_read_back_as_one_npy(tmp_path: Path) -> None:
 def _npy_bytes(tmp_path: Path, x: np.ndarray) -> bytes:
     np.save(tmp_path / "ref.npy", x)
     return (tmp_path / "ref.npy").read_bytes()
+
+
+def _tied_logits(n: int, c: int, seed: int = 4) -> np.ndarray:
+    """Logits from a few distinct rows, so energies, entropies and labels tie across much of the pool."""
+    rng = np.random.default_rng(seed)
+    rows = np.round(rng.normal(0, 3, (37, c)), 1).astype(np.float32)
+    rows[0] = 0.0  # a flat row: every class ties, argmax takes the first
+    x = rows[rng.integers(0, len(rows), n)]
+    x[rng.integers(0, n, n // 50)] = rng.normal(0, 3, (n // 50, c)).astype(np.float32)  # and some unique rows
+    return x
+
+
+@pytest.mark.parametrize("policy", ["lowest-energy", "highest-energy", "lowest-entropy", "random"])
+def test_streamed_selection_equals_the_whole_array_one(policy: str, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Scores.select` (labels and keys made a block of rows at a time) picks exactly what the sender picked
+    from whole arrays: same indices in the same order, same labels, whatever the blocks."""
+    from plada import select as sel
+
+    x = _tied_logits(2001, 9)
+    np.save(tmp_path / "logits.npy", x)
+    s = S.Scores(np.load(tmp_path / "logits.npy", mmap_mode="r"))
+    labels = S.map_rows(S._labels, x)
+    for T in (1.0, 0.5):
+        key = sel.rank_key(policy, S.energy(x, T), S.entropy(x), seed=3)
+        for safety, alpha in [(0.0, 0.5), (0.2, 0.5), (0.2, -0.2), (1.0, 0.5)]:
+            for k in (1, 400, 2001):
+                want = sel.select(labels, key, k, 10, safety_share=safety, alpha=alpha)
+                assert want.tobytes() == _whole_array_select(labels, key, k, 10, safety, alpha).tobytes()
+                for rows in (None, 7, 333, 5000):
+                    idx, lab = s.select(policy, k, 10, safety_share=safety, alpha=alpha, T=T, seed=3, rows=rows)
+                    assert idx.dtype == np.int64 and idx.tobytes() == want.tobytes(), (T, safety, k, rows)
+                    assert lab.dtype == np.int64 and lab.tobytes() == labels[want].tobytes()
+    monkeypatch.setattr(D, "BLOCK_BYTES", 10 * 8 * 9)  # 10 rows: what `Scores.select` uses when not told
+    key = sel.rank_key(policy, S.energy(x), S.entropy(x), seed=3)
+    idx, lab = s.select(policy, 50, 10, safety_share=0.5, seed=3)
+    assert idx.tobytes() == _whole_array_select(labels, key, 50, 10, 0.5, 0.5).tobytes()
+    with pytest.raises(S.PladaError):
+        s.select("median-energy", 5, 10)
+    assert [a.size for a in S.Scores(np.zeros((0, 3), np.float32)).select(policy, 0, 3)] == [0, 0]
+
+
+def _whole_array_select(labels: np.ndarray, key: np.ndarray, k: int, n_classes: int, safety_share: float,
+                        alpha: float) -> np.ndarray:
+    """The selection as it was before it streamed (a stable argsort of the whole key)."""
+    from plada.select import safety_net_quotas
+
+    n = labels.shape[0]
+    ranking = np.argsort(key, kind="stable")
+    counts = np.bincount(labels, minlength=n_classes).astype(np.int64)
+    quotas = safety_net_quotas(counts, int(np.floor(safety_share * k + 0.5)), alpha)
+    taken = np.zeros(n, dtype=bool)
+    if quotas.any():
+        grouped = ranking[np.argsort(labels[ranking], kind="stable")]
+        within = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
+        taken[grouped[within < np.repeat(quotas, counts)]] = True
+    rest = k - int(quotas.sum())
+    if rest > 0:
+        taken[ranking[~taken[ranking]][:rest]] = True
+    return np.flatnonzero(taken).astype(np.int64)
+
+
+def test_streamed_selection_holds_nothing_pool_long(tmp_path: Path) -> None:
+    """Selecting from a logits memmap holds one block and the kept candidates, not N-long arrays."""
+    import tracemalloc
+
+    n, c = 1_000_000, 4
+    x = np.lib.format.open_memmap(tmp_path / "logits.npy", mode="w+", dtype=np.float32, shape=(n, c))
+    for a in range(0, n, 250_000):
+        x[a : a + 250_000] = np.random.default_rng(a).normal(0, 2, (250_000, c))
+    x.flush()
+    s = S.Scores(np.load(tmp_path / "logits.npy", mmap_mode="r"))
+    tracemalloc.start()
+    try:
+        idx, lab = s.select("lowest-energy", 500, c, safety_share=0.2, rows=4096)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert idx.size == 500 and lab.size == 500
+    assert peak < n  # under a byte per pool image; labels + energy + ranking alone were 24 B per image
+
+
+def test_block_energy_and_entropy_keep_the_old_bits(tmp_path: Path) -> None:
+    """The in-place block helpers give bit for bit what the written-out formulas gave (payloads depend on it)."""
+    def old_energy(x: np.ndarray, T: float) -> np.ndarray:
+        z = x.astype(np.float64) / T
+        m = z.max(1, keepdims=True)
+        return -T * (m[:, 0] + np.log(np.exp(z - m).sum(1)))
+
+    def old_entropy(x: np.ndarray) -> np.ndarray:
+        z = x.astype(np.float64)
+        z = z - z.max(1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(1, keepdims=True)
+        return -(p * np.log(np.clip(p, 1e-300, None))).sum(1)
+
+    one = np.random.default_rng(0).normal(0, 3, (50, 1)).astype(np.float32)
+    for x in (_logits(), _tied_logits(3000, 100), one, np.full((4, 3), -1e30, np.float32)):
+        for T in (1.0, 0.3, 2.5):
+            assert S._energy(x, T).tobytes() == old_energy(x, T).tobytes()
+        assert S._entropy(x).tobytes() == old_entropy(x).tobytes()
+    np.save(tmp_path / "x.npy", _tied_logits(500, 7))
+    x = np.load(tmp_path / "x.npy", mmap_mode="r")  # a memmap block, as `Scores` passes
+    assert S._energy(x, 1.0).tobytes() == old_energy(np.asarray(x), 1.0).tobytes()
+    assert S._entropy(x).tobytes() == old_entropy(np.asarray(x)).tobytes()
+

@@ -3,15 +3,19 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from plada import select as sel
 from plada.errors import PladaError
 from plada.select import (
     POLICIES,
+    SCORE_OF,
+    block_keys,
     budget,
     class_histogram,
     order,
     rank_key,
     safety_net_quotas,
     select,
+    select_blocks,
 )
 
 FAST = settings(max_examples=150, deadline=None)
@@ -267,3 +271,147 @@ def test_class_histogram():
     assert class_histogram(labels, np.array([], dtype=np.int64), 3).tolist() == [0, 0, 0]
     with pytest.raises(PladaError):
         class_histogram(labels, np.array([5]), 3)
+
+
+# --- streaming selection (issue 18: memory O(k + classes + a block), not O(pool)) ------------------------
+
+
+def _whole_array_select(labels, key, k, n_classes, safety_share=0.0, alpha=0.5):
+    """`select` as it was before it streamed (argsort of the whole key): the results must not change."""
+    lab, keys = np.asarray(labels), np.asarray(key, dtype=np.float64)
+    n = lab.shape[0]
+    ranking = np.argsort(keys, kind="stable")
+    reserve = int(np.floor(float(safety_share) * k + 0.5))
+    counts = np.bincount(lab, minlength=n_classes).astype(np.int64)
+    quotas = safety_net_quotas(counts, reserve, alpha)
+    taken = np.zeros(n, dtype=bool)
+    if quotas.any():
+        grouped = ranking[np.argsort(lab[ranking], kind="stable")]
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        within = np.arange(n) - starts
+        taken[grouped[within < np.repeat(quotas, counts)]] = True
+    rest = k - int(quotas.sum())
+    if rest > 0:
+        taken[ranking[~taken[ranking]][:rest]] = True
+    return np.flatnonzero(taken).astype(np.int64)
+
+
+def _in_blocks(labels, key, cuts):
+    """A `select_blocks` source cutting the arrays at `cuts` (empty blocks included), counting its passes."""
+    bounds = list(zip([0, *cuts], [*cuts, labels.size], strict=True))
+    passes = []
+
+    def blocks(with_keys):
+        passes.append(with_keys)
+        for a, b in bounds:
+            yield labels[a:b], (key[a:b] if with_keys else None)
+
+    return blocks, passes
+
+
+@FAST
+@given(pools(), st.sampled_from([0.0, 0.05, 0.2, 0.5, 1.0]), alpha_st, st.data())
+def test_streamed_selection_equals_the_whole_array_one(pool, s, alpha, data):
+    labels, key, k, n_classes = pool
+    key = np.where(key == 0, data.draw(st.sampled_from([0.0, -0.0])), key)  # signed zeros tie like argsort's
+    cuts = sorted(data.draw(st.lists(st.integers(0, labels.size), max_size=12)))
+    blocks, passes = _in_blocks(labels, key, cuts)
+    idx, lab = select_blocks(blocks, labels.size, k, n_classes, safety_share=s, alpha=alpha)
+    want = _whole_array_select(labels, key, k, n_classes, s, alpha)
+    assert idx.dtype == np.int64 and idx.tobytes() == want.tobytes()
+    assert lab.dtype == np.int64 and lab.tobytes() == labels[want].astype(np.int64).tobytes()
+    reserve = int(np.floor(s * k + 0.5))
+    assert passes == ([False, True] if reserve else [True])  # the counting pass only for a Safety-Net
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("s, alpha", [(0.0, 0.5), (0.1, 0.5), (0.5, -0.2), (1.0, 0.5), (1.0, -1.0)])
+def test_streamed_policies_equal_the_whole_array_ones(policy, s, alpha, monkeypatch):
+    """Each policy's key made block by block and selected block by block gives the old selection exactly."""
+    rng = np.random.default_rng(7)
+    n, n_classes = 30_011, 13
+    labels = np.minimum(rng.geometric(0.25, n) - 1, n_classes - 2)  # skewed; the last class is empty
+    energy = np.round(rng.normal(0, 1, n), 1)  # a few hundred distinct values: ties everywhere
+    energy[::97] = -0.0
+    energy[::89] = 0.0
+    energy[5:40] = np.inf
+    entropy = np.round(rng.uniform(0, 2, n), 2)
+    whole_key = rank_key(policy, energy, entropy, seed=11)
+    monkeypatch.setattr(sel, "BLOCK_ROWS", 1000)
+    cuts = list(range(0, n, 777))
+
+    def blocks(with_keys):
+        keyf = block_keys(policy, seed=11)  # a fresh random stream each pass
+        for a, b in zip(cuts, [*cuts[1:], n], strict=True):
+            score = {"energy": energy[a:b], "entropy": entropy[a:b], None: b - a}[SCORE_OF[policy]]
+            yield labels[a:b], (keyf(score) if with_keys else None)
+
+    for k in (1, 97, 3000, n - 5, n):
+        want = _whole_array_select(labels, whole_key, k, n_classes, s, alpha)
+        assert select(labels, whole_key, k, n_classes, safety_share=s, alpha=alpha).tobytes() == want.tobytes()
+        idx, lab = select_blocks(blocks, n, k, n_classes, safety_share=s, alpha=alpha)
+        assert idx.tobytes() == want.tobytes() and lab.tobytes() == labels[want].tobytes(), k
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_block_keys_concatenate_to_rank_key(policy):
+    rng = np.random.default_rng(2)
+    energy, entropy = rng.normal(0, 1, 1000), rng.uniform(0, 2, 1000)
+    keyf = block_keys(policy, seed=5)
+    src = {"energy": energy, "entropy": entropy, None: energy}[SCORE_OF[policy]]
+    got = np.concatenate([keyf(src[a:b]) for a, b in [(0, 1), (1, 1), (1, 400), (400, 1000)]])
+    want = rank_key(policy, energy, entropy, seed=5)
+    assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+    with pytest.raises(PladaError):
+        block_keys("median-energy")
+    with pytest.raises(PladaError):
+        block_keys("random", seed=1.5)
+    if policy != "random":
+        with pytest.raises(PladaError, match="NaN"):
+            block_keys(policy)(np.array([0.0, np.nan]))
+
+
+def test_streamed_selection_worst_case_orders():
+    """Keys falling (every row displaces the kept ones), rising, and constant: many cuts of the buffers."""
+    n, n_classes = 5000, 4
+    labels = (np.arange(n) * 7 % 5).clip(0, n_classes - 1)
+    for key in (-np.arange(n, dtype=float), np.arange(n, dtype=float), np.zeros(n), np.arange(n) % 3 * 1.0):
+        for k, s in [(10, 0.0), (10, 1.0), (300, 0.3), (4999, 0.9)]:
+            blocks, _ = _in_blocks(labels, key, list(range(0, n, 64)))
+            idx, _ = select_blocks(blocks, n, k, n_classes, safety_share=s, alpha=-0.2)
+            assert idx.tobytes() == _whole_array_select(labels, key, k, n_classes, s, -0.2).tobytes()
+
+
+def test_streamed_selection_rejects_bad_blocks():
+    labels, key = np.array([0, 1, 1, 0]), np.array([0.0, 1.0, 2.0, 3.0])
+    blocks, _ = _in_blocks(labels, key, [2])
+    with pytest.raises(PladaError, match="rows"):
+        select_blocks(blocks, 5, 1, 2)
+    with pytest.raises(PladaError, match="rows"):
+        select_blocks(blocks, 5, 1, 2, safety_share=1.0)
+    blocks, _ = _in_blocks(labels, np.array([0.0, 1.0, np.nan, 3.0]), [2])
+    with pytest.raises(PladaError, match="NaN"):
+        select_blocks(blocks, 4, 1, 2)
+    blocks, _ = _in_blocks(np.array([0, 1, 2, 0]), key, [2])
+    with pytest.raises(PladaError, match="labels"):
+        select_blocks(blocks, 4, 1, 2)
+    with pytest.raises(PladaError, match="labels"):
+        select_blocks(blocks, 4, 1, 2, safety_share=0.5)
+
+
+def test_select_holds_no_pool_long_temporary():
+    """Beyond its inputs, `select` holds O(k + classes + a block), not an argsort of the pool."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    n = 1_000_000
+    labels, key = rng.integers(0, 50, n), np.round(rng.normal(0, 1, n), 2)
+    tracemalloc.start()
+    try:
+        idx = select(labels, key, 1000, 50, safety_share=0.2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert idx.tobytes() == _whole_array_select(labels, key, 1000, 50, 0.2).tobytes()
+    # One block's temporaries (BLOCK_ROWS rows) and the buffers; the whole-array code held about 60 MB here.
+    assert peak < 2 * 2**20, peak

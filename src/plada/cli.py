@@ -86,6 +86,12 @@ def _device_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
                         "cuda, cuda:N or mps")
 
 
+def _weights_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup, role: str) -> None:
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help=f"the {role}'s pretrained weights from this file (safetensors or a torch state dict), "
+                        f"not the hub: for machines offline (= --set {role}.weights=FILE)")
+
+
 def _send_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sender")
     g.add_argument("--budget", type=_size, default=None,
@@ -94,6 +100,7 @@ def _send_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep", type=_keep, default=None, help="share of the pool to keep (default 1%%)")
     g.add_argument("--policy", default=None, choices=POLICIES, help="selection rule (default lowest-energy)")
     g.add_argument("--teacher", default=None, help="teacher backbone: a registry name, timm:NAME or tv:NAME")
+    _weights_arg(g, "teacher")
     g.add_argument("--engine", default=None, choices=ENGINES,
                    help="where the pool is scored: this process, or a Ray actor pool ($RAY_ADDRESS, else local)")
     _device_arg(g)
@@ -113,6 +120,8 @@ def _send_cfg(a: argparse.Namespace, base: SendConfig | None = None) -> SendConf
             cfg = replace(cfg, **{name: getattr(a, name)})
     if getattr(a, "teacher", None) is not None:
         cfg = replace(cfg, teacher=replace(cfg.teacher, model=a.teacher))
+    if getattr(a, "weights", None) is not None:
+        cfg = replace(cfg, teacher=replace(cfg.teacher, weights=a.weights))
     return _settings(cfg, a)
 
 
@@ -124,6 +133,8 @@ def _receive_cfg(a: argparse.Namespace) -> ReceiveConfig:
         cfg = replace(cfg, student=replace(cfg.student, model=a.student))
     if getattr(a, "student_mode", None) is not None:
         cfg = replace(cfg, student=replace(cfg.student, mode=a.student_mode))
+    if getattr(a, "weights", None) is not None:
+        cfg = replace(cfg, student=replace(cfg.student, weights=a.weights))
     return _settings(cfg, a)
 
 
@@ -286,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", "-o", default=None, help="write logits, labels and energies here (.npz)")
     c.add_argument("--data", default=None, help=data_help)
     c.add_argument("--teacher", default=None, help="teacher backbone: a registry name, timm:NAME or tv:NAME")
+    _weights_arg(c, "teacher")
     c.add_argument("--engine", default=None, choices=ENGINES, help="this process, or a Ray actor pool")
     _device_arg(c)
     _sets(c, "teacher.res=32 or actors=4")
@@ -300,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-missing", action="store_true",
                    help="drop kept images this pool lacks (see `pool build --manifest`) instead of refusing")
     r.add_argument("--student", default=None, help="student backbone: a registry name, timm:NAME or tv:NAME")
+    _weights_arg(r, "student")
     r.add_argument("--student-mode", default=None, choices=STUDENT_MODES,
                    help="finetune (the paper's), linear (frozen features), scratch (no pretraining); default: "
                         "linear for a head payload, else finetune")

@@ -247,7 +247,7 @@ class Source:
 
     name: str
     root: Path  # cache folder
-    images: np.ndarray  # (N, R, R, 3) uint8, memory-mapped
+    images: np.ndarray  # (N, R, R, 3) uint8, memory-mapped; `open_target`'s: a `LazyImages` over the files
     paths: list[str]  # "split/class/file", sorted
     hashes: list[str]  # blake2b-64 hex of each image file's bytes
     skipped: list[str]  # files that failed to decode
@@ -269,7 +269,10 @@ class Source:
         lut = {c: j for j, c in enumerate(names)}
         sel = np.asarray(idx, dtype=np.int64)
         contiguous = sel[-1] - sel[0] + 1 == len(sel)
-        images = self.images[sel[0] : sel[-1] + 1] if contiguous else self.images[sel]
+        if _is_lazy(self.images):  # files read on access (`open_target`): rows stay undecoded
+            images = self.images.take(sel)
+        else:
+            images = self.images[sel[0] : sel[-1] + 1] if contiguous else self.images[sel]
         files = [self.paths[i].split("/", 1)[1] for i in idx]
         return Split(self.name, split, images, np.asarray([lut[c] for c in cls], dtype=np.int64), names, files,
                      [self.hashes[i] for i in idx])
@@ -321,12 +324,12 @@ class Split:
         return self.take(self.subset_indices(n, seed))
 
     def take(self, idx: np.ndarray) -> Split:
-        """The rows `idx`, loaded into memory."""
+        """The rows `idx`, loaded into memory (files read on access stay undecoded: `LazyImages.take`)."""
         rows = np.asarray(idx)
         files = None if self.files is None else [self.files[i] for i in rows]
         hashes = None if self.hashes is None else [self.hashes[i] for i in rows]
-        return Split(self.dataset, self.split, np.asarray(self.images[idx]), self.labels[idx], self.class_names, files,
-                     hashes)
+        images = self.images.take(rows) if _is_lazy(self.images) else np.asarray(self.images[idx])
+        return Split(self.dataset, self.split, images, self.labels[idx], self.class_names, files, hashes)
 
 
 _HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=4).hexdigest()
@@ -645,6 +648,67 @@ def load_source(name_or_path: str, data: str | os.PathLike | None = None, progre
             "skipped": got.skipped}
     write_json_atomic(root / "meta.json", meta)  # written last: its presence marks a complete cache
     return Source(name, root, np.load(root / "images.npy", mmap_mode="r"), got.paths, got.hashes, got.skipped)
+
+
+def open_target(name_or_path: str, data: str | os.PathLike | None = None, progress: bool = True) -> Source:
+    """A target dataset as a model reads it: a folder of large images from its files, else `load_source`.
+
+    Why: `load_source` keeps every image at most `LARGE_RES` px (the fast path for the small targets of
+    ../shared/data, whose figures were made so); a teacher at 224 px must see a folder of full-resolution
+    photos at 224 px, cropped from the files (`images.LazyImages`), not 64-px copies scaled up. Archives
+    (read front to back only) and folders of small square images of one size keep the decoded cache.
+    """
+    src = resolve_source(name_or_path, data)
+    if not (src.is_dir() and _holds_large_images(src)):
+        return load_source(name_or_path, data, progress)
+    from .images import FolderFiles, LazyImages, scan_folder
+
+    name = src.name
+    found = scan_folder(src, progress=progress)  # headers checked, bytes hashed, the unreadable named once
+    files, rels, hashes = [], [], []
+    for path, digest in zip(found.paths, found.hashes, strict=True):
+        sp = _split_path(path)
+        if sp is not None:
+            files.append(path)
+            rels.append(sp[2])
+            hashes.append(digest)
+    if not rels:
+        raise PladaError(f"{src} holds no images in the ImageFolder layout NAME/<split>/<class>/<image> "
+                         "(or <split>/<class>/<image>)")
+    if len(set(rels)) != len(rels):
+        raise PladaError(f"{src} lists the same image path twice")
+    order = sorted(range(len(rels)), key=rels.__getitem__)  # `NAME/` prefixes aside, already sorted
+    files, rels, hashes = [files[i] for i in order], [rels[i] for i in order], [hashes[i] for i in order]
+    key = hashlib.sha256("".join(f"{r}\t{h}\n" for r, h in zip(rels, hashes, strict=True)).encode()).hexdigest()
+    images = LazyImages(FolderFiles(src, files), hashes=hashes, label=f"target '{name}'")
+    return Source(name, cache_root() / "datasets" / f"{name}-files-{key[:16]}", images,  # type: ignore[arg-type]
+                  rels, hashes, list(found.skipped))
+
+
+def _is_lazy(images: object) -> bool:
+    from .images import LazyImages  # here: plada.images imports this module
+
+    return isinstance(images, LazyImages)
+
+
+def _holds_large_images(src: Path) -> bool:
+    """Whether `load_source`'s rule would shrink this folder's images: not all one square size <= MAX_NATIVE.
+
+    Reads image headers only, and stops at the first image that breaks the rule (the first, for photos).
+    """
+    size = None
+    for rel, path in _walk_files(src):
+        if not _is_image(rel) or _split_path(rel) is None:
+            continue
+        try:
+            with Image.open(path) as img:
+                w, h = img.size
+        except Exception:  # unreadable: `load_source` skips and names it; it decides nothing here
+            continue
+        if w != h or w > MAX_NATIVE or (size is not None and w != size):
+            return True
+        size = w
+    return False
 
 
 def _open_cached(name: str, root: Path) -> Source | None:

@@ -2,10 +2,12 @@
 
 Why Ray: scoring is the sender's one step that grows with the pool (ImageNet-21K: 14.2M images),
 and it is embarrassingly parallel by shard. The Ray engine runs Ray Data over the pool's work
-units (one tar shard of a sharded pool, or one chunk of a memory-mapped pool) with an actor pool
-in which every actor holds the teacher once (on a GPU when the cluster has them). Each actor reads
-its unit itself, so no pixels pass through the driver and every process holds at most one unit of
-images, whatever the pool size.
+units (one tar shard of a sharded pool, one chunk of a memory-mapped pool, or one chunk of rows of a
+folder or WebDataset pool) with an actor pool in which every actor holds the teacher once (one actor per
+GPU when the cluster has them). Each actor reads its unit itself: a folder or shard pool is opened once
+per actor from its manifest, and the actor decodes its own rows' files at the teacher's input size,
+streamed batch by batch into the forward pass. So no pixels pass through the driver and every process
+holds at most one unit's logits and a few batches of images, whatever the pool size.
 
 Both engines write the same files: logits per unit, atomically, in `score.score_dir`, with unit
 boundaries equal to the local engine's chunks (a sharded pool's chunk is its shard size). So a
@@ -21,6 +23,7 @@ import logging
 import os
 import resource
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,7 @@ import torch
 from .backbones import Classifier, create
 from .data import atomic_save_npy
 from .errors import PladaError
+from .images import LazyImages
 from .pool import Pool
 from .score import (
     Scores,
@@ -92,7 +96,8 @@ class Unit:
 
     start: int
     stop: int
-    kind: str  # "shard": a tar shard; "npy": a memory-mapped images.npy; "object": an object-store array
+    kind: str  # "shard": a tar shard; "npy": a memory-mapped images.npy; "object": an object-store array;
+    # "files": rows of a folder or WebDataset pool, `file` its pool folder, `manifest` its fingerprint
     file: str = ""
     count: int = 0  # shard: rows it holds
     manifest: str = ""  # shard: the manifest, and the byte offset of this unit's first line in it
@@ -107,6 +112,9 @@ def units_of(pool: Pool, chunk: int, put=None) -> list[Unit]:
         return [Unit(s.start, s.stop, "shard", str((pool.root / s.file).resolve()), s.count,
                      str((pool.root / "manifest.tsv").resolve()), s.offset) for s in pool.shards]
     images = pool.images
+    if isinstance(images, LazyImages):  # the user's own files: each actor opens the pool and decodes its rows
+        root = str(Path(pool.root).resolve())
+        return [Unit(a, min(a + chunk, n), "files", root, manifest=pool.fingerprint) for a in range(0, n, chunk)]
     file = getattr(images, "filename", None) if isinstance(images, np.memmap) else None
     if file and np.load(file, mmap_mode="r").shape == images.shape:  # the whole file, not a slice of it
         return [Unit(a, min(a + chunk, n), "npy", str(Path(file).resolve())) for a in range(0, n, chunk)]
@@ -116,8 +124,27 @@ def units_of(pool: Pool, chunk: int, put=None) -> list[Unit]:
             for a in range(0, n, chunk)]
 
 
+_OPENED: dict[str, LazyImages] = {}  # per worker process: a files pool opened once, whatever its units
+
+
+def files_view(u: Unit, res: int) -> LazyImages:
+    """The files pool of a "files" unit at `res`, opened by this worker once and checked to be the driver's."""
+    images = _OPENED.get(u.file)
+    if images is None:
+        from .pool import open_pool
+
+        pool = open_pool(u.file, build=False, progress=False)
+        if pool.fingerprint != u.manifest:
+            raise PladaError(f"pool {u.file} on this worker is {pool.fingerprint[:16]}…, not the driver's "
+                             f"{u.manifest[:16]}…: every worker must see the same pool")
+        images = _OPENED[u.file] = pool.images  # type: ignore[assignment]
+    return images.at(res)
+
+
 def load_unit(u: Unit, res: int) -> np.ndarray:
     """The unit's images, read by the worker itself (a shard checked against its manifest slice)."""
+    if u.kind == "files":
+        return files_view(u, res)[u.start : u.stop]
     if u.kind == "shard":
         paths, hashes = manifest_slice(u.manifest, u.offset, u.stop - u.start)
         return read_shard(u.file, u.start, paths, hashes, res, u.count)[0]
@@ -157,13 +184,22 @@ class UnitScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         logits, seconds, read_s = [], [], []
         for i in batch["unit"]:
+            u = self.units[int(i)]
             t0 = time.perf_counter()
-            images = load_unit(self.units[int(i)], self.res)
-            t1 = time.perf_counter()
-            logits.append(device_predict(self.model, images, self.batch_size, self.device).tobytes())
+            if u.kind == "files":  # decoded batch by batch while the previous one computes, as the local engine
+                view = files_view(u, self.res)
+                t1 = time.perf_counter()
+                with closing(view.stream(u.start, u.stop, self.batch_size)) as images:
+                    out = device_predict(self.model, images, self.batch_size, self.device)
+                view.warn_bad()  # this worker's unreadable files, named once
+            else:
+                images = load_unit(u, self.res)
+                t1 = time.perf_counter()
+                out = device_predict(self.model, images, self.batch_size, self.device)
+                del images
+            logits.append(out.astype(np.float32).tobytes())
             seconds.append(time.perf_counter() - t0)
             read_s.append(t1 - t0)
-            del images
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"unit": np.asarray(batch["unit"]), "logits": np.array(logits, dtype=object),
                 "seconds": np.array(seconds), "read_seconds": np.array(read_s),
@@ -259,7 +295,9 @@ def _run_actors(ray, model: Classifier, pool: Pool, units: list[Unit], todo: lis
     cpus = cpus_per_actor or max(1.0, float(int(res.get("CPU", 1)) // n_actors))
     state = ray.put({k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
     spec = {"name": model.name, "classes": classes, "res": model.res}
-    res_px = int(pool.images.shape[1])
+    # A files pool is decoded at the teacher's own size, as `score.score_pool` reads it; a decoded pool's rows go
+    # as they are and `train.prepare` resizes them on the actor, as it does locally.
+    res_px = model.res if isinstance(pool.images, LazyImages) else int(pool.images.shape[1])
     ds = ray.data.from_items([{"unit": i} for i in todo], override_num_blocks=len(todo))
     ds = ds.map_batches(
         UnitScorer, batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_actors),

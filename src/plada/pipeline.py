@@ -18,7 +18,7 @@ import numpy as np
 
 from . import backbones, engines, payload, rate, select
 from .config import ReceiveConfig, SendConfig
-from .data import Split, atomic_write, cache_root, load_source, resolve_source
+from .data import Split, atomic_write, cache_root, open_target, resolve_source
 from .device import resolve as resolve_device
 from .errors import PladaError
 from .images import LazyImages
@@ -119,7 +119,7 @@ def send(
     out = check_output(out, "payload", payload.MAGIC)
     record = check_output(report_path(out), "report", ours=_is_report)
     t0 = time.time()
-    src = load_source(target, data, progress=progress)
+    src = open_target(target, data, progress=progress)
     train = src.split(train_split)
     test = src.split(test_split) if test_split in src.splits() else None
     pool = pool if isinstance(pool, Pool) else open_any(pool, data, progress=progress)
@@ -193,15 +193,15 @@ def _send_fixed(name: str, train: Split, test: Split | None, pool: Pool, cfg: Se
                                  device=device)
     scores = engines.score(model, pool, cache_root() / "scores", engine=cfg.engine, progress=progress,
                            actors=cfg.actors, device=device)
-    labels = scores.labels
-    key = select.rank_key(cfg.policy, scores.energy(cfg.temperature), scores.entropy(), seed=cfg.seed)
-    idx = select.select(labels, key, k, len(train.class_names), safety_share=safety, alpha=alpha)
+    # streamed over the logits a block at a time: memory O(kept + classes), not O(pool) (issue 18)
+    idx, kept_labels = scores.select(cfg.policy, k, len(train.class_names), safety_share=safety, alpha=alpha,
+                                     T=cfg.temperature, seed=cfg.seed)
     rule = _selection(name, cfg.teacher, tinfo.get("test_accuracy"), policy=cfg.policy, keep=cfg.keep_share,
                       count=k, temperature=cfg.temperature, safety_share=safety, alpha=alpha, seed=cfg.seed)
     trained = tinfo.get("config", {})  # what the teacher was: epochs resolved, mode auto's choice and its scores
     rule["teacher"].update({f: trained[f] for f in ("mode", "epochs") if f in trained},
                            **({"recipe": tinfo["recipe"]} if "recipe" in tinfo else {}))
-    return idx, labels[idx], {"teacher_accuracy": tinfo.get("test_accuracy"), "selection": rule}
+    return idx, kept_labels, {"teacher_accuracy": tinfo.get("test_accuracy"), "selection": rule}
 
 
 def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: np.ndarray, cfg: SendConfig,
@@ -469,7 +469,7 @@ def receive(
     indices, labels = p.indices[keep], p.labels[keep]
     testset = None
     if test is not None:
-        testset = load_source(test, data, progress=progress).split(test_split)
+        testset = open_target(test, data, progress=progress).split(test_split)
         if list(testset.class_names) != list(p.class_names):
             raise PladaError(
                 f"test split classes {testset.class_names[:5]}… differ from the payload's {list(p.class_names)[:5]}…"
@@ -556,7 +556,7 @@ def score(
         model, class_names, _ = backbones.load(model_path)
         tinfo: dict = {}
     else:
-        src = load_source(target, data, progress=progress)
+        src = open_target(target, data, progress=progress)
         train = src.split(train_split)
         test = src.split(test_split) if test_split in src.splits() else None
         model, tinfo = train_teacher(train, test, cfg.teacher, cache_root() / "teachers", progress=progress,

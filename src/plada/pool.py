@@ -39,7 +39,7 @@ from .config import DEFAULT_POOL
 from .data import atomic_save_npy, atomic_write, cache_root, load_source, resolve_source, write_json_atomic
 from .errors import PladaError, PoolMismatchError, reading
 from .images import DEFAULT_RES, MAX_PIXELS, FolderFiles, LazyImages, TarMembers, layout_of, scan_folder, scan_shards
-from .manifest import Manifest, manifest_text, unstorable_paths
+from .manifest import Manifest, folder_groups, manifest_text, unstorable_paths
 
 try:
     import fcntl
@@ -96,16 +96,8 @@ class Pool:
 
     def groups(self) -> tuple[np.ndarray, list[str]]:
         """Group id per image (its folder) and the group names: the pool's only structure we use."""
-        if self._groups is None:
-            # A dict rather than np.unique over an array of folder strings: at 14M paths that array
-            # alone would be ~2 GB of fixed-width unicode. Ids follow the sorted folder names.
-            first_seen: dict[str, int] = {}
-            raw = np.fromiter((first_seen.setdefault(p.rsplit("/", 1)[0], len(first_seen)) for p in self.paths),
-                              dtype=np.int64, count=len(self.paths))
-            names = sorted(first_seen)
-            rank = np.empty(len(names), dtype=np.int64)
-            rank[[first_seen[n] for n in names]] = np.arange(len(names))
-            self._groups = (rank[raw], names)
+        if self._groups is None:  # in numpy when `paths` is a manifest's column, a path at a time for a list
+            self._groups = folder_groups(self.paths)
         return self._groups
 
     def check(self, fingerprint: str) -> None:

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import data as _data
+from . import select as sel
 from .backbones import Classifier
 from .data import atomic_save_npy, atomic_save_rows, map_rows, write_json_atomic
 from .errors import PladaError
@@ -63,18 +65,27 @@ def entropy(logits: np.ndarray, rows: int | None = None) -> np.ndarray:
     return map_rows(_entropy, logits, rows)
 
 
+# Both work in place on one float64 copy of the block (the same operations, so the same bits, as
+# `-T * (m + log(exp(z / T - m).sum))` and `-(p * log(clip(p))).sum` written out): a block's temporaries are
+# one or two (rows, C) arrays, not four.
 def _energy(logits: np.ndarray, T: float) -> np.ndarray:
-    z = logits.astype(np.float64) / T
+    z = np.array(logits, dtype=np.float64)
+    z /= T
     m = z.max(1, keepdims=True)
-    return -T * (m[:, 0] + np.log(np.exp(z - m).sum(1)))
+    z -= m
+    np.exp(z, out=z)
+    return -T * (m[:, 0] + np.log(z.sum(1)))
 
 
 def _entropy(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(1, keepdims=True)
-    p = np.exp(z)
+    p = np.array(logits, dtype=np.float64)
+    p -= p.max(1, keepdims=True)
+    np.exp(p, out=p)
     p /= p.sum(1, keepdims=True)
-    return -(p * np.log(np.clip(p, 1e-300, None))).sum(1)
+    plogp = np.clip(p, 1e-300, None)
+    np.log(plogp, out=plogp)
+    plogp *= p
+    return -plogp.sum(1)
 
 
 def _labels(logits: np.ndarray) -> np.ndarray:
@@ -96,6 +107,32 @@ class Scores:
 
     def entropy(self) -> np.ndarray:
         return entropy(self.logits)
+
+    def select(self, policy: str, k: int, n_classes: int, safety_share: float = 0.0, alpha: float = 0.5,
+               T: float = 1.0, seed: int = 0, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(kept indices, their labels): exactly ``i = select.select(self.labels, select.rank_key(policy,
+        self.energy(T), self.entropy(), seed), k, n_classes, ...)`` and ``self.labels[i]``, streamed.
+
+        Labels and keys are made a block of rows at a time (`select.select_blocks`), so nothing N-long is
+        held: memory is O(k + classes + one block of logits), not the ~60 B per pool image of the arrays.
+        Only the score the policy ranks by is computed (none for ``random``).
+        """
+        sel.block_keys(policy, seed)  # a bad policy or seed fails before any logits are read
+        need = sel.SCORE_OF[policy]
+        n, width = self.logits.shape[0], self.logits.shape[1]
+        rows = int(rows or max(1, _data.BLOCK_BYTES // (8 * max(width, 1))))  # the blocks `map_rows` uses
+
+        def blocks(with_keys: bool):
+            key = sel.block_keys(policy, seed) if with_keys else None  # a fresh random stream per pass
+            for a in range(0, n, rows):
+                z = self.logits[a : a + rows]
+                if key is None:
+                    yield _labels(z), None
+                    continue
+                score = _energy(z, T) if need == "energy" else _entropy(z) if need == "entropy" else len(z)
+                yield _labels(z), key(score)
+
+        return sel.select_blocks(blocks, n, k, n_classes, safety_share=safety_share, alpha=alpha)
 
 
 def model_digest(model: Classifier) -> str:

@@ -25,17 +25,27 @@ N_c > 0:
 4. The final real-valued shares are turned into integers by largest-remainder rounding: floor each share,
    then hand the seats left over to the largest fractional parts, ties going to the lower class index.
    A share never exceeds its room, so rounding up never breaks a cap.
+
+Memory: selection streams. The pool is read in blocks of rows (`select_blocks`): one pass counts the
+pseudo-labels (only when the Safety-Net reserves seats), one keeps, in bounded candidate buffers, the k
+best rows overall and each class's best quota[c] rows. What it holds is O(k + classes + one block), never
+an N-long ranking; `select` on whole arrays and `score.Scores.select` on a logits memmap both go through it,
+and the result is exactly what a stable argsort of the whole key gives.
 """
 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
 from plada.errors import PladaError
 
 POLICIES = ("lowest-energy", "highest-energy", "lowest-entropy", "random")
+# Which per-image score each policy's key is made from (`block_keys`); random needs only the row count.
+SCORE_OF = {"lowest-energy": "energy", "highest-energy": "energy", "lowest-entropy": "entropy", "random": None}
+BLOCK_ROWS = 1 << 14  # rows per block when `select` streams over whole arrays
 
 
 def _round_half_up(x: float) -> int:
@@ -87,8 +97,7 @@ def rank_key(policy: str, energy: np.ndarray, entropy: np.ndarray | None = None,
     ``random`` ignores the scores but still needs ``energy`` for the pool size; it is the ablation baseline
     and must be reproducible from ``seed``.
     """
-    if policy not in POLICIES:
-        raise PladaError(f"unknown selection policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    _check_policy(policy)
     e = _as_vector("energy", energy)
     if policy == "lowest-energy":
         return e.copy()
@@ -101,9 +110,36 @@ def rank_key(policy: str, energy: np.ndarray, entropy: np.ndarray | None = None,
         if h.shape != e.shape:
             raise PladaError(f"entropy has {h.shape[0]} values but energy has {e.shape[0]}")
         return h.copy()
+    _check_seed(seed)
+    return np.random.default_rng(seed).random(e.shape[0])
+
+
+def _check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise PladaError(f"unknown selection policy {policy!r}; choose one of {', '.join(POLICIES)}")
+
+
+def _check_seed(seed: object) -> None:
     if not _is_int(seed):
         raise PladaError(f"seed must be an integer, got {seed!r}")
-    return np.random.default_rng(seed).random(e.shape[0])
+
+
+def block_keys(policy: str, seed: int = 0) -> Callable[[np.ndarray | int], np.ndarray]:
+    """`rank_key` a block of rows at a time: a fresh key function for one pass over the pool in row order.
+
+    Call it on each block's score, ``SCORE_OF[policy]`` (energy, or entropy for ``lowest-entropy``; for
+    ``random`` the block's row count or anything of its length): the keys it returns, concatenated, are
+    bit for bit what `rank_key` gives on the whole pool (``random`` draws the same generator stream).
+    """
+    _check_policy(policy)
+    _check_seed(seed)
+    if policy == "random":
+        rng = np.random.default_rng(seed)
+        return lambda s: rng.random(s if _is_int(s) else len(s))
+    if policy == "highest-energy":
+        return lambda e: -_as_vector("energy", e)
+    name = SCORE_OF[policy]
+    return lambda x: _as_vector(name, x).copy()
 
 
 def order(key: np.ndarray) -> np.ndarray:
@@ -184,40 +220,183 @@ def select(
     """Keep ``k`` pool images: the Safety-Net quotas first, then the globally best by key.
 
     With ``safety_share = 0`` this is plain top-k by key. Returns sorted, unique int64 pool indices.
+    Streams over the arrays (`select_blocks`): beyond its inputs it holds O(k + n_classes + a block).
     """
-    if not _is_int(n_classes) or n_classes < 1:
-        raise PladaError(f"n_classes must be a positive integer, got {n_classes!r}")
+    _check_classes(n_classes)
     lab = np.asarray(labels)
     if lab.ndim != 1 or lab.dtype.kind not in "iu":
         raise PladaError("labels must be a 1-D integer array")
-    keys = _as_vector("key", key)
+    keys = np.asarray(key)
+    if keys.ndim != 1:
+        raise PladaError(f"key must be a 1-D array, got shape {keys.shape}")
+    if keys.dtype.kind not in "iuf":
+        raise PladaError(f"key must be numeric, got dtype {keys.dtype}")
     n = lab.shape[0]
     if keys.shape[0] != n:
         raise PladaError(f"labels has {n} entries but key has {keys.shape[0]}")
     if n and (lab.min() < 0 or lab.max() >= n_classes):
         raise PladaError(f"labels must lie in [0, {n_classes}); found {lab.min()}..{lab.max()}")
+
+    def blocks(with_keys: bool) -> Iterable[tuple[np.ndarray, np.ndarray | None]]:
+        for a in range(0, n, BLOCK_ROWS):
+            yield lab[a : a + BLOCK_ROWS], (keys[a : a + BLOCK_ROWS] if with_keys else None)
+
+    return select_blocks(blocks, n, k, n_classes, safety_share=safety_share, alpha=alpha)[0]
+
+
+def select_blocks(
+    blocks: Callable[[bool], Iterable[tuple[np.ndarray, np.ndarray | None]]],
+    n: int,
+    k: int,
+    n_classes: int,
+    safety_share: float = 0.0,
+    alpha: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`select` over a pool given a block of rows at a time: (kept indices, sorted; their labels).
+
+    ``blocks(with_keys)`` yields ``(labels, key)`` for consecutive row blocks from row 0 (``key`` may be
+    None when ``with_keys`` is false); it is called once more, first and without keys, when the Safety-Net
+    needs the class counts. Memory: the class counts, the candidate buffers (at most about 1.5k rows each) and
+    one block; the result is exactly `select` on the concatenated arrays, ties broken by pool index.
+    """
+    _check_classes(n_classes)
+    if not _is_int(n) or n < 0:
+        raise PladaError(f"pool size must be a non-negative integer, got {n!r}")
     if not _is_int(k) or not 0 <= k <= n:
         raise PladaError(f"k must be an integer between 0 and the pool size {n}; got {k!r}")
     if not _is_real(safety_share) or not 0.0 <= safety_share <= 1.0:
         raise PladaError(f"safety share must be in [0, 1], got {safety_share!r}")
 
-    ranking = order(keys)
     reserve = _round_half_up(float(safety_share) * k)
-    counts = np.bincount(lab, minlength=n_classes).astype(np.int64)
-    quotas = safety_net_quotas(counts, reserve, alpha)
+    counts = np.zeros(n_classes, dtype=np.int64)
+    if reserve > 0:  # the quotas need every class's size before the pass that keeps rows
+        seen = 0
+        for lab, _ in blocks(False):
+            lab = _check_labels(lab, n_classes)
+            counts += np.bincount(lab, minlength=n_classes)
+            seen += lab.shape[0]
+        _check_rows(seen, n)
+    quotas = safety_net_quotas(counts, reserve, alpha)  # all zeros (alpha still checked) without a reserve
 
-    taken = np.zeros(n, dtype=bool)
-    if quotas.any():
-        # Group the key-ordered pool by class (stable, so each group stays in key order), then keep the
-        # first quota[c] of each group: no per-image or per-class Python loop.
-        grouped = ranking[np.argsort(lab[ranking], kind="stable")]
-        starts = np.repeat(np.cumsum(counts) - counts, counts)
-        within = np.arange(n) - starts
-        taken[grouped[within < np.repeat(quotas, counts)]] = True
-    rest = k - int(quotas.sum())
-    if rest > 0:
-        taken[ranking[~taken[ranking]][:rest]] = True
-    return np.flatnonzero(taken).astype(np.int64)
+    rest = k - int(quotas.sum())  # seats for the best rows overall that no quota took: among the k best
+    # Candidates are held compactly: pool index as int32 while it fits, the label in the least integer type.
+    idx_t = np.int32 if n <= np.iinfo(np.int32).max else np.int64
+    lab_t = np.min_scalar_type(n_classes - 1)
+    best = _Lowest(np.array([k if rest else 0], dtype=np.int64), False, idx_t, lab_t)  # the k best overall
+    per_class = _Lowest(quotas, True, idx_t, lab_t)  # each class's quota[c] best
+    seen = 0
+    for lab, key in blocks(True):
+        lab = _check_labels(lab, n_classes)
+        key = _as_vector("key", key)
+        if key.shape[0] != lab.shape[0]:
+            raise PladaError(f"a block has {lab.shape[0]} labels but {key.shape[0]} keys")
+        rows = np.arange(seen, seen + lab.shape[0], dtype=idx_t)
+        best.add(key, rows, lab)
+        per_class.add(key, rows, lab)
+        seen += lab.shape[0]
+    _check_rows(seen, n)
+
+    _, q_idx, q_lab = per_class.result()
+    _, g_idx, g_lab = best.result()  # ranked by (key, index): the first `rest` not taken by a quota join them
+    del per_class, best
+    if rest:
+        q_sorted = np.sort(q_idx)
+        at = np.minimum(np.searchsorted(q_sorted, g_idx), max(q_sorted.size - 1, 0))
+        free = np.flatnonzero(q_sorted[at] != g_idx if q_sorted.size else np.ones(g_idx.size, dtype=bool))[:rest]
+        del q_sorted, at
+        q_idx, q_lab = np.concatenate([q_idx, g_idx[free]]), np.concatenate([q_lab, g_lab[free]])
+    del g_idx, g_lab
+    o = np.argsort(q_idx)
+    return q_idx[o].astype(np.int64), q_lab[o].astype(np.int64)
+
+
+def _check_classes(n_classes: object) -> None:
+    if not _is_int(n_classes) or n_classes < 1:
+        raise PladaError(f"n_classes must be a positive integer, got {n_classes!r}")
+
+
+def _check_rows(seen: int, n: int) -> None:
+    if seen != n:
+        raise PladaError(f"the blocks hold {seen} rows but the pool has {n}")
+
+
+def _check_labels(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    lab = np.asarray(labels)
+    if lab.ndim != 1 or lab.dtype.kind not in "iu":
+        raise PladaError("labels must be a 1-D integer array")
+    if lab.size and (lab.min() < 0 or lab.max() >= n_classes):
+        raise PladaError(f"labels must lie in [0, {n_classes}); found {lab.min()}..{lab.max()}")
+    return lab
+
+
+class _Lowest:
+    """The ``quota[g]`` lowest rows by (key, pool index) of each group g, kept while the rows stream past.
+
+    Groups are the labels (``grouped``) or the whole pool (one group, ``quota[0]`` rows). Rows are added in
+    pool order, so a newcomer whose key only ties a full group's worst loses the tie, and is dropped at
+    once; the buffer is cut back to the quotas whenever it grows by half, so it holds at most about
+    1.5·sum(quota) rows plus one block. What survives is exactly the first ``quota[g]`` rows of each group
+    in a stable argsort of the whole key.
+    """
+
+    def __init__(self, quota: np.ndarray, grouped: bool, idx_t: type = np.int64, lab_t: type = np.int64) -> None:
+        self.quota, self.grouped, self.idx_t, self.lab_t = quota, grouped, idx_t, lab_t
+        self.cap = int(quota.sum())
+        self.full = np.zeros(quota.size, dtype=bool)  # the group's quota is met by rows already seen...
+        self.worst = np.zeros(quota.size, dtype=np.float64)  # ...the worst of which has this key
+        self.keys: list[np.ndarray] = []
+        self.rows: list[np.ndarray] = []
+        self.labs: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, key: np.ndarray, idx: np.ndarray, lab: np.ndarray) -> None:
+        if self.cap == 0 or key.size == 0:
+            return
+        if self.grouped:
+            may = (self.quota[lab] > 0) & (~self.full[lab] | (key < self.worst[lab]))
+        else:  # a tie with a full group's worst: the earlier row wins, so only a strictly lower key enters
+            may = key < self.worst[0] if self.full[0] else np.ones(key.size, dtype=bool)
+        keep = np.flatnonzero(may)
+        if keep.size == 0:
+            return
+        self.keys.append(key[keep])
+        self.rows.append(idx[keep].astype(self.idx_t, copy=False))
+        self.labs.append(lab[keep].astype(self.lab_t, copy=False))
+        self.size += keep.size
+        if self.size > self.cap + max(self.cap // 2, 1):
+            self._cut()
+
+    @staticmethod
+    def _join(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        out = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+        parts.clear()  # the pieces go as soon as they are joined: one column is ever held twice
+        return out
+
+    def _cut(self) -> None:
+        """Keep each group's quota, ranked by (group,) key, index; note the full groups and their worst key."""
+        key = self._join(self.keys, np.float64)
+        idx = self._join(self.rows, self.idx_t)
+        lab = self._join(self.labs, self.lab_t)
+        if self.grouped:
+            o = np.lexsort((idx, key, lab))
+            have = np.bincount(lab, minlength=self.quota.size)
+            within = np.arange(o.size) - np.repeat(np.cumsum(have) - have, have)
+            o = o[within < self.quota[lab[o]]]
+            del within
+        else:
+            o = np.lexsort((idx, key))[: self.cap]
+        key, idx, lab = key[o], idx[o], lab[o]
+        g = lab if self.grouped else np.zeros(o.size, dtype=np.intp)
+        self.full = (np.bincount(g, minlength=self.quota.size) >= self.quota) & (self.quota > 0)
+        if o.size:
+            last = np.r_[g[1:] != g[:-1], True]  # each group's worst kept row (rows are ranked within a group)
+            self.worst[g[last]] = key[last]
+        self.keys, self.rows, self.labs, self.size = [key], [idx], [lab], o.size
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(key, index, label) of the kept rows, ranked by (group,) key, index."""
+        self._cut()
+        return self.keys[0], self.rows[0], self.labs[0]
 
 
 def class_histogram(labels: np.ndarray, indices: np.ndarray, n_classes: int) -> np.ndarray:
