@@ -193,3 +193,16 @@ def test_weights_flag_is_the_weights_setting(tiny_data: Path, cache: Path, tmp_p
     code, _, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
                        "-o", str(tmp_path / "t.plada"), "--weights", str(tmp_path / "absent.pt"))
     assert code == 2 and one_line(err) and "absent.pt" in err and not (tmp_path / "t.plada").exists()
+
+
+def test_proxy_refused_where_nothing_is_forecast(tiny_data: Path, cache: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """The proxy backbone forecasts the auto search, a head or several receiver modes: with a fixed policy and one
+    receiver mode it would be silently ignored, so it is refused before any work."""
+    out = tmp_path / "t.plada"
+    for opt in ("proxy=small-cnn", "proxy_res=32"):
+        code, _, err = run(capsys, "send", "tinytarget", "--pool", "tinypool", "--data", str(tiny_data),
+                           "-o", str(out), "--set", opt)
+        assert code == 2 and one_line(err) and opt.split("=")[0] in err and not out.exists()
+    config.SendConfig(proxy_res=32, receiver="auto").check()  # forecast there: acts
+    config.SendConfig(proxy_res=32, budget=1000).check()  # the head's features: acts

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import struct
+import threading
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import numpy as np
 import pytest
 import zstandard as zstd
 from conftest import _image, write_archive
+from tqdm import tqdm
 
 from plada import payload as P
 from plada import pool as pool_mod
@@ -51,6 +53,9 @@ def _fork(child: Callable[[], None]) -> int:
     if pid == 0:  # pragma: no cover - the child
         code = 3
         try:
+            # tqdm's write lock is a process-shared semaphore: a child SIGKILLed while holding it would leave
+            # the parent's next progress bar (even a disabled one) waiting forever. The child gets its own.
+            tqdm.set_lock(threading.RLock())
             child()
             code = 0
         finally:

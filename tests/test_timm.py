@@ -166,3 +166,24 @@ def test_tv_model_local_weights_and_preprocessing(tmp_path: Path, tiny_data: Pat
     assert 0 <= info["test_accuracy"] <= 1 and teacher.mean == model.mean
     logits = predict(teacher, src.split("test").images[:8], progress=False)
     assert logits.shape == (8, 3) and np.isfinite(logits).all()
+
+
+def test_timm_and_tv_models_read_at_their_pretrained_input_size() -> None:
+    """A timm or torchvision model named on the command line gets its pretrained config's input size as `res`,
+    unless `--set ROLE.res` says otherwise; plada's own models keep 64."""
+    import timm.models
+
+    from plada.cli import _receive_cfg, _send_cfg, build_parser
+
+    cfg = timm.models.get_pretrained_cfg(ARCH)
+    want = (getattr(cfg, "test_input_size", None) or cfg.input_size)[-1]
+    parse = build_parser().parse_args
+    assert _send_cfg(parse(["send", "t", "-o", "x", "--teacher", f"timm:{ARCH}"])).teacher.res == want
+    assert _send_cfg(parse(["send", "t", "-o", "x", "--teacher", f"timm:{ARCH}", "--set", "teacher.res=32"])
+                     ).teacher.res == 32
+    assert _send_cfg(parse(["send", "t", "-o", "x"])).teacher.res == 64
+    assert _receive_cfg(parse(["receive", "t.plada", "--student", "tv:shufflenet_v2_x0_5"])).student.res == 224
+    assert _receive_cfg(parse(["receive", "t.plada", "--student", f"timm:{ARCH}", "--set", "student.res=48"])
+                        ).student.res == 48
+    with pytest.raises(PladaError, match="unknown timm model"):
+        backbones.native_res("timm:no_such_model_anywhere")

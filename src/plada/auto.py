@@ -569,13 +569,47 @@ def search(
                          finalist_seeds, finalist_band, fractions)
     say = log or (lambda s: None)
     parts = [np.asarray(d.rows) for d in deciders]
+    modes = _receiver_modes(receivers, expand)
+
+    # 1. Sizes: per decider and policy, the keep sizes whose real payload fits.
+    planned = _plan(deciders, labs, policies, n_classes=n_classes, size_of=size_of, budget_bytes=budget_bytes, k=k,
+                    fractions=fractions, groups=groups, seed=seed, max_k=max_k, say=say)
+
+    # 2. Forecast: a proxy head per distinct selection, scored on its decider's held-out rows.
+    fc = _Forecaster(planned, parts, pool_feats, heldout_feats, heldout_labels, n_classes, head_steps, workers,
+                     expand)
+    rows = _forecast_field(fc, planned, labs, n_classes, seed, say)
+
+    # 2b-c. Finalists (near the best) re-forecast over several proxy seeds and under each receiver mode.
+    finalists, of = _reforecast_finalists(fc, rows, modes, seed, finalist_band, finalist_seeds, say)
+
+    # 3. Choose among finalists; the real forecast moves the compressed header by a byte or so: re-measure.
+    r, nbytes = _choose(rows, finalists, of, planned, modes, margin, size_of, budget_bytes)
+    c, mode = planned[of[r]], rows[r]["receiver"]
+    idx, sent = c.selection
+    pol = c.policy
+    return AutoChoice(
+        name=pol.name, policy=pol.policy, safety_share=pol.safety_share, alpha=pol.alpha, k=int(c.k),
+        forecast=rows[r]["forecast"], payload_bytes=nbytes, budget_bytes=budget_bytes, seed=seed,
+        heldout_images=len(parts[c.decider]), head_steps=head_steps, indices=idx, labels=sent.copy(),
+        candidates=rows, tau=pol.tau, decider=c.decider, fold=c.fold, receiver=mode,
+    )
+
+
+def _receiver_modes(receivers: Sequence[str], expand: ExpandFn | None) -> list[str]:
+    """The distinct receiver modes to forecast, in order; refused early, as anything but plain needs ``expand``."""
     modes = list(dict.fromkeys(receivers))
     if not modes:
         raise PladaError("no receiver mode to forecast for")
     if modes != ["plain"] and expand is None:
         raise PladaError("forecasting receiver modes other than plain needs their expand function")
+    return modes
 
-    # 1. Sizes: per decider and policy, the keep sizes whose real payload fits.
+
+def _plan(deciders: list[Decider], labs: list[np.ndarray], policies: Sequence[Policy], *, n_classes: int,
+          size_of: SizeFn, budget_bytes: int | None, k: int | None, fractions: Sequence[float],
+          groups: np.ndarray | None, seed: int, max_k: int | None, say: Callable[[str], None]) -> list[Planned]:
+    """Every decider's candidates, sized with its own labels (they code differently); refused if none fits."""
     planned: list[Planned] = []
     for j, d in enumerate(deciders):
         planned += plan_candidates(policies, labels=labs[j], energy=d.energy, entropy=d.entropy, n_classes=n_classes,
@@ -587,10 +621,12 @@ def search(
         smallest = int(size_of(np.array([0]), labs[0][:1], _FORECAST_PLACEHOLDER))
         raise PladaError(f"byte budget {budget_bytes} is too small: even a payload keeping one image needs about "
                          f"{smallest} bytes (its header alone holds the pool fingerprint and class names)")
+    return planned
 
-    # 2. Forecast: a proxy head per distinct selection, scored on its decider's held-out rows.
-    fc = _Forecaster(planned, parts, pool_feats, heldout_feats, heldout_labels, n_classes, head_steps, workers,
-                     expand)
+
+def _forecast_field(fc: _Forecaster, planned: list[Planned], labs: list[np.ndarray], n_classes: int, seed: int,
+                    say: Callable[[str], None]) -> list[dict]:
+    """One row per candidate with a single-seed plain forecast: cheap enough for the whole field, enough to rank it."""
     first = fc([(i, seed, "plain") for i in range(len(planned))])
     predicted = [np.bincount(lab, minlength=n_classes) > 0 for lab in labs]
     rows: list[dict] = []
@@ -599,15 +635,23 @@ def search(
         rows.append({**c.row(n_classes), "receiver": "plain", "forecast": first[i], "forecast_seeds": 1,
                      "covers_predicted": bool(kept[predicted[c.decider]].all())})
         say(f"auto: {c.name} k={c.k} ({c.bytes} B): forecast {rows[-1]['forecast']:.4f}")
+    return rows
 
-    # 2b. Finalists: one proxy seed ranks the field, but a single head's seed moves held-out accuracy by
-    # 0.2-1.2 points (most at small k), about the gaps between the leaders; so every candidate within
-    # ``finalist_band`` of the best is re-forecast as the mean over ``finalist_seeds`` seeds, and only
-    # finalists can be chosen.
+
+def _reforecast_finalists(fc: _Forecaster, rows: list[dict], modes: list[str], seed: int, finalist_band: float,
+                          finalist_seeds: int, say: Callable[[str], None]) -> tuple[list[int], list[int]]:
+    """Re-forecast the leaders over several seeds and per receiver mode, as one seed's noise spans their gaps.
+
+    Adds a row per (finalist, mode other than plain) to ``rows``; returns the finalist rows and each row's
+    candidate index.
+    """
+    # One proxy seed ranks the field, but a single head's seed moves held-out accuracy by 0.2-1.2 points
+    # (most at small k), about the gaps between the leaders; so every candidate within ``finalist_band``
+    # of the best is re-forecast as the mean over ``finalist_seeds`` seeds, and only finalists can be chosen.
     top = max(r["forecast"] for r in rows)
     finalists = [i for i, r in enumerate(rows) if r["forecast"] >= top - finalist_band]
-    of = list(range(len(planned)))  # row -> its candidate in `planned`
-    # 2c. The same finalists under each pool receiver mode: one row per (candidate, mode).
+    of = list(range(len(rows)))  # row -> its candidate in `planned`
+    # The same finalists under each pool receiver mode: one row per (candidate, mode).
     base = list(finalists)
     for m in (m for m in modes if m != "plain"):
         for i in base:
@@ -625,23 +669,24 @@ def search(
             rows[r]["forecast_seeds"] = finalist_seeds
             say(f"auto: finalist {rows[r]['name']} k={rows[r]['k']}, {m} receiver: forecast "
                 f"{rows[r]['forecast']:.4f} ({finalist_seeds} seeds)")
+    return finalists, of
 
-    # 3. Choose among finalists; the real forecast moves the compressed header by a byte or so: re-measure.
+
+def _choose(rows: list[dict], finalists: list[int], of: list[int], planned: list[Planned], modes: list[str],
+            margin: float, size_of: SizeFn, budget_bytes: int | None) -> tuple[int, int]:
+    """The first preferred row still within budget with its real forecast in the header: (row, its payload bytes).
+
+    Marks every row's ``chosen`` and gives the chosen row its re-measured bytes; the others stay as sized,
+    with a placeholder forecast of maximal width.
+    """
     for r in _preference(rows, finalists, margin, modes):
-        c, mode = planned[of[r]], rows[r]["receiver"]
-        idx, sent = c.selection
-        nbytes = int(size_of(idx, sent, rows[r]["forecast"], mode))
+        idx, sent = planned[of[r]].selection
+        nbytes = int(size_of(idx, sent, rows[r]["forecast"], rows[r]["receiver"]))
         if budget_bytes is None or nbytes <= budget_bytes:
             for j, row in enumerate(rows):
                 row["chosen"] = j == r
-            rows[r]["bytes"] = nbytes  # the others stay as sized, with a placeholder forecast of maximal width
-            pol = c.policy
-            return AutoChoice(
-                name=pol.name, policy=pol.policy, safety_share=pol.safety_share, alpha=pol.alpha, k=int(c.k),
-                forecast=rows[r]["forecast"], payload_bytes=nbytes, budget_bytes=budget_bytes, seed=seed,
-                heldout_images=len(parts[c.decider]), head_steps=head_steps, indices=idx, labels=sent.copy(),
-                candidates=rows, tau=pol.tau, decider=c.decider, fold=c.fold, receiver=mode,
-            )
+            rows[r]["bytes"] = nbytes
+            return r, nbytes
     raise PladaError(f"no candidate fits the byte budget {budget_bytes} once its forecast is in the header")
 
 

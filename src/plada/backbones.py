@@ -252,6 +252,39 @@ def _tv(model: str) -> Callable[..., Classifier]:
     return build
 
 
+def native_res(name: str) -> int | None:
+    """The input size of a timm or torchvision model's pretrained config (its eval crop); None for plada's own.
+
+    Why: a timm or torchvision backbone was trained and evaluated at that size, so it is the default `res` of a
+    teacher or student that names one (`cli`); plada's EfficientNet-Lites keep the 64 px of our shared data.
+    """
+    if name.startswith("timm:"):
+        try:
+            import timm.models
+        except ImportError:
+            raise PladaError(f"{name} needs the timm extra: `pip install -e \".[timm]\"` (see docs/USAGE.md)") from None
+        model = name[5:]
+        if not timm.is_model(model):
+            raise PladaError(f"unknown timm model {model!r} (`timm.list_models()` lists them)")
+        cfg = timm.models.get_pretrained_cfg(model)
+        size = getattr(cfg, "test_input_size", None) or getattr(cfg, "input_size", None)
+        return int(size[-1]) if size else None
+    if name.startswith("tv:"):
+        try:
+            import torchvision.models as tvm
+        except ImportError:
+            raise PladaError(f"{name} needs the timm extra (torchvision): `pip install -e \".[timm]\"`") from None
+        arch, _, tag = name[3:].partition(".")
+        try:
+            enum = tvm.get_model_weights(arch)
+            crop = getattr((enum[tag] if tag else enum.DEFAULT).transforms(), "crop_size", None)
+        except (ValueError, KeyError):
+            raise PladaError(f"unknown torchvision model {name[3:]!r} (`torchvision.models.list_models()` lists them)"
+                             ) from None
+        return int(crop[0]) if crop else None
+    return None
+
+
 REGISTRY: dict[str, Callable[..., Classifier]] = {
     "efficientnet-lite0": _lite(0),
     "efficientnet-lite1": _lite(1),

@@ -113,6 +113,18 @@ def _settings(cfg, a: argparse.Namespace):
     return with_seed(cfg, a.seed) if a.seed is not None else cfg
 
 
+def _native(c, role: str, a: argparse.Namespace):
+    """A timm or torchvision `ROLE.model` reads images at its pretrained config's input size unless `--set ROLE.res`
+    says otherwise (plada's own models keep the config's 64)."""
+    if not str(c.model).startswith(("timm:", "tv:")) or any(
+            s.split("=", 1)[0].strip() == f"{role}.res" for s in getattr(a, "sets", [])):
+        return c
+    from .backbones import native_res  # torch and timm: imported only when such a model is named
+
+    size = native_res(c.model)
+    return c if size is None else replace(c, res=size)
+
+
 def _send_cfg(a: argparse.Namespace, base: SendConfig | None = None) -> SendConfig:
     cfg = base or SendConfig()
     for name in ("budget", "keep", "policy", "engine", "device"):
@@ -122,7 +134,8 @@ def _send_cfg(a: argparse.Namespace, base: SendConfig | None = None) -> SendConf
         cfg = replace(cfg, teacher=replace(cfg.teacher, model=a.teacher))
     if getattr(a, "weights", None) is not None:
         cfg = replace(cfg, teacher=replace(cfg.teacher, weights=a.weights))
-    return _settings(cfg, a)
+    cfg = _settings(cfg, a)
+    return replace(cfg, teacher=_native(cfg.teacher, "teacher", a))
 
 
 def _receive_cfg(a: argparse.Namespace) -> ReceiveConfig:
@@ -135,7 +148,8 @@ def _receive_cfg(a: argparse.Namespace) -> ReceiveConfig:
         cfg = replace(cfg, student=replace(cfg.student, mode=a.student_mode))
     if getattr(a, "weights", None) is not None:
         cfg = replace(cfg, student=replace(cfg.student, weights=a.weights))
-    return _settings(cfg, a)
+    cfg = _settings(cfg, a)
+    return replace(cfg, student=_native(cfg.student, "student", a))
 
 
 def cmd_pool_build(a: argparse.Namespace) -> dict:

@@ -51,7 +51,7 @@ class TrainConfig:
     """A pretrained backbone trained on labelled images: what teacher and student share."""
 
     model: str = "efficientnet-lite0"  # registry name, timm:NAME or tv:NAME (torchvision; the timm extra)
-    res: int = 64  # plada never reads the pretrained config's input size: set res to it for full fidelity
+    res: int = 64  # input size; a timm:/tv: model named on the command line takes its pretrained config's (cli)
     weights: str | None = None  # local pretrained weights (safetensors or torch state dict); None: the built-in/hub
     mode: str = "finetune"
     epochs: float = 2.0
@@ -212,6 +212,12 @@ class SendConfig:
                     and not (n == "holdout_groups" and self.sends_head)]  # the head's held-out rows use groups
             if used:
                 raise PladaError(f"{', '.join(used)} only act under the auto policy (--budget or --policy auto)")
+        if not self.auto and not self.sends_head and len(self.receivers) == 1:
+            # the proxy's features forecast the auto search, several receiver modes or a head: none of them here
+            idle = [n for n in ("proxy", "proxy_res") if getattr(self, n) != getattr(SendConfig, n)]
+            if idle:
+                raise PladaError(f"{', '.join(idle)} only act under the auto policy, a head, or --set receiver=auto "
+                                 f"(receiver {self.receivers[0]} is not forecast); drop {' and '.join(idle)}")
         if self.holdout_groups is not None:
             try:
                 re.compile(self.holdout_groups)
