@@ -143,6 +143,22 @@ def test_folder_pool_scored_at_full_resolution(folder: tuple[Path, dict[str, byt
     assert np.array_equal(reopened.images_at(RES)[[3, 0, 39]], decoded[[3, 0, 39]])
 
 
+def test_files_units_read_their_rows_and_refuse_another_pool(tmp_path: Path, cache: Path) -> None:
+    """A Ray work unit of a folder pool names the pool and its fingerprint; a worker reads its rows at the asked size
+    and refuses a pool whose fingerprint is not the driver's (a worker seeing another copy of the folder)."""
+    from plada import engines
+
+    root = tmp_path / "imagenet" / "train"
+    files = _folder(root, n=10, w=60, h=40)
+    pool = build_pool([str(root)], name="u", progress=False)
+    units = engines.units_of(pool, 4)
+    assert [(u.kind, u.start, u.stop) for u in units] == [("files", 0, 4), ("files", 4, 8), ("files", 8, 10)]
+    want = np.stack([decode(files[p], 24) for p in sorted(files)[4:8]])
+    assert np.array_equal(engines.load_unit(units[1], 24), want)
+    with pytest.raises(PladaError, match="not the driver's"):
+        engines.load_unit(engines.Unit(0, 4, "files", units[0].file, manifest="0" * 64), 24)
+
+
 @pytest.mark.slow
 def test_ray_actors_decode_folder_and_shard_pools_themselves(tmp_path: Path, cache: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:

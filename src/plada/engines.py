@@ -124,12 +124,14 @@ def units_of(pool: Pool, chunk: int, put=None) -> list[Unit]:
             for a in range(0, n, chunk)]
 
 
-_OPENED: dict[str, LazyImages] = {}  # per worker process: a files pool opened once, whatever its units
+_OPENED: dict[tuple[str, str], LazyImages] = {}  # per worker process: a files pool opened once per fingerprint
 
 
 def files_view(u: Unit, res: int) -> LazyImages:
-    """The files pool of a "files" unit at `res`, opened by this worker once and checked to be the driver's."""
-    images = _OPENED.get(u.file)
+    """The files pool of a "files" unit at `res`, opened by this worker once and checked to be the driver's.
+
+    Keyed by folder and fingerprint: a long-lived worker given the same folder after a rebuild opens it again."""
+    images = _OPENED.get((u.file, u.manifest))
     if images is None:
         from .pool import open_pool
 
@@ -137,7 +139,7 @@ def files_view(u: Unit, res: int) -> LazyImages:
         if pool.fingerprint != u.manifest:
             raise PladaError(f"pool {u.file} on this worker is {pool.fingerprint[:16]}…, not the driver's "
                              f"{u.manifest[:16]}…: every worker must see the same pool")
-        images = _OPENED[u.file] = pool.images  # type: ignore[assignment]
+        images = _OPENED[(u.file, u.manifest)] = pool.images  # type: ignore[assignment]
     return images.at(res)
 
 
