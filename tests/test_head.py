@@ -153,7 +153,8 @@ def test_send_and_receive_a_head(tiny_data: Path, cache: Path, tmp_path: Path, c
     code, rec, err = run(capsys, *recv)  # no student mode asked for: a head payload gets the linear student
     assert code == 0, err
     assert rec["student"]["mode"] == "linear"
-    assert rec["receiver"]["mode"] == "head" and rec["receiver"]["payload"] == 0 and rec["receiver"]["pseudo"] > 0
+    assert rec["receiver"]["mode"] == "head" and rec["receiver"]["payload"] == 0
+    assert rec["receiver"]["pseudo"] == 320  # the whole pool (receiver.HEAD_SHARE 1.0), labelled by the head
     # three colours, chance 1/3, and no labelled image was sent at all: the pool's tints differ from the target's,
     # so the pool images the head labels are an imperfect stand-in (0.75 when written)
     assert rec["student_accuracy"] > 0.6
