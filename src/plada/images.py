@@ -52,7 +52,7 @@ from .data import _check_name, _is_image, _shown, _to_8bit, _to_square, _walk_fi
 from .errors import PladaError
 from .manifest import ManifestWriter
 
-__all__ = ["DEFAULT_RES", "MAX_PIXELS", "BadImage", "FolderFiles", "LazyImages", "Scanned", "TarMembers",
+__all__ = ["DEFAULT_RES", "MAX_PIXELS", "BadImage", "FolderFiles", "LazyImages", "Scanned", "TarMembers", "at_size",
            "check_header", "crop_box", "decode", "decode_crop", "file_hash", "layout_of", "scan_folder", "scan_shards"]
 
 # Below PIL's own refusal (2 * Image.MAX_IMAGE_PIXELS, about 179M), so this is the limit that applies, and it
@@ -65,6 +65,16 @@ NAME_KEYS = ("filename", "fname")
 PROCESSES_ENV = "PLADA_DECODE_PROCESSES"  # worker processes that decode streamed batches (unset or 0: threads)
 RRC_SCALE = (0.08, 1.0)  # training crops: share of the image's area (timm's and torchvision's default)
 RRC_RATIO = (3 / 4, 4 / 3)  # ... and aspect ratio, drawn log-uniformly (the same default)
+
+
+def at_size(images: np.ndarray, res: int) -> np.ndarray:
+    """Images read from files (`LazyImages`) decoded at `res`; a decoded array as it is.
+
+    Why: a file is resized once, from its full resolution, to what the model takes; a decoded array keeps its
+    size and `train.prepare` resizes its rows, so every figure made from a decoded cache stays byte-identical.
+    """
+    at = getattr(images, "at", None)
+    return images if at is None else at(res)
 
 
 def decode_processes() -> int:

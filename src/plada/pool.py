@@ -38,7 +38,17 @@ from tqdm import tqdm
 from .config import DEFAULT_POOL
 from .data import atomic_save_npy, atomic_write, cache_root, load_source, resolve_source, write_json_atomic
 from .errors import PladaError, PoolMismatchError, reading
-from .images import DEFAULT_RES, MAX_PIXELS, FolderFiles, LazyImages, TarMembers, layout_of, scan_folder, scan_shards
+from .images import (
+    DEFAULT_RES,
+    MAX_PIXELS,
+    FolderFiles,
+    LazyImages,
+    TarMembers,
+    at_size,
+    layout_of,
+    scan_folder,
+    scan_shards,
+)
 from .manifest import Manifest, folder_groups, manifest_text, unstorable_paths
 
 try:
@@ -91,8 +101,7 @@ class Pool:
         (one resize, from the full-resolution file); a decoded pool has one resolution, and `train.prepare`
         resizes its rows, so it is returned unchanged and its results stay byte-identical.
         """
-        at = getattr(self.images, "at", None)
-        return self.images if at is None else at(res)
+        return at_size(self.images, res)
 
     def groups(self) -> tuple[np.ndarray, list[str]]:
         """Group id per image (its folder) and the group names: the pool's only structure we use."""

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from .backbones import Classifier, prepare
 from .device import amp_dtype, as_device, needs_scaler, placed
+from .images import at_size
 
 T = TypeVar("T")
 
@@ -160,16 +161,6 @@ def _logits(model: Classifier, x: torch.Tensor, freeze_backbone: bool) -> torch.
     return model(x)
 
 
-def at_model_size(images: np.ndarray, model: Classifier) -> np.ndarray:
-    """Images read from files (`LazyImages`) decoded at the model's input size; arrays as they are.
-
-    Why: a file is resized once, from its full resolution, to what the model takes; a decoded array keeps
-    its size and `prepare` resizes its rows, as every figure made from the decoded cache was.
-    """
-    at = getattr(images, "at", None)
-    return images if at is None else at(model.res)
-
-
 def fit(
     model: Classifier,
     images: np.ndarray,
@@ -198,7 +189,7 @@ def fit(
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    images = at_model_size(images, model)
+    images = at_size(images, model.res)
     n = len(labels)
     if n == 0:
         return []
@@ -333,7 +324,7 @@ def predict(
     (`device.placed`, outside inference mode so its weights stay trainable) and runs in mixed precision.
     """
     dev = as_device(device)
-    images = at_model_size(images, model)
+    images = at_size(images, model.res)
     if dev.type != "cpu":
         with placed(model, dev):
             return _predict_on(dev, model, images, batch_size, desc, progress, features)
