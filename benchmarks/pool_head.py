@@ -7,7 +7,7 @@
 The int8-head baseline (benchmarks.paper) sends a linear head over the receiver's public 1280-d features:
 12,800 weights for 10 classes, 9.6 KB after Zstd on CIFAR-10. But the receiver holds the whole pool, so both
 sides compute the same PCA basis of the pool's features without sending it, and a head over the first d
-whitened components costs d x C weights (`plada.head`; payload format 1.1).
+whitened components costs d x C weights (`plada.head`; the payload's `head` section).
 
 Per target, with the receiver's public features (the paper benchmark's student backbone and caches):
 1. *grid*: heads fitted on the labelled target train images the int8 head uses, for every width and

@@ -82,7 +82,7 @@ def corpus() -> tuple[list[tuple[bytes, np.ndarray | None]], list[float]]:
             groups = np.arange(n) * 10 // n  # ten folders
             seeds.append((P.encode(p, level=3, groups=groups, codecs=(P.JOINT_CODEC,)), groups))
             weights.append(weight)
-        if c <= 300 and j % 2 == 0:  # format 1.1: the same selection with a head (4- and 8-bit in turn)
+        if c <= 300 and j % 2 == 0:  # the same selection with a head section (4- and 8-bit in turn)
             bits, dim = (4, 8)[j // 2 % 2], 1 + 7 * j
             top = 2 ** (bits - 1) - 1
             h = P.Head("efficientnet-lite0", 64, bits, rng.integers(-top, top + 1, (c, dim)),

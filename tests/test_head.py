@@ -1,4 +1,4 @@
-"""Receiver mode head: a linear head in the pool's PCA space, sent in format 1.1 (plada.head, docs/FORMAT.md)."""
+"""Receiver mode head: a linear head in the pool's PCA space, the payload's `head` section (plada.head, FORMAT.md)."""
 
 from __future__ import annotations
 
@@ -28,11 +28,11 @@ def _head(bits: int, classes: int = 3, dim: int = 7, seed: int = 0) -> P.Head:
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("count", [0, 5])
-def test_head_round_trip_is_format_1_1(bits: int, count: int) -> None:
+def test_head_round_trip_in_format_1_0(bits: int, count: int) -> None:
     p = P.Payload(FP, 100, ("a", "b", "c"), np.arange(count) * 7, np.arange(count) % 3, forecast=0.6,
                   receiver="head", head=_head(bits))
     data = P.encode(p)
-    assert data[8:10] == b"\x01\x01"  # version 1.1
+    assert data[8:10] == b"\x00\x01"  # one format, 1.0: the header's receiver and section list say "head"
     q = P.decode(data)
     assert q == p and q.head.dim == 7 and q.head.bits == bits
     info = P.describe(data)
@@ -42,10 +42,21 @@ def test_head_round_trip_is_format_1_1(bits: int, count: int) -> None:
     assert w.dtype == np.float32 and np.allclose(w, p.head.weights * p.head.scales.astype(np.float32)[:, None])
 
 
-def test_payloads_without_a_head_stay_format_1_0() -> None:
+def test_payloads_without_a_head_have_no_head_key() -> None:
     data = P.encode(P.Payload(FP, 100, ("a", "b"), np.arange(5), np.arange(5) % 2))
     assert data[8:10] == b"\x00\x01"
     assert "head" not in P.peek_header(data)
+
+
+def test_pre_release_head_files_are_refused_in_one_line() -> None:
+    """plada 0.x wrote head payloads with version bytes 01 01 ("1.1"); 1.0 names them, as it names the drafts."""
+    data = P.encode(P.Payload(FP, 100, ("a", "b", "c"), np.arange(0), np.arange(0), receiver="head", head=_head(8)))
+    old = _rewrite(data, lambda h: 0x0101)
+    for call in (P.decode, P.peek_header, P.describe):
+        with pytest.raises(PayloadError) as e:
+            call(old)
+        assert str(e.value) == ("payload is in plada 0.x's pre-release format 1.1 (a head payload); this plada "
+                                "reads format 1.0 (ask its sender to send it again)")
 
 
 def _rewrite(data: bytes, edit) -> bytes:
@@ -64,17 +75,17 @@ def test_inconsistent_head_headers_are_refused() -> None:
     data = P.encode(P.Payload(FP, 100, ("a", "b", "c"), np.arange(3), np.arange(3), receiver="head", head=_head(8)))
     plain = P.encode(P.Payload(FP, 100, ("a", "b", "c"), np.arange(3), np.arange(3)))
     cases = {
-        "no head key in 1.1": lambda h: h.pop("head") and None,
+        "receiver head without a head key": lambda h: h.pop("head") and None,
         "other receiver": lambda h: h.update(receiver="plain"),
         "bits 5": lambda h: h["head"].update(bits=5),
         "dim beyond the section": lambda h: h["head"].update(dim=8),
-        "head in 1.0": lambda h: 0x0100,
+        "head section but no head key": lambda h: h.pop("head") and h.update(receiver="plain"),
     }
     for what, edit in cases.items():
         with pytest.raises(PayloadError) as e:
             P.decode(_rewrite(data, edit))
         assert "\n" not in str(e.value), what
-    with pytest.raises(PayloadError, match="format 1.1"):
+    with pytest.raises(PayloadError, match=r"missing \['head'\]"):
         P.decode(_rewrite(plain, lambda h: h.update(receiver="head")))
     with pytest.raises(PayloadError):
         P.Payload(FP, 100, ("a", "b", "c"), np.arange(3), np.arange(3), receiver="head")  # mode without head
@@ -147,7 +158,7 @@ def test_send_and_receive_a_head(tiny_data: Path, cache: Path, tmp_path: Path, c
     code, sent2, err = run(capsys, *base, "--set", "receiver=head", "-o", str(tmp_path / "h2.plada"))
     assert code == 0 and (tmp_path / "h2.plada").read_bytes() == out.read_bytes()  # deterministic, the same mode
     code, info, err = run(capsys, "inspect", str(out))
-    assert code == 0 and info["format"] == "1.1" and info["head"]["dim"] == sent["head"]["dim"]
+    assert code == 0 and info["format"] == "1.0" and info["head"]["dim"] == sent["head"]["dim"]
 
     recv = ("receive", str(out), "--pool", "tinypool", "--data", str(tiny_data), "--test", "tinytarget")
     code, rec, err = run(capsys, *recv)  # no student mode asked for: a head payload gets the linear student

@@ -596,11 +596,10 @@ def test_every_single_bit_flip(small: tuple[P.Payload, bytes]) -> None:
                 assert "bad magic" in msg
             elif pos < 10:  # no single flip of 00 01 reaches a draft's 1..4
                 v = int.from_bytes(bad[8:10], "little")
-                if v == P.HEAD_VERSION:  # 1.1 is a format: the flip is caught by the checksum
-                    assert "checksum mismatch" in msg
+                if v == P.PRE_HEAD_VERSION:  # 0.x's pre-release head format: named, as the drafts are
+                    assert "pre-release format 1.1" in msg
                 else:
-                    want = "(this plada reads formats 1.0 and 1.1)"
-                    assert msg == f"unsupported payload format {v >> 8}.{v & 0xFF} {want}"
+                    assert msg == f"unsupported payload format {v >> 8}.{v & 0xFF} (this plada reads format 1.0)"
             else:
                 assert msg == "payload checksum mismatch (corrupted or truncated)"
 
@@ -620,7 +619,7 @@ def test_error_messages(small: tuple[P.Payload, bytes]) -> None:
     assert reject(data[:5]).startswith("payload truncated")
     for version, name in ((0, "0.0"), (5, "0.5"), (7, "0.7"), (0x0102, "1.2"), (0x0200, "2.0"), (0xFFFF, "255.255")):
         other = data[:8] + struct.pack("<H", version) + data[10:]
-        assert reject(other) == f"unsupported payload format {name} (this plada reads formats 1.0 and 1.1)"
+        assert reject(other) == f"unsupported payload format {name} (this plada reads format 1.0)"
     header, blobs = unpack(data)
     without = {k: v for k, v in header.items() if k != "groups"}
     assert "missing ['groups']" in reject(pack(without, blobs))
@@ -658,7 +657,7 @@ GOLDEN_DRAFT1 = {
 
 def test_draft_files_are_refused(small: tuple[P.Payload, bytes], tmp_path, monkeypatch) -> None:
     """Drafts 1-4 of plada 0.x get one line naming them, from every entry point, before anything is inflated."""
-    want = ("payload is in draft format {} of plada 0.x; this plada reads formats 1.0 and 1.1 "
+    want = ("payload is in draft format {} of plada 0.x; this plada reads format 1.0 "
             "(ask its sender to send it again)")
     seen = only_the_header_inflates(monkeypatch)
     for text in GOLDEN_DRAFT1.values():

@@ -33,10 +33,10 @@ from plada import codec
 from plada.errors import PayloadError, PladaError, reading
 
 MAGIC = b"PLADA\x00\r\n"
-FORMAT_VERSION = 0x0100  # 1.0: major in the high byte, minor in the low one
-HEAD_VERSION = 0x0101  # 1.1: 1.0 plus a `head` section; written only when a payload carries a head
-FORMAT = "1.1"  # what this module reads: 1.0 and 1.1
+FORMAT_VERSION = 0x0100  # 1.0, the one format: major in the high byte, minor in the low one
+FORMAT = "1.0"
 DRAFT_VERSIONS = (1, 2, 3, 4)  # plada 0.x's drafts: refused, with a message saying so
+PRE_HEAD_VERSION = 0x0101  # plada 0.x wrote head payloads as "1.1" (2026-12-04..07): refused, saying so
 MAX_HEADER_BYTES = 1 << 20
 MAX_POOL_SIZE = 1 << 40
 MAX_COUNT = 50_000_000
@@ -54,7 +54,7 @@ BITMAP_SLACK = 64 << 10
 # Receiver modes a header may name (plada.receiver implements them); an unknown one is refused, since the
 # sender's forecast assumed it and a receiver that silently trained otherwise would miss that forecast.
 LABEL_RECEIVERS = ("plain", "selftrain", "propagate")  # modes that need only the kept images and labels
-RECEIVERS = (*LABEL_RECEIVERS, "head")  # head: the payload's linear head labels the pool (format 1.1 only)
+RECEIVERS = (*LABEL_RECEIVERS, "head")  # head: the payload's linear head (its `head` section) labels the pool
 HEAD_CODEC = "qhead-zstd"
 HEAD_BITS = (4, 8)
 MAX_HEAD_DIM = 4096
@@ -268,7 +268,7 @@ class Payload:
     Arrays are stored as read-only copies (indices int64, labels uint8 or uint16 by class count) so a
     validated payload cannot drift into an unencodable state. ``forecast`` is the sender's expected test
     accuracy for a receiver in mode ``receiver`` (None when it made none); it is stored rounded to
-    `FORECAST_DIGITS` decimals, so a payload equals its decoded copy. ``head`` (format 1.1) is present
+    `FORECAST_DIGITS` decimals, so a payload equals its decoded copy. ``head`` (a `head` section) is present
     exactly when ``receiver`` is "head"; such a payload may keep no images at all.
     """
 
@@ -539,8 +539,7 @@ def _assemble(header: dict, blobs: list[bytes], level: int = 19) -> bytes:
             "shorten the class names"
         )
     packed = _compress_header(header_bytes, level)
-    version = HEAD_VERSION if "head" in header else FORMAT_VERSION  # 1.0 stays byte-identical without a head
-    body = b"".join([_PREFIX.pack(MAGIC, version, len(packed)), packed, *blobs])
+    body = b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(packed)), packed, *blobs])
     if len(body) + _DIGEST_BYTES > MAX_PAYLOAD_BYTES:
         raise PayloadError(
             f"payload too large: {len(body) + _DIGEST_BYTES} bytes (limit {MAX_PAYLOAD_BYTES})"
@@ -654,7 +653,7 @@ def _header_int(header: dict, key: str) -> int:
 def _check_sections(header: dict) -> None:
     """The section list: [index, labels] with zstd codecs and no groups, or [joint] with the range codec."""
     sections = header["sections"]
-    has_head = "head" in header  # format 1.1: the same sections, then the head's
+    has_head = "head" in header  # receiver mode head: the same sections, then the head's
     if not isinstance(sections, list) or len(sections) not in ((2, 3) if has_head else (1, 2)):
         raise PayloadError("payload header field 'sections' must list [index, labels] or [joint]"
                            + (", then [head]" if has_head else ""))
@@ -667,7 +666,7 @@ def _check_sections(header: dict) -> None:
     names = [sec["name"] for sec in sections]
     if has_head:
         if names[-1] != "head" or sections[-1]["codec"] != HEAD_CODEC:
-            raise PayloadError(f"a format 1.1 payload's last section must be 'head' with codec {HEAD_CODEC!r}")
+            raise PayloadError(f"a head payload's last section must be 'head' with codec {HEAD_CODEC!r}")
         names = names[:-1]
     if names not in (["index", "labels"], ["joint"]):
         raise PayloadError(f"payload sections must be ['index', 'labels'] or ['joint'], got {names!r}")
@@ -727,7 +726,7 @@ def _check_head_meta(header: dict) -> None:
         raise PayloadError("a payload with a head must name receiver mode 'head'")
 
 
-def _parse_header(raw: bytes, version: int = FORMAT_VERSION) -> dict:
+def _parse_header(raw: bytes) -> dict:
     """Parse and check an inflated header completely: keys, types, ranges, sections."""
     try:
         header = json.loads(
@@ -741,7 +740,8 @@ def _parse_header(raw: bytes, version: int = FORMAT_VERSION) -> dict:
         raise PayloadError(f"payload header is not valid JSON: {_one_line(e)}") from None
     if not isinstance(header, dict):
         raise PayloadError("payload header must be a JSON object")
-    keys = _HEADER_KEYS | {"head"} if version == HEAD_VERSION else _HEADER_KEYS
+    # `head` is there exactly when the receiver mode is head: one format, the section list says the rest.
+    keys = _HEADER_KEYS | {"head"} if header.get("receiver") == "head" else _HEADER_KEYS
     if set(header) != keys:
         missing = sorted(keys - set(header))
         extra = sorted(set(header) - keys)
@@ -764,10 +764,8 @@ def _parse_header(raw: bytes, version: int = FORMAT_VERSION) -> dict:
         raise PayloadError("payload header 'class_names' must be distinct non-empty strings")
     header["forecast"] = _check_forecast(header["forecast"])
     _check_receiver(header["receiver"])
-    if version == HEAD_VERSION:
+    if header["receiver"] == "head":
         _check_head_meta(header)
-    elif header["receiver"] == "head":
-        raise PayloadError("receiver mode 'head' needs a head, which only format 1.1 carries")
     _check_sections(header)
     return header
 
@@ -788,11 +786,14 @@ def _checked_header(data: bytes) -> tuple[dict, int, bytes, bytes]:
         raise PayloadError(f"payload truncated: {total} bytes, a payload is at least {_MIN_BYTES}")
     _, version, header_len = _PREFIX.unpack_from(data)
     if version in DRAFT_VERSIONS:
-        raise PayloadError(f"payload is in draft format {version} of plada 0.x; this plada reads formats 1.0 and 1.1 "
+        raise PayloadError(f"payload is in draft format {version} of plada 0.x; this plada reads format 1.0 "
                            "(ask its sender to send it again)")
-    if version not in (FORMAT_VERSION, HEAD_VERSION):
+    if version == PRE_HEAD_VERSION:
+        raise PayloadError("payload is in plada 0.x's pre-release format 1.1 (a head payload); this plada reads "
+                           "format 1.0 (ask its sender to send it again)")
+    if version != FORMAT_VERSION:
         raise PayloadError(f"unsupported payload format {version >> 8}.{version & 0xFF} "
-                           "(this plada reads formats 1.0 and 1.1)")
+                           "(this plada reads format 1.0)")
     if total < _MIN_BYTES:
         raise PayloadError(f"payload truncated: {total} bytes, a payload is at least {_MIN_BYTES}")
     if total > MAX_PAYLOAD_BYTES:
@@ -808,7 +809,7 @@ def _checked_header(data: bytes) -> tuple[dict, int, bytes, bytes]:
     # Bounded like a section: a frame that does not declare a size of at most 1 MiB is never inflated.
     stored = _decompress(body[_PREFIX.size : _PREFIX.size + header_len], 0, MAX_HEADER_BYTES, "header",
                          _HEADER_ZDICT)
-    header = _parse_header(stored, version)
+    header = _parse_header(stored)
     _section_lengths(header, header_len, body)
     return header, header_len, body, digest
 
@@ -863,7 +864,7 @@ def _section_lengths(header: dict, header_len: int, body: bytes) -> int:
 def _info(header: dict, total: int, header_len: int, digest: bytes, sections: list[dict], decoded: bool) -> dict:
     names = header["class_names"]
     return {
-        "format": "1.1" if "head" in header else "1.0",  # the file's own version
+        "format": FORMAT,
         "total_bytes": total,
         "header_bytes": header_len,
         "checksum_sha256": digest.hex(),

@@ -10,7 +10,7 @@ optional weights) using only those:
 - ``propagate``: label spreading (Zhou et al., 2004) from the payload images over a k-nearest-neighbour
   graph of the pool's frozen features; the most confident images of each class join the training set,
   weighted by how sure the spreading is (Iscen et al., 2019).
-- ``head``: the payload carries a linear head in the pool's PCA space (`plada.head`, format 1.1); it labels
+- ``head``: the payload carries a linear head in the pool's PCA space (`plada.head`, its `head` section); it labels
   the whole pool, which (with the payload's own images, if any) is the training set.
 
 Every step is seeded or deterministic (stable sorts, ties broken by pool row), so one seed gives one
@@ -195,7 +195,7 @@ def pool_labels(
         return pred, conf, ok, {"mode": mode, "rounds": rounds}
     if mode == "head":
         if head is None:
-            raise PladaError("receiver mode head needs a payload that carries a head (format 1.1); this one has none")
+            raise PladaError("receiver mode head needs a payload that carries a head; this one has none")
         from . import head as headmod
 
         pca = headmod.basis(feats, graph_key or basis_key(feats))
