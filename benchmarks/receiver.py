@@ -556,9 +556,9 @@ def fold_head(res: dict, path: Path) -> None:
         h = head.get("targets", {}).get(t)
         if not h:
             continue
-        r["head_mode"] = {"from": str(path), "command": head["command"], "points": h["points"],
-                          "moonshot": h["moonshot"]}
-        ratios = [(x, m) for x, m in ((r["moonshot"]["ratio"], "label modes"), (h["moonshot"]["ratio"], "head"))
+        moon = head_moonshot(h["points"], r["moonshot"]["paper_best"], res["config"]["tolerance"])
+        r["head_mode"] = {"from": str(path), "command": head["command"], "points": h["points"], "moonshot": moon}
+        ratios = [(x, m) for x, m in ((r["moonshot"]["ratio"], "label modes"), (moon["ratio"], "head"))
                   if x is not None]
         best = min(ratios) if ratios else (None, None)
         r["moonshot_ratio"], r["moonshot_from"] = best
@@ -570,6 +570,23 @@ def fold_head(res: dict, path: Path) -> None:
         "rule": "under a byte budget the default payload is the one more accurate on held-out target train images",
         "cells": len(rows), "head_wins": sum(x["gap"] > 0 for x in rows),
         "min_gap": min((x["gap"] for x in rows), default=None), "max_gap": max((x["gap"] for x in rows), default=None)}
+
+
+def head_moonshot(points: list[dict], best: dict | None, tolerance: float) -> dict:
+    """The head's cheapest point within `tolerance` of *this* record's paper-policy best.
+
+    Why here and not pool_head's own figure: that one was measured against the paper best of the day it ran;
+    a re-run target (a new teacher) moves the paper best, and both ratios must share one denominator.
+    """
+    if best is None:
+        return {"ratio": None, "paper_best": None, "cheapest": None}
+    acc = best["accuracy"]["mean"] if isinstance(best["accuracy"], dict) else best["accuracy"]
+    reach = [p for p in points if p["linear_student"]["mean"] >= acc - tolerance]
+    cheap = min(reach, key=lambda p: p["bytes"]) if reach else None
+    return {"ratio": cheap["bytes"] / best["bytes"] if cheap else None,
+            "paper_best": {"accuracy": acc, "bytes": best["bytes"]},
+            "cheapest": ({"bytes": cheap["bytes"], "linear_student": cheap["linear_student"]["mean"],
+                          "head": cheap["head_accuracy"]} if cheap else None)}
 
 
 def head_vs_labels(r: dict, h: dict) -> list[dict]:

@@ -168,3 +168,16 @@ def test_pool_standardised_int8_head_survives_a_near_constant_feature() -> None:
     agree_paper = ((x @ wq.T + bq).argmax(1) == ref).mean()
     agree_pool = ((x @ wp.T + bp).argmax(1) == ref).mean()
     assert agree_pool > 0.97 and agree_pool > agree_paper + 0.2
+
+
+def test_head_moonshot_uses_the_records_own_paper_best() -> None:
+    """A re-run target moves the paper best; the head's ratio must follow it, not the best pool_head saw."""
+    from benchmarks.receiver import head_moonshot
+
+    pts = [{"bytes": b, "head_accuracy": a, "linear_student": {"mean": a}} for b, a in ((400, 0.55), (800, 0.60),
+                                                                                       (1600, 0.64))]
+    new = head_moonshot(pts, {"accuracy": {"mean": 0.608}, "bytes": 20000}, 0.01)
+    assert new["cheapest"]["bytes"] == 800 and new["ratio"] == 800 / 20000  # 0.60 >= 0.608 - 0.01
+    old = head_moonshot(pts, {"accuracy": {"mean": 0.629}, "bytes": 20187}, 0.01)
+    assert old["cheapest"]["bytes"] == 1600 and old["ratio"] == 1600 / 20187
+    assert head_moonshot(pts, {"accuracy": 0.70, "bytes": 1000}, 0.01)["ratio"] is None  # none reaches 69%
