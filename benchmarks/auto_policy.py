@@ -4,6 +4,9 @@
     python -m benchmarks.auto_policy --quick    # small subset (also run by the test suite)
     python -m benchmarks.auto_policy --deciders 1 --search-seed 2  # one deciding teacher, third seed
     python -m benchmarks.auto_policy --targets flowers5 gtsrb32 --search-seed 1  # results/auto_policy_seed1.json
+    python -m benchmarks.auto_policy --eval-split validation --targets flowers5 --out-dir /tmp/ap_flowers5
+    python -m benchmarks.auto_policy --eval-split validation --merge /tmp/ap_*/results/auto_policy_val.json
+        # one target per session on validation rows, then one results/auto_policy_val.json and AUTO_POLICY_val.md
 
 Same pool, teachers, pool scores and frozen features as benchmarks.paper (its Config, caches and teacher
 recipe are reused, so a finished paper run makes this one cheap). Per target and byte budget (about 1, 5
@@ -19,11 +22,20 @@ auto choice's accuracy, the best candidate in hindsight, and the forecast error.
 
 The hindsight best is the best of the full teacher's selections (the fixed policies a user could pick).
 Earlier modes (the full teacher's selection sent, K-fold cross-fitting) are in benchmarks/HISTORY.md.
+
+`--eval-split validation` (for tuning defaults, issue 17: never on the test split): before anything else a
+seeded validation split V is carved out of the target's train split (`carve_validation`: `VAL_FRACTION` of
+train, at most `VAL_LIMIT` images, seed `VAL_SEED`; whole groups where the target has `holdout_groups`).
+Everything above then treats train − V as the train split (teacher, deciding teachers, relevance key,
+held-out slices) and measures on V wherever it would measure on the test split, which is never read.
+Outputs get a `_val` suffix. `--merge` combines per-target runs of one setting into one results file, named
+as a run with the same flags (`--eval-split`, `--quick`, ...) would be.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -45,6 +57,11 @@ from plada.score import score_pool
 from plada.train import head_job, train_heads
 
 BUDGETS = (1000, 5000, 20000)
+EVAL_SPLITS = ("test", "validation")
+VAL_SUFFIX = "_val"  # names the outputs of a validation run
+# --eval-split validation: V = this share of the target's train split, at most VAL_LIMIT images, drawn with
+# VAL_SEED (fixed; not a search seed, so V is one set whatever --search-seed a run uses)
+VAL_FRACTION, VAL_LIMIT, VAL_SEED = 0.2, 5000, 17
 
 
 @dataclass
@@ -63,6 +80,10 @@ class AutoConfig(paper.Config):
     fractions: tuple[float, ...] = auto.DEFAULT_FRACTIONS  # keep sizes tried: these shares of the largest that fits
     # plada send --holdout-groups per target: GTSRB's train split is 5 frames of each sign's track (TRACK_FRAME.png)
     holdout_groups: dict[str, str] = field(default_factory=lambda: {"gtsrb32": r"^(\d+)_"})
+    eval_split: str = "test"  # "validation": measured on rows carved from train (carve_validation), never test
+    val_fraction: float = VAL_FRACTION
+    val_limit: int = VAL_LIMIT
+    val_seed: int = VAL_SEED
 
 
 def quick_config(cfg: AutoConfig) -> AutoConfig:
@@ -74,8 +95,40 @@ def quick_config(cfg: AutoConfig) -> AutoConfig:
 
 
 def split_features(fm, train: Split, src_root: Path, idx: np.ndarray, what: str) -> np.ndarray:
-    """Features of some train rows, cached under a key naming exactly those rows."""
-    return rows_features(fm, train.images, idx, f"{split_key(src_root, 'train', len(train))}/{what}", progress=False)
+    """Features of some train rows, cached under a key naming exactly those rows (and the split by its name:
+    "train", or train − V's own name in validation mode)."""
+    return rows_features(fm, train.images, idx, f"{split_key(src_root, train.split, len(train))}/{what}",
+                         progress=False)
+
+
+def validation_rows(n: int, cfg: AutoConfig, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(rows kept as train, validation rows V) of a train split of ``n`` images, both sorted: a seeded
+    ``cfg.val_fraction`` of the rows, at most ``cfg.val_limit``. With ``groups`` (one id per row,
+    `auto.name_groups`) whole groups in seeded order while they fit, so no group straddles the two sides."""
+    if groups is None:
+        return auto.holdout_split(n, cfg.val_fraction, cfg.val_seed, limit=cfg.val_limit)
+    m = max(1, min(int(round(cfg.val_fraction * n)), cfg.val_limit))
+    _, inv, counts = np.unique(np.asarray(groups), return_inverse=True, return_counts=True)
+    order = np.random.default_rng(cfg.val_seed).permutation(len(counts))
+    chosen = order[: max(1, int(np.searchsorted(np.cumsum(counts[order]), m, side="right")))]
+    val = np.isin(inv.reshape(-1), chosen)
+    if val.all():
+        raise PladaError(f"cannot hold out whole groups for validation: the train split has {len(counts)} group(s)")
+    return np.flatnonzero(~val), np.flatnonzero(val)
+
+
+def carve_validation(train: Split, cfg: AutoConfig, pattern: str | None) -> tuple[Split, Split]:
+    """(train − V, V) for `--eval-split validation` (`validation_rows`; groups by ``pattern`` when given).
+
+    Each is named for what it is (`Split.split`: "val<seed>-<digest of V's rows>" and "train-minus-" that):
+    feature and teacher caches key on a split's name and length, so V or train − V must never pass for the
+    test or train split of the same length (nor for another V).
+    """
+    groups = auto.name_groups(train.files, pattern) if pattern else None
+    keep, val = validation_rows(len(train), cfg, groups)
+    tag = f"val{cfg.val_seed}-{hashlib.sha256(val.astype(np.int64).tobytes()).hexdigest()[:12]}"
+    return (dataclasses.replace(train.take(keep), split=f"train-minus-{tag}"),
+            dataclasses.replace(train.take(val), split=tag))
 
 
 def relevance_key(fm, train: Split, src_root: Path, pool_f: np.ndarray, idx: np.ndarray,
@@ -87,13 +140,15 @@ def relevance_key(fm, train: Split, src_root: Path, pool_f: np.ndarray, idx: np.
 
 def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) -> dict:
     t0 = time.time()
-    src, train, test, tcfg, teacher, tinfo = paper.target_teacher(target, cfg, data)
+    pattern = cfg.holdout_groups.get(target)
+    on_val = cfg.eval_split == "validation"  # then "train" is train − V and "test" is V: the test split unread
+    holdout = (lambda tr: carve_validation(tr, cfg, pattern)) if on_val else None
+    src, train, test, tcfg, teacher, tinfo = paper.target_teacher(target, cfg, data, holdout)
     n_cls = len(train.class_names)
-    log(f"[{target}] teacher {cfg.teacher}: test accuracy {tinfo['test_accuracy']:.4f}")
+    log(f"[{target}] teacher {cfg.teacher}: {cfg.eval_split} accuracy {tinfo['test_accuracy']:.4f}")
     seen = train.subset_indices(tcfg.limit, tcfg.seed)
     unseen = np.setdiff1d(np.arange(len(train)), seen)
     refit = len(unseen) == 0
-    pattern = cfg.holdout_groups.get(target)
     tgroups = auto.name_groups(train.files, pattern) if pattern else None
     if tgroups is not None and not refit:  # as plada send: a seen group's other images are not new
         unseen = unseen[~np.isin(tgroups[unseen], tgroups[seen])]
@@ -134,7 +189,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
     nearest_s = round(key_s[0], 1)
     log(f"[{target}] held-out: {note}; nearest-target keys {nearest_s} s")
 
-    test_f = np.asarray(cached_features(fm, test.images, split_key(src.root, "test", len(test))))
+    test_f = np.asarray(cached_features(fm, test.images, split_key(src.root, test.split, len(test))))
     held_f = split_features(fm, train, src.root, held, "auto-heldout")
 
     size_of = auto.payload_sizer(pool.fingerprint, len(pool), train.class_names, groups=gid)
@@ -221,7 +276,8 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
             "candidates": rows,
         }
         log(f"[{target}] {budget} B: auto {ch.name} k={ch.k} ({ch.payload_bytes} B) forecast {ch.forecast:.4f} "
-            f"test {chosen['test_accuracy']:.4f}; hindsight {best['name']} k={best['k']} {best['test_accuracy']:.4f} "
+            f"{cfg.eval_split} {chosen['test_accuracy']:.4f}; hindsight {best['name']} k={best['k']} "
+            f"{best['test_accuracy']:.4f} "
             f"(search {search_s} s)")
     return {
         "target": target, "classes": n_cls, "train_images": len(train), "test_images": len(test),
@@ -233,6 +289,9 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
         "nearest_key_seconds": nearest_s,
         "pseudo_label_hist": np.bincount(scores.labels, minlength=n_cls).tolist(),
         "budgets": cells, "seconds": round(time.time() - t0, 1),
+        **({"validation": {"images": len(test), "train_images_left": len(train), "seed": cfg.val_seed,
+                           "fraction": cfg.val_fraction, "limit": cfg.val_limit, "split": test.split,
+                           "group_pattern": pattern}} if on_val else {}),
     }
 
 
@@ -291,13 +350,28 @@ def decider_words(cfg: dict) -> str:
     return f"{n} deciding teacher(s), each fine-tuned without its own {share}" + (", slices disjoint" if n > 1 else "")
 
 
+def validation_words(cfg: dict) -> list[str]:
+    """The paragraph that says a run's figures are on validation rows carved from train (none for test runs)."""
+    if cfg.get("eval_split", "test") != "validation":
+        return []
+    return [f"**Validation run (`--eval-split validation`): every accuracy below is measured on validation rows V "
+            f"carved from each target's train split (a seeded {cfg['val_fraction']:.0%} of train, at most "
+            f"{cfg['val_limit']:,} images, seed {cfg['val_seed']}; whole groups where the target has held-out "
+            "groups), never on the test split, which this run did not read.** Teacher, deciding teachers, "
+            "relevance key and held-out slices used train − V as the train split; columns say *val* where a test "
+            "run says *test*, and the JSON keeps its `test_*` field names for these validation figures.", ""]
+
+
 def write_markdown(res: dict, path: Path) -> None:
     cfg = res["config"]
+    on_val = cfg.get("eval_split", "test") == "validation"
+    col, split, images = ("val", "V", "validation images") if on_val else ("test", "the test split", "test images")
     title = "# Auto policy: the sender picks the selection for a byte budget"
     if cfg.get("send", "decider") == "decider":
         title += " (a deciding teacher's own selection is sent)"
     L = [title, "",
          f"Command: `{res['command']}` — wall time {res['wall_seconds'] / 60:.1f} min on {res['machine']}.", "",
+         *validation_words(cfg),
          f"Pool: `{cfg['pool']}` ({res['pool_size']:,} images); teachers, pool scores and features as in "
          "`benchmarks.paper`. For each target and byte budget, `plada.auto.search` tries every candidate policy "
          "(lowest / highest energy, lowest entropy, random, nearest-to-target, Safety-Net s ∈ {0.1, 0.3} × "
@@ -306,11 +380,11 @@ def write_markdown(res: dict, path: Path) -> None:
          "folders as groups, as `plada send` writes it) fits the budget and at "
          + ", ".join(f"{f:g}" for f in cfg.get("fractions", (1.0, 0.5, 0.25)) if f != 1) + " of it, "  # (older runs)
          f"trains a proxy linear head ({cfg['proxy_steps']} steps) per candidate and picks the best held-out "
-         "accuracy (the *forecast*). Every candidate is then measured on the test split with the paper's linear "
+         f"accuracy (the *forecast*). Every candidate is then measured on {split} with the paper's linear "
          f"student ({cfg['head_steps']} steps; seed {cfg['eval_seeds'][0]} for every candidate, then the mean over "
          f"seeds {list(cfg['eval_seeds'])} for the auto choice and every candidate within "
          f"{100 * cfg['eval_band']:g} points of the best first-seed accuracy): *hindsight* is the best of them, "
-         "*gap* = auto − hindsight, *forecast error* = forecast − auto's test accuracy, *default* = lowest energy "
+         f"*gap* = auto − hindsight, *forecast error* = forecast − auto's {col} accuracy, *default* = lowest energy "
          "at the largest size that fits. Where the teacher trained on all of train, the search decides with "
          f"{decider_words(cfg)} (`auto.Decider`), as `plada send` does; "
          + ("the candidates are each deciding teacher's own selections (`plada send --auto-send decider`), each "
@@ -320,8 +394,8 @@ def write_markdown(res: dict, path: Path) -> None:
             "sizes and labels sent are the full teacher's (`plada send --auto-send teacher`). ")
          + "The search re-forecasts its "
          "finalists (within 2 points of the best proxy) over 3 proxy seeds. Accuracies in %.", "",
-         "| target | budget | auto choice (k, bytes) | forecast | auto test | forecast error | hindsight best (k) | "
-         "hindsight test | gap (95% CI) | default test | search s |",
+         f"| target | budget | auto choice (k, bytes) | forecast | auto {col} | forecast error | hindsight best (k) | "
+         f"hindsight {col} | gap (95% CI) | default {col} | search s |",
          "|---|---|---|---|---|---|---|---|---|---|---|"]
     gaps, errs, cis = [], [], []
     for t, r in res["targets"].items():
@@ -341,7 +415,9 @@ def write_markdown(res: dict, path: Path) -> None:
                      f"{pct(d['test_accuracy']) if d else '–'} | "
                      f"{c['search_seconds']} |")
     L += ["", "Held-out images per target:", ""]
-    L += [f"- **{t}**: {r['heldout']['note']}." for t, r in res["targets"].items()]
+    L += [f"- **{t}**: " + (f"V = {r['validation']['images']:,} validation rows, "
+                            f"{r['validation']['train_images_left']:,} train rows left; " if "validation" in r else "")
+          + f"{r['heldout']['note']}." for t, r in res["targets"].items()]
     if gaps:
         within = sum(g >= -0.01 for g in gaps)
         close = sum(abs(e) <= 0.05 for e in errs)
@@ -350,18 +426,18 @@ def write_markdown(res: dict, path: Path) -> None:
               f"{pts(min(gaps))} points).",
               f"- Forecast within 5 points of the measured accuracy: {close} of {len(errs)} cells (largest error "
               f"{pts(max(errs, key=abs))} points).",
-              "- Hindsight picks the best of all candidates on the test split itself, so it is an optimistic "
+              f"- Hindsight picks the best of all candidates on {split} itself, so it is an optimistic "
               "bound (its maximum also rides on what evaluation noise the seed mean leaves)."]
         if all(ci is not None for ci in cis):
-            L.append(f"- Gap's 95% paired-bootstrap interval over test images reaches −1 point or above in "
+            L.append(f"- Gap's 95% paired-bootstrap interval over {images} reaches −1 point or above in "
                      f"{sum(ci[1] >= -0.01 for ci in cis)} of {len(cis)} cells; it excludes 0 in "
-                     f"{sum(ci[1] < 0 for ci in cis)} (`paired_bootstrap`: the test images drawn, for these "
+                     f"{sum(ci[1] < 0 for ci in cis)} (`paired_bootstrap`: the {images} drawn, for these "
                      "trained students; not the bias of picking the hindsight best on the same images).")
     summ = res.get("fixed_policy_summary", {})
     if summ:
         cols = sorted({n for v in summ.values() for n in v["fixed_mean"]})
         L += ["", "## One fixed policy for every target (hindsight, largest size that fits)", "",
-              "Mean test accuracy over targets; each policy at its largest keep size within the budget.", "",
+              f"Mean {col} accuracy over targets; each policy at its largest keep size within the budget.", "",
               "| budget | auto (mean) | best fixed policy (mean) | " + " | ".join(cols) + " |",
               "|---|---|---|" + "---|" * len(cols)]
         for b, v in summ.items():
@@ -374,7 +450,7 @@ def write_markdown(res: dict, path: Path) -> None:
             if "error" in c:
                 continue
             L += [f"**{t}, {int(b):,} B**", "",
-                  "| candidate | k | bytes | classes | forecast (proxy seeds) | test (seeds) |",
+                  f"| candidate | k | bytes | classes | forecast (proxy seeds) | {col} (seeds) |",
                   "|---|---|---|---|---|---|"]
             for row in c["candidates"]:
                 mark = " **(auto)**" if row["chosen"] else ""
@@ -397,9 +473,48 @@ def markdown_from(results: Path, out_dir: Path) -> Path:
         r["budgets"] = {b: r["budgets"][b] for b in order if b in r["budgets"]}
     res["fixed_policy_summary"] = {b: res["fixed_policy_summary"][b] for b in order
                                    if b in res.get("fixed_policy_summary", {})}
-    stem = results.stem.upper()
-    path = out_dir / paper.REPORTS / (stem[:-len("_QUICK")] + "_quick.md" if stem.endswith("_QUICK") else f"{stem}.md")
+    path = out_dir / paper.REPORTS / report_name(results.stem)
     write_markdown(res, path)
+    return path
+
+
+def report_name(stem: str) -> str:
+    """The report of results/<stem>.json: AUTO_POLICY<VARIANT>[_quick][_val].md (e.g. auto_policy_quick_seed1_val
+    -> AUTO_POLICY_SEED1_quick_val.md); any other stem upper-cased, a `_quick` ending kept in lower case."""
+    val = stem.endswith(VAL_SUFFIX)
+    base = stem[:-len(VAL_SUFFIX)] if val else stem
+    quick = base.startswith("auto_policy_quick") or base.endswith("_quick")
+    if base.startswith("auto_policy_quick"):
+        base = "auto_policy" + base[len("auto_policy_quick"):]
+    elif quick:
+        base = base[:-len("_quick")]
+    return base.upper() + ("_quick" if quick else "") + (VAL_SUFFIX if val else "") + ".md"
+
+
+def merge(paths: list[Path], out: Path, stem: str, eval_split: str, quick: bool) -> int:
+    """One results file and report from per-target runs of one setting (`paper.merge_runs`): same config but
+    for the targets, same pool; their eval split and --quick must be the merge's flags, which name the files."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        print(f"benchmark: error: no results file {missing[0]}", file=sys.stderr)
+        return 2
+    res = paper.merge_runs(paths, lambda r: {k: v for k, v in r["config"].items() if k != "targets"})
+    if res is None:
+        return 2
+    ran = res["config"].get("eval_split", "test")
+    if ran != eval_split or any(("--quick" in c.split()) != quick for c in res["command"].split(" && ")):
+        print(f"benchmark: error: merge these runs with the flags they ran with (--eval-split {ran}"
+              + (", --quick" if "--quick" in res["command"].split() else "") + ")", file=sys.stderr)
+        return 2
+    print(f"wrote {write_all(res, out, stem)} and docs from {len(paths)} runs")
+    return 0
+
+
+def write_all(res: dict, out: Path, stem: str) -> Path:
+    """results/<stem>.json, the fixed-policy summary added, and its report (`report_name`)."""
+    res["fixed_policy_summary"] = fixed_policy_summary(res)
+    path = paper.save_results(res, out, stem)
+    write_markdown(res, out / paper.REPORTS / report_name(stem))
     return path
 
 
@@ -407,7 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.auto_policy", description=__doc__.split("\n\n")[0])
     paper.add_common_args(ap)
     ap.add_argument("--budgets", nargs="+", type=int, default=None, help="byte budgets (default 1000 5000 20000)")
-    ap.add_argument("--eval-seeds", nargs="+", type=int, default=None, help="test-split student seeds (default 0 1 2)")
+    ap.add_argument("--eval-seeds", nargs="+", type=int, default=None, help="student seeds (default 0 1 2)")
     ap.add_argument("--deciders", type=int, default=None,
                     help="deciding teachers when the teacher used all of train, each without its own slice "
                          f"(default {auto.DECIDERS}); a given value names the output")
@@ -422,8 +537,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="seed of held-out slice, folds and proxies (default 0); a given value names the output")
     ap.add_argument("--no-holdout-groups", action="store_true",
                     help="fold by image, not by object (GTSRB tracks are held out as whole groups by default)")
+    ap.add_argument("--eval-split", choices=EVAL_SPLITS, default="test",
+                    help="where candidates are measured: the test split (default), or validation rows carved from "
+                         "train (the test split unread; outputs named _val): the split to tune defaults on")
     ap.add_argument("--markdown-from", type=Path, default=None, metavar="RESULTS_JSON",
                     help="run nothing: rewrite that run's benchmarks/reports/*.md from its JSON (its discussion kept)")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="JSON",
+                    help="run nothing: combine per-target runs (their results JSON; same settings and pool) into one "
+                         "results file and report, named as a run with these flags would be")
     a = ap.parse_args(argv)
     if a.markdown_from is not None:
         if not a.markdown_from.is_file():
@@ -451,25 +572,27 @@ def main(argv: list[str] | None = None) -> int:
     except PladaError as e:
         print(f"benchmark: error: {e}", file=sys.stderr)
         return 2
+    cfg.eval_split = a.eval_split
     out = Path(a.out_dir)
     variant = (f"_deciders{a.deciders}" if a.deciders else "") + (
         f"_ladder{round(1 / min(a.fractions))}" if a.fractions else "") + (
         f"_holdout{round(100 * a.holdout_fraction)}" if a.holdout_fraction is not None else "") + (
         f"_seed{a.search_seed}" if a.search_seed is not None else "")
-    stem = ("auto_policy_quick" if a.quick else "auto_policy") + variant
+    stem = ("auto_policy_quick" if a.quick else "auto_policy") + variant + (
+        VAL_SUFFIX if a.eval_split == "validation" else "")
+    if a.merge:
+        return merge(a.merge, out, stem, a.eval_split, a.quick)
     res = paper.run_all("auto_policy", cfg, a, run_target,
                         extra_flags=(("--budgets", a.budgets), ("--eval-seeds", a.eval_seeds),
                                      ("--deciders", a.deciders), ("--fractions", a.fractions),
                                      ("--no-holdout-groups", a.no_holdout_groups or None),
                                      ("--holdout-fraction", None if a.holdout_fraction is None
                                       else str(a.holdout_fraction)),
-                                     ("--search-seed", None if a.search_seed is None else str(a.search_seed))))
+                                     ("--search-seed", None if a.search_seed is None else str(a.search_seed)),
+                                     ("--eval-split", None if a.eval_split == "test" else a.eval_split)))
     if res is None:
         return 2
-    res["fixed_policy_summary"] = fixed_policy_summary(res)
-    path = paper.save_results(res, out, stem)
-    doc = "AUTO_POLICY" + variant.upper() + ("_quick" if a.quick else "")
-    write_markdown(res, out / paper.REPORTS / f"{doc}.md")
+    path = write_all(res, out, stem)
     print(f"wrote {path} and docs in {math.ceil(res['wall_seconds'])} s")
     return 0
 

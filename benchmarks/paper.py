@@ -29,7 +29,7 @@ from PIL import Image
 
 from benchmarks.bits import index_costs
 from plada import payload, select
-from plada.data import cache_root, load_source
+from plada.data import Split, cache_root, load_source
 from plada.errors import PladaError
 from plada.features import cached_features, feature_model, split_key
 from plada.pool import Pool, build_pool, open_pool, pools_dir
@@ -145,11 +145,20 @@ def int8_head(w: np.ndarray, b: np.ndarray) -> tuple[int, np.ndarray, np.ndarray
     return nbytes, q.astype(np.float32) * scale.astype(np.float16).astype(np.float32), b.astype(np.float16)
 
 
-def target_teacher(target: str, cfg: Config, data: str | None):
+def target_teacher(target: str, cfg: Config, data: str | None,
+                   holdout: Callable[[Split], tuple[Split, Split]] | None = None):
     """(source, train, test, teacher config, teacher, info), made identically by every benchmark so they
-    share one cached teacher and one pool scoring per target."""
+    share one cached teacher and one pool scoring per target.
+
+    ``holdout`` (train split -> (fit rows, validation rows)): the test split is never read; ``train`` is the
+    fit rows and ``test`` the validation rows, the teacher trains on the first and is measured on the second.
+    Their `Split.split` names must differ from "train" and "test": feature and teacher caches key on them.
+    """
     src = load_source(target, data)
-    train, test = src.split("train"), src.split("test").subset(cfg.test_limit)
+    if holdout is None:
+        train, test = src.split("train"), src.split("test").subset(cfg.test_limit)
+    else:
+        train, test = holdout(src.split("train"))
     sub_n = min(len(train), cfg.teacher_limit or len(train))
     epochs = round(min(30.0, cfg.teacher_samples / sub_n), 2)
     tcfg = TeacherConfig(model=cfg.teacher, res=cfg.teacher_res, epochs=epochs, limit=cfg.teacher_limit,
@@ -451,6 +460,31 @@ def run_all(module: str, cfg: Config, a: argparse.Namespace, run_target: Callabl
         for flag, v in flags if v or (isinstance(v, list | tuple) and v is not None))
     res["machine"] = f"{platform.machine()} CPU, 2 cores" if not a.quick else platform.machine()
     return res
+
+
+def merge_runs(paths: list[Path], same: Callable[[dict], object]) -> dict | None:
+    """One results record from runs made one target at a time (a long grid split across sessions).
+
+    Runs must agree on ``same(run)`` (what makes their figures comparable) and on the pool, and name each
+    target once; else None after a one-line error. The merged record keeps the first run's settings, every
+    run's targets in the order given, their commands joined, wall times summed and the files it came from.
+    """
+    runs = [json.loads(p.read_text()) for p in paths]
+    targets: dict[str, dict] = {}
+    for r in runs:
+        if same(r) != same(runs[0]) or r["pool_fingerprint"] != runs[0]["pool_fingerprint"]:
+            print("benchmark: error: these runs differ in more than their targets (settings or pool)",
+                  file=sys.stderr)
+            return None
+        for t, v in r["targets"].items():
+            if t in targets:
+                print(f"benchmark: error: target {t} is in more than one run", file=sys.stderr)
+                return None
+            targets[t] = v
+    return {**runs[0], "targets": targets, "config": {**runs[0]["config"], "targets": list(targets)},
+            "command": " && ".join(r["command"] for r in runs),
+            "wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1),
+            "merged_from": [m for r, p in zip(runs, paths, strict=True) for m in r.get("merged_from", [str(p)])]}
 
 
 def save_results(res: dict, out: Path, stem: str) -> Path:

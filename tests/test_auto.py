@@ -299,6 +299,154 @@ def test_auto_policy_quick_benchmark(tiny_data: Path, cache: Path, tmp_path: Pat
     assert len(ks) == len(auto.DEFAULT_FRACTIONS) and ks[0] == ks[-1] // 8
 
 
+def test_validation_split_is_carved_from_train_whole_groups_and_named_apart() -> None:
+    """--eval-split validation's V: a seeded 20% of train (at most VAL_LIMIT), whole tracks where grouped, and
+    named so no feature or teacher cache keyed by split name and length can take it for another split."""
+    from benchmarks import auto_policy
+    from plada.data import Split
+    from plada.features import split_key
+
+    files = [f"c{t % 2}/{t:05d}_{f:05d}.png" for t in range(40) for f in range(5)]  # 40 tracks of 5 frames
+    train = Split("t", "train", np.zeros((200, 4, 4, 3), np.uint8), np.arange(200) // 5 % 2, ["c0", "c1"], files)
+    cfg = auto_policy.AutoConfig()
+    for pattern, cap, size in ((None, 5000, 40), (None, 12, 12), (r"^(\d+)_", 5000, 40), (r"^(\d+)_", 12, 10)):
+        cfg.val_limit = cap
+        fit, val = auto_policy.carve_validation(train, cfg, pattern)
+        assert len(val) == size and len(fit) + len(val) == 200 and not set(fit.files) & set(val.files)
+        if pattern:  # no track straddles the two sides
+            assert not {f.split("_")[0] for f in fit.files} & {f.split("_")[0] for f in val.files}
+        again = auto_policy.carve_validation(train, cfg, pattern)[1]
+        assert again.files == val.files and again.split == val.split  # seeded: one V
+        assert val.split.startswith(f"val{auto_policy.VAL_SEED}-") and fit.split == f"train-minus-{val.split}"
+        for n, name in ((len(val), val.split), (len(fit), fit.split)):  # a key no test or train split can have
+            assert split_key(Path("src"), name, n) not in {split_key(Path("src"), s, n) for s in ("test", "train")}
+    other = auto_policy.carve_validation(train, dataclasses.replace(cfg, val_seed=3), None)[1]
+    assert other.split != val.split  # another V, another name
+
+
+def test_auto_policy_merge_of_per_target_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Per-target runs merge into the one run they were cut from; runs that differ otherwise are refused."""
+    from benchmarks import auto_policy
+
+    whole = json.loads((Path(__file__).parents[1] / "results" / "auto_policy.json").read_text())
+    parts = []
+    for t in whole["config"]["targets"]:  # the run cut into one run per target, as separate sessions make them
+        part = {**whole, "targets": {t: whole["targets"][t]}, "config": {**whole["config"], "targets": [t]}}
+        parts.append(tmp_path / t / "auto_policy.json")
+        parts[-1].parent.mkdir()
+        parts[-1].write_text(json.dumps(part))
+    out = tmp_path / "merged"
+    assert auto_policy.main(["--merge", *map(str, parts), "--out-dir", str(out)]) == 0
+    res = json.loads((out / "results" / "auto_policy.json").read_text())
+    assert res["targets"] == whole["targets"] and res["config"] == whole["config"]
+    assert res["fixed_policy_summary"] == whole["fixed_policy_summary"]
+    assert res["merged_from"] == list(map(str, parts)) and res["command"].count(" && ") == len(parts) - 1
+    md = (out / "benchmarks" / "reports" / "AUTO_POLICY.md").read_text()
+    assert all(f"| {t} |" in md for t in whole["targets"]) and "Validation run" not in md
+    capsys.readouterr()
+
+    def refused(*argv: str) -> None:
+        assert auto_policy.main([*argv, "--out-dir", str(tmp_path / "refused")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("benchmark: error:") and err.count("\n") == 1
+        assert not (tmp_path / "refused").exists()
+
+    other = tmp_path / "other_pool.json"
+    other.write_text(json.dumps({**json.loads(parts[1].read_text()), "pool_fingerprint": "0" * 64}))
+    refused("--merge", str(parts[0]), str(other))  # another pool
+    other.write_text(json.dumps({**json.loads(parts[1].read_text()),
+                                 "config": {**whole["config"], "targets": [whole["config"]["targets"][1]],
+                                            "proxy_steps": 7}}))
+    refused("--merge", str(parts[0]), str(other))  # another setting
+    refused("--merge", str(parts[0]), str(parts[0]))  # one target twice
+    refused("--merge", str(parts[0]), str(parts[1]), "--eval-split", "validation")  # test figures named _val
+    refused("--merge", str(parts[0]), str(parts[1]), "--quick")
+    refused("--merge", str(parts[0]), str(tmp_path / "none.json"))
+
+
+@pytest.mark.slow
+def test_auto_policy_quick_validation_mode(tiny_data: Path, cache: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """--eval-split validation never reads the test split, trains no teacher on V, measures on V's own features
+    (not a same-length split's cached ones), writes _val files, and per-target _val runs merge."""
+    from benchmarks import auto_policy, paper
+    from plada import data, features, pipeline
+    from plada.train import predict
+
+    quick = auto_policy.quick_config  # a 1-step teacher, as in test_auto_policy_quick_benchmark
+    monkeypatch.setattr(auto_policy, "quick_config", lambda cfg: dataclasses.replace(quick(cfg), teacher_samples=120))
+    src = data.load_source("tinytarget", tiny_data, progress=False)
+    fm = features.feature_model("efficientnet-lite0", 32)  # the quick student's feature space
+    n_val, n_fit = 24, 96  # 20% of tinytarget's 120 train images
+    for name, n in (("test", n_val), ("train", n_val), ("train", n_fit)):  # blank images' features under these keys
+        features.cached_features(fm, np.zeros((n, 32, 32, 3), np.uint8), features.split_key(src.root, name, n),
+                                 progress=False)
+    real_split = data.Source.split
+
+    def split(self, name: str):
+        assert name != "test", "a validation run read the test split"
+        return real_split(self, name)
+
+    monkeypatch.setattr(data.Source, "split", split)
+    teachers = []  # (files a teacher could train on, split it was measured on)
+    for mod in (paper, pipeline):
+        def spy(train, test, *a, real=mod.train_teacher, **k):
+            teachers.append((set(train.files), test))
+            return real(train, test, *a, **k)
+        monkeypatch.setattr(mod, "train_teacher", spy)
+    feats, prefixes = {}, []
+
+    def cached(fm_, images, key, *a, real=auto_policy.cached_features, **k):
+        feats[key] = (np.asarray(images), np.asarray(real(fm_, images, key, *a, **k)))
+        return feats[key][1]
+
+    def rows(fm_, images, idx, prefix, *a, real=auto_policy.rows_features, **k):
+        prefixes.append(prefix)
+        return real(fm_, images, idx, prefix, *a, **k)
+
+    monkeypatch.setattr(auto_policy, "cached_features", cached)
+    monkeypatch.setattr(auto_policy, "rows_features", rows)
+    argv = ["--quick", "--eval-split", "validation", "--data", str(tiny_data), "--pool", "tinypool",
+            "--targets", "tinytarget", "--budgets", "1500"]
+    assert auto_policy.main([*argv, "--out-dir", str(tmp_path)]) == 0
+    assert not (tmp_path / "results" / "auto_policy_quick.json").exists()
+    res = json.loads((tmp_path / "results" / "auto_policy_quick_val.json").read_text())
+    assert res["config"]["eval_split"] == "validation" and res["config"]["val_seed"] == auto_policy.VAL_SEED
+    assert "--eval-split validation" in res["command"]
+    r = res["targets"]["tinytarget"]
+    assert (r["validation"]["images"], r["validation"]["train_images_left"]) == (n_val, n_fit)
+    assert (r["test_images"], r["train_images"]) == (n_val, n_fit) and r["heldout"]["refit"]
+    val = teachers[0][1]  # the teacher is measured on V, a part of the train split
+    assert val.split == r["validation"]["split"] and len(val) == n_val
+    assert {f"train/{f}" for f in val.files} <= set(src.paths)
+    assert len(teachers) == 1 + auto.DECIDERS and all(not fit & set(val.files) for fit, _ in teachers)
+    # features: V's own key, never a test or train key (poisoned above), and V's own images' features
+    key = features.split_key(src.root, val.split, n_val)
+    assert all(k.startswith("pool/") or k == key for k in feats)
+    fresh = predict(fm, val.images, progress=False, features=True)
+    np.testing.assert_allclose(feats[key][1], fresh, rtol=1e-4, atol=1e-5)
+    assert prefixes and all(p.startswith(features.split_key(src.root, f"train-minus-{val.split}", n_fit) + "/")
+                            for p in prefixes)
+    md = (tmp_path / "benchmarks" / "reports" / "AUTO_POLICY_quick_val.md").read_text()
+    assert "Validation run" in md and "never on the test split" in md and "| auto val |" in md
+    assert "| auto test |" not in md
+
+    # a second target's run (this one renamed), then the two merged under the _val names
+    twin = tmp_path / "twin" / "auto_policy_quick_val.json"
+    twin.parent.mkdir()
+    twin.write_text(json.dumps({**res, "targets": {"tinytwin": r},
+                                "config": {**res["config"], "targets": ["tinytwin"]}}))
+    out = tmp_path / "merged"
+    first = str(tmp_path / "results" / "auto_policy_quick_val.json")
+    assert auto_policy.main(["--quick", "--eval-split", "validation", "--merge", first, str(twin),
+                             "--out-dir", str(out)]) == 0
+    merged = json.loads((out / "results" / "auto_policy_quick_val.json").read_text())
+    assert list(merged["targets"]) == merged["config"]["targets"] == ["tinytarget", "tinytwin"]
+    assert merged["merged_from"] == [first, str(twin)]
+    assert "tinytwin" in (out / "benchmarks" / "reports" / "AUTO_POLICY_quick_val.md").read_text()
+    assert auto_policy.main(["--quick", "--merge", first, str(twin), "--out-dir", str(out)]) == 2  # not as test
+
+
 def test_forecast_ties_go_to_more_images() -> None:
     """A tie carries no evidence, so the bigger labelled set wins it (not the smaller payload)."""
     w = world(n=3000, c=1)  # one class: every candidate predicts it and is right on every held-out image
