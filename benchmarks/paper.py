@@ -462,11 +462,12 @@ def run_all(module: str, cfg: Config, a: argparse.Namespace, run_target: Callabl
     return res
 
 
-def merge_runs(paths: list[Path], same: Callable[[dict], object]) -> dict | None:
+def merge_runs(paths: list[Path], same: Callable[[dict], object], replace: bool = False) -> dict | None:
     """One results record from runs made one target at a time (a long grid split across sessions).
 
     Runs must agree on ``same(run)`` (what makes their figures comparable) and on the pool, and name each
-    target once; else None after a one-line error. The merged record keeps the first run's settings, every
+    target once (with ``replace``, a later run's target replaces an earlier one's: a re-run folded into a
+    merged record); else None after a one-line error. The merged record keeps the first run's settings, every
     run's targets in the order given, their commands joined, wall times summed and the files it came from.
     """
     runs = [json.loads(p.read_text()) for p in paths]
@@ -477,7 +478,7 @@ def merge_runs(paths: list[Path], same: Callable[[dict], object]) -> dict | None
                   file=sys.stderr)
             return None
         for t, v in r["targets"].items():
-            if t in targets:
+            if t in targets and not replace:
                 print(f"benchmark: error: target {t} is in more than one run", file=sys.stderr)
                 return None
             targets[t] = v

@@ -617,16 +617,9 @@ def head_vs_labels(r: dict, h: dict) -> list[dict]:
 
 def merge(paths: list[Path], out: Path, quick: bool, head_from: Path | None = None) -> int:
     """One report from runs made one target at a time (a long grid split across sessions)."""
-    runs = [json.loads(p.read_text()) for p in paths]
-    if any(r["constants"] != runs[0]["constants"] or r["pool_fingerprint"] != runs[0]["pool_fingerprint"]
-           for r in runs):
-        print("benchmark: error: these runs used other receiver constants or another pool", file=sys.stderr)
+    res = paper.merge_runs(paths, lambda r: r["constants"], replace=True)
+    if res is None:
         return 2
-    res = {**runs[0], "targets": {t: v for r in runs for t, v in r["targets"].items()},
-           "command": " && ".join(r["command"] for r in runs),
-           "wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1),
-           "merged_from": [m for r, p in zip(runs, paths, strict=True) for m in r.get("merged_from", [str(p)])]}
-    res["config"] = {**runs[0]["config"], "targets": list(res["targets"])}
     if head_from is not None:
         fold_head(res, head_from)
     return write_all(res, out, quick)
