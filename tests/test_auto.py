@@ -774,3 +774,41 @@ def test_forecast_modes_ranks_a_fixed_selection_under_each_mode(right: bool) -> 
         auto.forecast_modes(pool_feats=w["pool_feats"], indices=idx, labels=w["labels"][idx],
                             heldout_feats=w["heldout_feats"], heldout_labels=w["heldout_labels"], n_classes=3,
                             modes=("plain", "propagate"), expand=None)
+
+
+def test_auto_defaults_replays_the_search_and_refuses_a_test_split_record(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """benchmarks.auto_defaults judges the search's defaults by replaying its choice rule on recorded forecasts:
+    the replay must pick what auto.search picked, each variant must pick only from its own candidates, and a
+    test-split record is refused (defaults are never chosen on test)."""
+    from benchmarks import auto_defaults
+
+    w = world(wrong_low_energy=True)
+    ch = run(w, budget_bytes=smallest(w) + 80, deciders=two_deciders(w))
+    rng = np.random.default_rng(0)
+    cands = [{**r, "test_accuracy": float(rng.random())} for r in ch.candidates]
+    record = {"config": {"eval_split": "validation"},
+              "targets": {"t": {"budgets": {"500": {"candidates": cands}}}}}
+    res = auto_defaults.analyse(record)
+    assert res["cells"] == ["t 500 B"]
+    picks = {name: p[0] for name, p in res["picks"].items()}
+    default = next(iter(picks.values()))
+    assert (default["decider"], default["k"]) == (ch.decider, ch.k)
+    assert picks["ladder 1 only"]["fraction"] == 1.0
+    assert picks["decider 1 alone (one decider)"]["decider"] == 1
+    ceiling = max(c["test_accuracy"] for c in cands if c["decider"] is not None)
+    assert picks["hindsight best candidate (not a rule: the ceiling)"]["val_accuracy"] == ceiling
+    assert all(s["mean_regret"] >= 0 for s in res["summary"].values())
+    # a record whose chosen row the rule would not pick: the replay has drifted from auto.search, say so
+    other = next(c for c in cands if not c["chosen"] and c["decider"] is not None)
+    wrong = [{**c, "chosen": c is other} for c in cands]
+    with pytest.raises(SystemExit, match="no longer matches"):
+        auto_defaults.analyse({**record, "targets": {"t": {"budgets": {"500": {"candidates": wrong}}}}})
+    path = tmp_path / "test_run.json"
+    path.write_text(json.dumps({**record, "config": {"eval_split": "test"}}))
+    assert auto_defaults.main([str(path), "--out-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a validation run" in err and len(err.splitlines()) == 1
+    path.write_text(json.dumps(record))
+    assert auto_defaults.main([str(path), "--out-dir", str(tmp_path)]) == 0
+    assert "| ladder 1 only |" in (tmp_path / "AUTO_DEFAULTS.md").read_text()
