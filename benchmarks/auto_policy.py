@@ -466,16 +466,21 @@ def write_markdown(res: dict, path: Path) -> None:
 def markdown_from(results: Path, out_dir: Path) -> Path:
     """Rewrite a run's markdown from its results JSON (e.g. after a wording fix), keeping the hand-written
     discussion: benchmarks/reports/<STEM upper-cased>.md, in the run's own order (the JSON has sorted keys)."""
-    res = json.loads(results.read_text())
+    res = in_run_order(json.loads(results.read_text()))
+    path = out_dir / paper.REPORTS / report_name(results.stem)
+    write_markdown(res, path)
+    return path
+
+
+def in_run_order(res: dict) -> dict:
+    """Targets and budgets in the run's own order (a saved JSON has sorted keys: 1,000, 20,000, 5,000 B)."""
     order = [str(b) for b in res["config"]["budgets"]]
     res["targets"] = {t: res["targets"][t] for t in res["config"]["targets"] if t in res["targets"]}
     for r in res["targets"].values():
         r["budgets"] = {b: r["budgets"][b] for b in order if b in r["budgets"]}
     res["fixed_policy_summary"] = {b: res["fixed_policy_summary"][b] for b in order
                                    if b in res.get("fixed_policy_summary", {})}
-    path = out_dir / paper.REPORTS / report_name(results.stem)
-    write_markdown(res, path)
-    return path
+    return res
 
 
 def report_name(stem: str) -> str:
@@ -506,7 +511,7 @@ def merge(paths: list[Path], out: Path, stem: str, eval_split: str, quick: bool)
         print(f"benchmark: error: merge these runs with the flags they ran with (--eval-split {ran}"
               + (", --quick" if "--quick" in res["command"].split() else "") + ")", file=sys.stderr)
         return 2
-    print(f"wrote {write_all(res, out, stem)} and docs from {len(paths)} runs")
+    print(f"wrote {write_all(in_run_order(res), out, stem)} and docs from {len(paths)} runs")
     return 0
 
 
