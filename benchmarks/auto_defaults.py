@@ -34,12 +34,21 @@ import numpy as np
 
 from plada import auto
 
-Rule = Callable[[list[dict]], dict]
+Rule = Callable[[list[dict]], dict | None]  # None: the rule does not apply to this cell
+
+
+def deciders(rows: list[dict]) -> int:
+    return len({r["decider"] for r in rows})
 
 
 def with_fractions(rows: list[dict]) -> list[dict]:
-    """Each decider candidate with its share of the largest affordable size of its (decider, policy)."""
-    out = [dict(r) for r in rows if r.get("decider") is not None and r.get("receiver", "plain") == "plain"]
+    """The search's own candidates, each with its share of the largest affordable size of its (decider, policy).
+
+    With deciding teachers the benchmark appends the full teacher's selections (decider None) after the search's
+    rows; without (the teacher left part of train unseen: it is the one decider) every row is the search's.
+    """
+    plain = [dict(r) for r in rows if r.get("receiver", "plain") == "plain"]
+    out = [r for r in plain if r.get("decider") is not None] or [{**r, "decider": 0} for r in plain]
     top: dict[tuple, int] = {}
     for r in out:
         key = (r["decider"], r["name"])
@@ -50,12 +59,14 @@ def with_fractions(rows: list[dict]) -> list[dict]:
     return out
 
 
-def choose(rows: list[dict], *, more_images: bool = True, margin: float | None = 0.01) -> dict:
+def choose(rows: list[dict], *, more_images: bool = True, margin: float | None = 0.01) -> dict | None:
     """`auto._preference` on recorded forecasts: finalists (the most forecast seeds) first, by best forecast, ties
     by kept images, then bytes; then the rest; a covering candidate within ``margin`` of the first goes first."""
     def rank(r: dict) -> tuple:
         return -r["forecast"], (-r["kept"] if more_images else r["kept"]), r["bytes"]
 
+    if not rows:
+        return None
     most = max(r["forecast_seeds"] for r in rows)  # the search's finalists: only they can win while any is left
     order = sorted((r for r in rows if r["forecast_seeds"] == most), key=rank) + sorted(
         (r for r in rows if r["forecast_seeds"] != most), key=rank)
@@ -65,21 +76,24 @@ def choose(rows: list[dict], *, more_images: bool = True, margin: float | None =
     return order[0]
 
 
+DEFAULT = "default: ladder 1, 1/2, 1/4, 1/8; 2 deciders; ties to more images; guard"
+CEILING = "hindsight best candidate (not a rule: the ceiling)"
+
+
 def rules() -> dict[str, Rule]:
     """Name -> rule; the first is the default search."""
     def ladder(shares: tuple[float, ...]) -> Rule:
         return lambda rows: choose([r for r in rows if r["fraction"] in shares])
 
-    def one_decider(d: int) -> Rule:
-        return lambda rows: choose([r for r in rows if r["decider"] == d])
+    def one_decider(d: int) -> Rule:  # only where the search had deciding teachers to choose between
+        return lambda rows: choose([r for r in rows if r["decider"] == d]) if deciders(rows) > 1 else None
 
     def fixed(d: int) -> Rule:
         return lambda rows: max((r for r in rows if r["decider"] == d and r["policy"] == "lowest-energy"
-                                 and r["safety_share"] == 0),
-                                key=lambda r: r["k"])
+                                 and r["safety_share"] == 0), key=lambda r: r["k"], default=None)
 
     return {
-        "default: ladder 1, 1/2, 1/4, 1/8; 2 deciders; ties to more images; guard": choose,
+        DEFAULT: choose,
         "ladder 1 only": ladder((1.0,)),
         "ladder 1, 1/2": ladder((1.0, 0.5)),
         "ladder 1, 1/2, 1/4": ladder((1.0, 0.5, 0.25)),
@@ -91,7 +105,7 @@ def rules() -> dict[str, Rule]:
         "no covering guard": lambda rows: choose(rows, margin=None),
         "no search: decider 0, lowest energy, largest size": fixed(0),
         "no search: decider 1, lowest energy, largest size": fixed(1),
-        "hindsight best candidate (not a rule: the ceiling)": lambda rows: max(rows, key=lambda r: r["test_accuracy"]),
+        CEILING: lambda rows: max(rows, key=lambda r: r["test_accuracy"]),
     }
 
 
@@ -102,43 +116,42 @@ FULL_TEACHER = {"full teacher, no search: lowest energy, largest size": "default
 
 
 def analyse(record: dict) -> dict:
-    """Per rule and cell (target, budget), the V accuracy of what it sends; the default's replay is checked."""
-    cells, table = [], {name: [] for name in rules()}
+    """Per rule and cell (target, budget), the V accuracy of what it sends, beside the default's on the same cells
+    (a rule that does not apply to a cell, e.g. one decider alone where there was one, leaves it out)."""
+    cells, table = [], {name: {} for name in [*rules(), *FULL_TEACHER]}
     for target, res in record["targets"].items():
         for budget, cell in sorted(res["budgets"].items(), key=lambda kv: int(kv[0])):
             if "candidates" not in cell:
                 continue
             rows = with_fractions(cell["candidates"])
-            if not rows:  # the teacher left train unseen: one decider, nothing to compare
-                continue
             chosen = next(r for r in rows if r["chosen"])
             replay = choose(rows)
             if (replay["decider"], replay["name"], replay["k"]) != (chosen["decider"], chosen["name"], chosen["k"]):
                 raise SystemExit(f"{target} {budget} B: the replay picked {replay['name']} k={replay['k']}, the "
                                  f"search {chosen['name']} k={chosen['k']}: the replay no longer matches auto.search")
-            cells.append(f"{target} {budget} B")
-            for name, rule in rules().items():
-                r = rule(rows)
-                table[name].append({"cell": cells[-1], "name": r["name"], "k": r["k"], "decider": r["decider"],
-                                    "fraction": r["fraction"], "val_accuracy": r["test_accuracy"]})
-            for name, key in FULL_TEACHER.items():  # what sending the full teacher's own selection would give
-                if cell.get(key):
-                    r = cell[key]
-                    table.setdefault(name, []).append({"cell": cells[-1], "name": r["name"], "k": r["k"],
-                                                       "decider": None, "fraction": None,
-                                                       "val_accuracy": r["test_accuracy"]})
-    best = [r["val_accuracy"] for r in table["hindsight best candidate (not a rule: the ceiling)"]]
-    default = [r["val_accuracy"] for r in table[next(iter(table))]]
+            name_ = f"{target} {budget} B"
+            cells.append(name_)
+            picks = {name: rule(rows) for name, rule in rules().items()}
+            picks.update({name: cell.get(key) for name, key in FULL_TEACHER.items()})  # the full teacher's own
+            for name, r in picks.items():
+                if r is not None:
+                    table[name][name_] = {"name": r["name"], "k": r["k"], "decider": r.get("decider"),
+                                          "fraction": r.get("fraction"), "val_accuracy": r["test_accuracy"]}
+    default, best = table[DEFAULT], table[CEILING]
     summary = {}
     for name, picks in table.items():
-        if len(picks) != len(cells):  # a column the record lacks for some cell: no like-for-like mean
+        on = list(picks)
+        if not on:
             continue
-        acc = np.array([p["val_accuracy"] for p in picks])
+        acc = np.array([picks[c]["val_accuracy"] for c in on])
+        dflt = np.array([default[c]["val_accuracy"] for c in on])
         summary[name] = {
-            "mean_val_accuracy": float(acc.mean()) if len(acc) else None,
-            "mean_regret": float(np.mean(np.array(best) - acc)) if len(acc) else None,
-            "within_1pt_of_ceiling": int(np.sum(np.array(best) - acc <= 0.01)),
-            "vs_default": [int(np.sum(acc > np.array(default) + 1e-9)), int(np.sum(acc < np.array(default) - 1e-9))],
+            "cells": len(on),
+            "mean_val_accuracy": float(acc.mean()),
+            "default_on_these_cells": float(dflt.mean()),
+            "mean_regret": float(np.mean([best[c]["val_accuracy"] for c in on] - acc)),
+            "within_1pt_of_ceiling": int(np.sum(np.array([best[c]["val_accuracy"] for c in on]) - acc <= 0.01)),
+            "vs_default": [int(np.sum(acc > dflt + 1e-9)), int(np.sum(acc < dflt - 1e-9))],
         }
     return {"cells": cells, "summary": summary, "picks": table}
 
@@ -149,15 +162,17 @@ def markdown(res: dict, source: str, command: str) -> str:
         "",
         f"`{command}` (from `{source}`; the test split was never read). {len(res['cells'])} cells: "
         + ", ".join(res["cells"]) + ". Accuracy: the paper's linear student on V (the leaders' mean over 3 "
-        "seeds, the others seed 0); regret: below the best candidate of the same search.",
+        "seeds, the others seed 0); regret: below the best candidate of the same search. A rule is scored on the "
+        "cells it applies to (one decider alone needs two), beside the default on the same cells.",
         "",
-        "| rule | mean V accuracy | mean regret (pts) | cells within 1 pt of the best | better / worse than default |",
-        "|---|---|---|---|---|",
+        "| rule | cells | mean V accuracy | default, same cells | mean regret (pts) | within 1 pt of the best "
+        "| better / worse than default |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, s in res["summary"].items():
-        lines.append(f"| {name} | {100 * s['mean_val_accuracy']:.2f}% | {100 * s['mean_regret']:.2f} | "
-                     f"{s['within_1pt_of_ceiling']} of {len(res['cells'])} | {s['vs_default'][0]} / "
-                     f"{s['vs_default'][1]} |")
+        lines.append(f"| {name} | {s['cells']} | {100 * s['mean_val_accuracy']:.2f}% | "
+                     f"{100 * s['default_on_these_cells']:.2f}% | {100 * s['mean_regret']:.2f} | "
+                     f"{s['within_1pt_of_ceiling']} of {s['cells']} | {s['vs_default'][0]} / {s['vs_default'][1]} |")
     return "\n".join(lines) + "\n"
 
 

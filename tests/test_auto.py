@@ -791,14 +791,20 @@ def test_auto_defaults_replays_the_search_and_refuses_a_test_split_record(tmp_pa
               "targets": {"t": {"budgets": {"500": {"candidates": cands}}}}}
     res = auto_defaults.analyse(record)
     assert res["cells"] == ["t 500 B"]
-    picks = {name: p[0] for name, p in res["picks"].items()}
-    default = next(iter(picks.values()))
+    picks = {name: p["t 500 B"] for name, p in res["picks"].items() if p}
+    default = picks[auto_defaults.DEFAULT]
     assert (default["decider"], default["k"]) == (ch.decider, ch.k)
     assert picks["ladder 1 only"]["fraction"] == 1.0
     assert picks["decider 1 alone (one decider)"]["decider"] == 1
     ceiling = max(c["test_accuracy"] for c in cands if c["decider"] is not None)
     assert picks["hindsight best candidate (not a rule: the ceiling)"]["val_accuracy"] == ceiling
-    assert all(s["mean_regret"] >= 0 for s in res["summary"].values())
+    assert all(s["mean_regret"] >= 0 for name, s in res["summary"].items() if not name.startswith("full"))
+    # one teacher as the only decider (it left train unseen): every rule but "one decider alone" still applies
+    single = run(w, budget_bytes=smallest(w) + 80)
+    one = [{**r, "test_accuracy": float(rng.random())} for r in single.candidates]
+    res1 = auto_defaults.analyse({**record, "targets": {"u": {"budgets": {"500": {"candidates": one}}}}})
+    assert "decider 0 alone (one decider)" not in res1["summary"]
+    assert res1["summary"]["ladder 1 only"]["cells"] == res1["summary"][auto_defaults.DEFAULT]["cells"] == 1
     # a record whose chosen row the rule would not pick: the replay has drifted from auto.search, say so
     other = next(c for c in cands if not c["chosen"] and c["decider"] is not None)
     wrong = [{**c, "chosen": c is other} for c in cands]
