@@ -60,7 +60,8 @@ GROUPED_HOLDOUT_FRACTION = 0.2
 # disjoint slice (above) and each forecasting its own selections on that slice only; the best forecast is sent.
 # Why two: a single decider's misses were mostly its own fine-tune's luck, not the forecast's choice
 # (scripts/gap_decomposition.py); with two, GTSRB was within 1 point of the hindsight best in 9 of 9 cells over
-# three seeds (one: 6 of 9), Flowers-5 in 5 of 6 either way; the cost is one more teacher fine-tune.
+# three seeds (one: 6 of 9), Flowers-5 in 5 of 6 either way; the cost is one more teacher fine-tune. On validation
+# rows (benchmarks.auto_defaults) either decider alone lost 0.8-0.9 points on average over 6 cells, never won.
 DECIDERS = 2
 
 FORECAST_DIGITS = payload.FORECAST_DIGITS
@@ -115,7 +116,8 @@ DEFAULT_POLICIES: tuple[Policy, ...] = (
 # Keep sizes tried per policy: these shares of the largest that fits the budget. When a budget holds most of the
 # pool, fewer images can teach more: Fashion-MNIST at 20 KB fits 120,000 Safety-Net images, and 15,000 (1/8) scored
 # 54.6% against 51.8% for 30,000 (1/4); adding 1/8 changed no other cell of `python -m benchmarks.auto_policy` (it
-# was not chosen elsewhere) and cost 10-20% more search time (docs/AUTO_POLICY.md, discussion).
+# was not chosen elsewhere) and cost 10-20% more search time (docs/AUTO_POLICY.md, discussion). Checked on validation
+# rows carved from train (benchmarks.auto_defaults, 12 cells): every shorter ladder was worse in 1-2 cells, none better.
 DEFAULT_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
 
 
