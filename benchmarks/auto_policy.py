@@ -12,7 +12,7 @@ Same pool, teachers, pool scores and frozen features as benchmarks.paper (its Co
 recipe are reused, so a finished paper run makes this one cheap). Per target and byte budget (about 1, 5
 and 20 KB): held-out = target train images the teacher did not train on; when the teacher used all of
 train, exactly what `plada send --budget` does: deciding teachers are fine-tuned, each without its own
-slice of train (default `auto.DECIDERS` = 2 teachers, slices of 10%, 20% of whole groups; `auto.decider_plan`),
+slice of train (default `auto.DECIDERS` = 2 teachers, slices of 20%, whole groups if any; `auto.decider_plan`),
 and the candidates are the deciding teachers' own selections, each forecast on its own held-out rows.
 The auto search picks a policy and
 keep size by the held-out accuracy of a proxy linear head; then every candidate of that search is
@@ -73,7 +73,7 @@ class AutoConfig(paper.Config):
     eval_seeds: tuple[int, ...] = (0, 1, 2)  # linear-student seeds on the test split (the first for all candidates)
     eval_band: float = 0.02  # candidates within this of the best first-seed accuracy get every eval seed
     # when the teacher used all of train, as plada send's deciders / holdout_fraction (None: auto.decider_plan's
-    # defaults, auto.DECIDERS teachers each without its own auto.default_holdout_fraction slice)
+    # defaults, auto.DECIDERS teachers each without its own auto.HOLDOUT_FRACTION slice)
     deciders: int | None = None
     holdout_fraction: float | None = None
     search_seed: int = 0
@@ -167,7 +167,7 @@ def run_target(target: str, pool: Pool, cfg: AutoConfig, data: str | None, log) 
     energy, entropy, conf = scores.energy(), scores.entropy(), rate.confidence(scores.logits)
     n_dec = frac = None
     if refit:  # as plada send: deciding teachers, each scored on the slice it never saw
-        n_dec, frac = auto.decider_plan(cfg.deciders, cfg.holdout_fraction, tgroups is not None)
+        n_dec, frac = auto.decider_plan(cfg.deciders, cfg.holdout_fraction)
         held, deciders = decide(train, None, pool, tcfg, n_dec, frac, cfg.search_seed, ref_key,
                                 held_limit=cfg.heldout_limit, groups=tgroups, progress=False)
         secs = [d.train_seconds for d in deciders]
@@ -532,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="deciding teachers when the teacher used all of train, each without its own slice "
                          f"(default {auto.DECIDERS}); a given value names the output")
     ap.add_argument("--holdout-fraction", type=float, default=None,
-                    help="slice of train each deciding teacher goes without (default 0.1, 0.2 with held-out groups); "
+                    help="slice of train each deciding teacher goes without (default 0.2); "
                          "a given value names the output")
     ap.add_argument("--fractions", nargs="+", type=float, default=None,
                     help="keep sizes tried, as shares of the largest that fits (default "
@@ -573,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.search_seed is not None:
         cfg.search_seed = a.search_seed
     try:  # a bad combination fails now, not after the first teacher
-        auto.decider_plan(cfg.deciders, cfg.holdout_fraction, bool(cfg.holdout_groups))
+        auto.decider_plan(cfg.deciders, cfg.holdout_fraction)
     except PladaError as e:
         print(f"benchmark: error: {e}", file=sys.stderr)
         return 2

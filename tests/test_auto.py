@@ -255,9 +255,9 @@ def test_auto_policy_quick_benchmark(tiny_data: Path, cache: Path, tmp_path: Pat
     assert code == 0
     res = json.loads((tmp_path / "results" / "auto_policy_quick.json").read_text())
     r = res["targets"]["tinytarget"]
-    # the tiny teacher used all of train: as in send, auto.DECIDERS deciders, each on its own 10% slice (12 of 120)
+    # the tiny teacher used all of train: as in send, auto.DECIDERS deciders, each on its own 20% slice (24 of 120)
     assert r["heldout"]["refit"] and (r["folds"], r["holdout_fraction"]) == (auto.DECIDERS, auto.HOLDOUT_FRACTION)
-    assert r["heldout"]["images"] == 12 * auto.DECIDERS
+    assert r["heldout"]["images"] == round(120 * auto.HOLDOUT_FRACTION) * auto.DECIDERS
     assert r["send"] == "decider"
     for budget in res["config"]["budgets"]:
         cell = r["budgets"][str(budget)]
@@ -534,9 +534,8 @@ def test_fold_split_disjoint_slices(grouped: bool) -> None:
 def test_decider_plan() -> None:
     """What a user asks for -> (teachers, slice each): the defaults where not given, nothing guessed."""
     assert auto.decider_plan() == (auto.DECIDERS, auto.HOLDOUT_FRACTION)
-    assert auto.decider_plan(grouped=True) == (auto.DECIDERS, auto.GROUPED_HOLDOUT_FRACTION)
     assert auto.decider_plan(3, 0.25) == (3, 0.25)
-    assert auto.decider_plan(1, grouped=True) == (1, auto.GROUPED_HOLDOUT_FRACTION)
+    assert auto.decider_plan(1) == (1, auto.HOLDOUT_FRACTION)
     n, f = auto.decider_plan()
     assert sum(len(h) for _, h in auto.fold_split(100, n, frac=f)) == round(100 * f) * n  # disjoint slices
     for args, msg in (((5, 0.2), "leave no train image"), ((0,), "positive integer"), ((True,), "positive integer"),
@@ -582,9 +581,9 @@ def test_grouped_folds_keep_each_group_in_one_fold() -> None:
     (fit, h2), = auto.fold_split(n, 1, seed=2, groups=groups, frac=0.25)  # a bigger slice: more whole groups
     assert not set(groups[fit]) & set(groups[h2]) and 0.25 * n <= len(h2) <= 0.25 * n + 8
     assert set(h) <= set(h2)  # the same seeded group order, filled further
-    (fit, hd), = auto.fold_split(n, 1, seed=2, groups=groups)  # default with groups: the larger grouped slice
-    f = auto.GROUPED_HOLDOUT_FRACTION
-    assert f > auto.HOLDOUT_FRACTION and f * n <= len(hd) <= f * n + 8 and set(h) <= set(hd)
+    (fit, hd), = auto.fold_split(n, 1, seed=2, groups=groups)  # the default slice, of whole groups
+    f = auto.HOLDOUT_FRACTION
+    assert f > 0.1 and f * n <= len(hd) <= f * n + 8 and set(h) <= set(hd)
     assert len(auto.fold_split(100, 1, seed=4)[0][1]) == round(100 * auto.HOLDOUT_FRACTION)  # by image
     assert len(auto.fold_split(100, 1, seed=4, frac=0.3)[0][1]) == 30
     for bad in (0, 1, 1.5, -0.1):

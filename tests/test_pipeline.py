@@ -233,7 +233,7 @@ def test_send_holds_out_whole_groups(tiny_data: Path, cache: Path, tmp_path: Pat
     # whole groups of 10 until 30% of the images: 40, 40, then the 30 left before the last group
     assert [len(h) for _, h in splits] == [40, 40, 30]
     assert sent["auto"]["heldout_images"] in (30, 40)  # the sending decider's own slice
-    # one deciding teacher, grouped: by default without auto.GROUPED_HOLDOUT_FRACTION (20%) of train, i.e. whole
+    # one deciding teacher, grouped: by default without auto.HOLDOUT_FRACTION (20%) of train, i.e. whole
     # groups of 10 until 24 of the 120 images are held out: 30 (10% would hold out 20); --holdout-fraction overrides
     args1 = args[:-4]
     for extra, want in (((), 30), (("--set", "holdout_fraction=0.4"), 50)):

@@ -139,7 +139,7 @@ class SendConfig:
     alpha: float | None = None  # fixed policies: Safety-Net quota exponent, quota ~ N_c^alpha (None: 0.5)
     seed: int = 0  # selection (random policy, auto's held-out sample and proxies) and the teacher's training
     deciders: int | None = None  # auto, teacher on all of train: deciding teachers (None: auto.DECIDERS)
-    holdout_fraction: float | None = None  # auto: train share each decider goes without (None: 0.1, grouped 0.2)
+    holdout_fraction: float | None = None  # auto: train share each decider goes without (None: auto.HOLDOUT_FRACTION)
     holdout_groups: str | None = None  # auto: regex on train file names; a group's images are held out together
     engine: str = "local"  # where the pool is scored: this process or a Ray actor pool
     actors: int | None = None  # ray: actors (None: one per GPU, else one)

@@ -243,7 +243,7 @@ def _send_auto(name: str, train: Split, test: Split | None, pool: Pool, groups: 
         deciders = [auto.Decider(s.labels, s.energy(cfg.temperature), s.entropy(), np.arange(len(held_idx)),
                                  rate.confidence(s.logits), ref_key(seen), tinfo.get("test_accuracy"), fold=None)]
     else:
-        n, frac = auto.decider_plan(cfg.deciders, cfg.holdout_fraction, tgroups is not None)
+        n, frac = auto.decider_plan(cfg.deciders, cfg.holdout_fraction)
         held_idx, deciders = decide(train, test, pool, cfg.teacher, n, frac, cfg.seed, ref_key,
                                     temperature=cfg.temperature, engine=cfg.engine, actors=cfg.actors,
                                     progress=progress, groups=tgroups, device=device)
