@@ -329,9 +329,12 @@ def test_auto_policy_merge_of_per_target_runs(tmp_path: Path, capsys: pytest.Cap
     from benchmarks import auto_policy
 
     whole = json.loads((Path(__file__).parents[1] / "results" / "auto_policy.json").read_text())
-    parts = []
-    for t in whole["config"]["targets"]:  # the run cut into one run per target, as separate sessions make them
-        part = {**whole, "targets": {t: whole["targets"][t]}, "config": {**whole["config"], "targets": [t]}}
+    parts, targets = [], whole["config"]["targets"]
+    cmds = whole["command"].split(" && ")  # a merged record names one command per target
+    for i, t in enumerate(targets):  # the run cut into one run per target, as separate sessions make them
+        part = {**{k: v for k, v in whole.items() if k != "merged_from"}, "targets": {t: whole["targets"][t]},
+                "config": {**whole["config"], "targets": [t]},
+                "command": cmds[i] if len(cmds) == len(targets) else whole["command"]}
         parts.append(tmp_path / t / "auto_policy.json")
         parts[-1].parent.mkdir()
         parts[-1].write_text(json.dumps(part))
