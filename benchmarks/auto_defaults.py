@@ -145,12 +145,13 @@ def analyse(record: dict) -> dict:
             continue
         acc = np.array([picks[c]["val_accuracy"] for c in on])
         dflt = np.array([default[c]["val_accuracy"] for c in on])
+        regret = np.array([best[c]["val_accuracy"] for c in on]) - acc
         summary[name] = {
             "cells": len(on),
             "mean_val_accuracy": float(acc.mean()),
             "default_on_these_cells": float(dflt.mean()),
-            "mean_regret": float(np.mean([best[c]["val_accuracy"] for c in on] - acc)),
-            "within_1pt_of_ceiling": int(np.sum(np.array([best[c]["val_accuracy"] for c in on]) - acc <= 0.01)),
+            "mean_regret": float(regret.mean()),
+            "within_1pt_of_ceiling": int(np.sum(regret <= 0.01)),
             "vs_default": [int(np.sum(acc > dflt + 1e-9)), int(np.sum(acc < dflt - 1e-9))],
         }
     return {"cells": cells, "summary": summary, "picks": table}

@@ -224,7 +224,7 @@ def nearest_target_key(pool_feats: np.ndarray, target_feats: np.ndarray, chunk: 
     return key
 
 
-def holdout_split(n: int, frac: float = 0.1, seed: int = 0, limit: int | None = 5000) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(n: int, frac: float, seed: int = 0, limit: int | None = 5000) -> tuple[np.ndarray, np.ndarray]:
     """Split target train indices into (teacher, held-out): the forecast is only honest on unseen images.
 
     Held-out is a seeded ``frac`` of the split, capped at ``limit`` (more buys little precision and
