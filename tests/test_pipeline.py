@@ -193,9 +193,9 @@ def test_send_with_byte_budget(tiny_data: Path, cache: Path, tmp_path: Path, cap
     p = payload.read(out)
     assert p.forecast == round(sent["forecast_accuracy"], 4) and p.receiver == "plain"
     assert sent["auto"]["budget_bytes"] == 1000 and sent["selection"]["policy"] != "auto"
-    # the teacher used all of train, so (default) two teachers each without its own 10% slice decided, and the
-    # best forecast's own selection and labels were sent
-    assert sent["auto"]["heldout_images"] == 12  # tinytarget: 3 colours x 40 train images
+    # the teacher used all of train, so (default) two teachers each without its own auto.HOLDOUT_FRACTION (20%)
+    # slice decided, and the best forecast's own selection and labels were sent
+    assert sent["auto"]["heldout_images"] == 24  # tinytarget: 3 colours x 40 train images
     j = sent["auto"]["decider"]
     assert j in (0, 1)
     assert {c["decider"] for c in sent["auto"]["candidates"]} == {0, 1}  # both teachers' selections competed
